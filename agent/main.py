@@ -1,0 +1,236 @@
+"""gpufleet-agent: the per-host daemon (or a whole simulated fleet in one process)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import json
+import logging
+import resource
+import signal
+from collections.abc import Sequence
+
+import gpufleet
+from agent import identity
+from agent.node import NodeAgent, NodeIdentity, Schedule, node_inventory
+from agent.sanity import drop_implausible
+from agent.sources.base import GpuSource, SourceUnavailable
+from agent.sources.models import MODELS
+from gpufleet.client import message_dict
+from gpufleet.settings import add_flag, add_log_level, fail, labels_from_pairs, setup_logging
+
+log = logging.getLogger("agent")
+
+DEFAULT_COLLECTOR = "127.0.0.1:50051"
+# Simulated nodes per rack: a 40 kW rack holds about four 8-GPU H100 servers.
+SIM_NODES_PER_RACK = 4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpufleet-agent",
+        description="Read GPUs through NVML (or simulated ones) and report to a gpufleet collector.",
+    )
+    add_flag(
+        parser,
+        "--collector",
+        default=DEFAULT_COLLECTOR,
+        help="collector address HOST:PORT; several, comma-separated, for failover",
+    )
+    add_flag(parser, "--source", default="nvml", choices=("nvml", "sim"), help="where GPU readings come from")
+    add_flag(
+        parser,
+        "--once",
+        action="store_true",
+        help="print the node's inventory and one sample as JSON, then exit",
+    )
+    add_flag(parser, "--interval", type=float, default=10.0, help="seconds between reports")
+    add_flag(
+        parser, "--process-interval", type=float, default=30.0, help="seconds between process-list polls"
+    )
+    add_flag(parser, "--node-id", default="", help="stable node id (default: /etc/machine-id)")
+    add_flag(parser, "--hostname", default="", help="node name shown to operators (default: the hostname)")
+    add_flag(parser, "--datacenter", default="", help="topology: datacenter")
+    add_flag(parser, "--cluster", default="", help="topology: cluster")
+    add_flag(parser, "--rack", default="", help="topology: rack")
+    add_flag(parser, "--label", action="append", default=[], help="extra KEY=VALUE label (repeatable)")
+    add_flag(
+        parser,
+        "--max-buffered-reports",
+        type=int,
+        default=360,
+        help="reports kept while the collector is unreachable (oldest dropped first)",
+    )
+    sim = parser.add_argument_group("simulation (--source sim)")
+    add_flag(
+        sim,
+        "--nodes",
+        type=int,
+        default=1,
+        help="simulated nodes in this process, each with its own connection",
+    )
+    add_flag(sim, "--gpus-per-node", type=int, default=8, help="GPUs per simulated node")
+    add_flag(sim, "--model", default="H100", choices=sorted(MODELS), help="simulated GPU model")
+    add_flag(sim, "--seed", type=int, default=0, help="simulation seed: the same seed gives the same fleet")
+    add_flag(sim, "--clusters", type=int, default=1, help="split the simulated nodes into this many clusters")
+    add_flag(
+        sim,
+        "--node-offset",
+        type=int,
+        default=0,
+        help="index of the first simulated node (to run one fleet from several processes)",
+    )
+    add_log_level(parser)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {gpufleet.__version__}")
+    return parser
+
+
+def sim_identity(args: argparse.Namespace, index: int, labels: dict[str, str]) -> NodeIdentity:
+    """A distinct, stable identity for simulated node ``index``."""
+    node_id = hashlib.sha256(f"gpufleet-sim:{args.seed}:{index}".encode()).hexdigest()[:32]
+    prefix = args.hostname or "sim-node"
+    cluster = args.cluster or "sim"
+    if args.clusters > 1:
+        cluster = f"{cluster}-{index * args.clusters // max(args.nodes + args.node_offset, 1)}"
+    return NodeIdentity(
+        node_id=node_id,
+        hostname=f"{prefix}-{index:05d}",
+        boot_id=hashlib.sha256(f"boot:{node_id}".encode()).hexdigest()[:32],
+        datacenter=args.datacenter or "sim-dc",
+        cluster=cluster,
+        rack=args.rack or f"rack-{index // SIM_NODES_PER_RACK:04d}",
+        labels=labels,
+    )
+
+
+def host_identity(args: argparse.Namespace, labels: dict[str, str]) -> NodeIdentity:
+    try:
+        node_id = args.node_id or identity.machine_id()
+    except RuntimeError as exc:
+        fail(str(exc))
+    return NodeIdentity(
+        node_id=node_id,
+        hostname=args.hostname or identity.hostname(),
+        boot_id=identity.boot_id(),
+        datacenter=args.datacenter,
+        cluster=args.cluster,
+        rack=args.rack,
+        labels=labels,
+    )
+
+
+def open_source(args: argparse.Namespace, index: int) -> GpuSource:
+    if args.source == "sim":
+        from agent.sources.sim import SimulatedSource
+
+        return SimulatedSource(
+            args.model, args.gpus_per_node, seed=args.seed, node_index=index, interval_s=args.interval
+        )
+    from agent.sources.nvml import NvmlSource
+
+    return NvmlSource()
+
+
+def print_once(source: GpuSource, node: NodeIdentity) -> None:
+    inventory = node_inventory(source, node)
+    gpus = source.sample(with_processes=True)
+    dropped = sum(drop_implausible(gpu) for gpu in gpus)
+    print(
+        json.dumps(
+            {
+                "inventory": message_dict(inventory),
+                "gpus": [message_dict(gpu) for gpu in gpus],
+                "invalid_values_dropped": dropped,
+            },
+            indent=2,
+        )
+    )
+
+
+def raise_open_files_limit(connections: int) -> None:
+    """Each simulated node holds a socket: make room for them."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections * 2 + 256
+    if soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+        if new < wanted:
+            log.warning("open-files limit %d is low for %d connections: raise `ulimit -n`", new, connections)
+
+
+async def run_agents(agents: Sequence[NodeAgent]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("stopping: flushing reports (signal again to exit at once)")
+            stop.set()
+        else:
+            for task in tasks:
+                task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    tasks = [asyncio.create_task(agent.run(stop), name=f"node-{agent.identity.hostname}") for agent in agents]
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+            log.error("node agent failed: %s", result)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    try:
+        labels = labels_from_pairs(args.label)
+    except argparse.ArgumentTypeError as exc:
+        fail(str(exc))
+    collectors = [c.strip() for c in args.collector.split(",") if c.strip()]
+    if args.nodes < 1 or (args.nodes > 1 and args.source != "sim"):
+        fail("--nodes > 1 needs --source sim (a real host is one node)")
+    if args.interval <= 0:
+        fail("--interval must be positive")
+    try:
+        if args.once:
+            index = args.node_offset
+            node = sim_identity(args, index, labels) if args.source == "sim" else host_identity(args, labels)
+            source = open_source(args, index)
+            try:
+                print_once(source, node)
+            finally:
+                source.close()
+            return
+        agents = []
+        for index in range(args.node_offset, args.node_offset + args.nodes):
+            node = sim_identity(args, index, labels) if args.source == "sim" else host_identity(args, labels)
+            spread = (
+                min(args.interval, 5.0) * (index - args.node_offset) / args.nodes if args.nodes > 1 else 0.0
+            )
+            agents.append(
+                NodeAgent(
+                    open_source(args, index),
+                    node,
+                    collectors,
+                    Schedule(args.interval, args.process_interval, start_delay_s=spread),
+                    blocking_source=args.source == "nvml",
+                    max_buffered_reports=args.max_buffered_reports,
+                )
+            )
+    except SourceUnavailable as exc:
+        fail(str(exc))
+    raise_open_files_limit(len(agents))
+    log.info("reporting %d node(s) to %s every %.1f s", len(agents), ",".join(collectors), args.interval)
+    try:
+        asyncio.run(run_agents(agents))
+    finally:
+        for agent in agents:
+            agent.source.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Simulated GPUs: realistic values for the models in models.py, deterministic for a seed.
+
+Each node runs one workload at a time on all its GPUs (a synchronous job: training,
+inference, or nothing) and switches now and then. Values follow from the workload
+and the model's figures (gpu-fleet-facts.md section 1), with a little noise. The
+same seed and node index give the same inventory and the same sequence of samples.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from agent.sources.models import MIB, MODELS, GpuModel
+from gpufleet.v1 import inventory_pb2, telemetry_pb2
+
+# Clock event reason bits (gpu-fleet-facts.md section 5).
+REASON_GPU_IDLE = 0x001
+REASON_SW_POWER_CAP = 0x004
+
+# PCI bus ids of the eight GPUs on an HGX H100 board.
+HGX_BUS_IDS = ("18", "2A", "3A", "5D", "9A", "AB", "BA", "DB")
+
+WORKLOAD_WEIGHTS = {"training": 0.6, "inference": 0.25, "idle": 0.15}
+# Chance per sample that a node switches workload: about once every 60 samples.
+WORKLOAD_SWITCH_PROBABILITY = 1 / 60
+
+DRIVER_VERSION = "565.57.01"
+CUDA_VERSION = "12.7"
+NVML_VERSION = "12.565.57.01"
+
+
+@dataclass
+class SimulatedGpu:
+    """One GPU's identity and cumulative counters."""
+
+    model: GpuModel
+    index: int
+    uuid: str
+    serial: str
+    energy_mj: int = 0
+    throttle_power_cap_ns: int = 0
+    pcie_replays: int = 0
+    pending_xids: list[tuple[int, int]] = field(default_factory=list)
+
+    def inventory(self) -> inventory_pb2.GpuInventory:
+        m = self.model
+        return inventory_pb2.GpuInventory(
+            index=self.index,
+            uuid=self.uuid,
+            serial=self.serial,
+            name=m.nvml_name,
+            architecture=m.architecture,
+            compute_capability=m.compute_capability,
+            pci_bus_id=f"00000000:{HGX_BUS_IDS[self.index % len(HGX_BUS_IDS)]}:00.0",
+            memory_total_bytes=m.memory_total_mib * MIB,
+            power_limit_default_milliwatts=m.power_limit_default_w * 1000,
+            power_limit_enforced_milliwatts=m.power_limit_default_w * 1000,
+            power_limit_min_milliwatts=m.power_limit_min_w * 1000,
+            power_limit_max_milliwatts=m.power_limit_max_w * 1000,
+            max_sm_clock_mhz=m.sm_clock_max_mhz,
+            max_memory_clock_mhz=m.memory_clock_mhz,
+            vbios_version=m.vbios_version,
+            mig_enabled=False,
+            ecc_enabled=True,
+            persistence_enabled=True,
+            nvlink_link_count=m.nvlink_links,
+        )
+
+    def sample(
+        self, workload: str, rng: random.Random, interval_s: float, with_processes: bool
+    ) -> telemetry_pb2.GpuSample:
+        m = self.model
+        usable_mib = m.memory_total_mib - m.memory_reserved_mib
+        reasons = 0
+        if workload == "training":
+            util = rng.randint(92, 100)
+            copy_util = rng.randint(20, 45)
+            power_w = m.power_limit_default_w * rng.uniform(0.80, 0.99)
+            used_mib = int(usable_mib * rng.uniform(0.85, 0.97))
+            temp = rng.uniform(58, 74)
+            sm_clock = m.sm_clock_max_mhz - rng.choice((0, 0, 15, 30, 45))
+            if power_w > m.power_limit_default_w * 0.97:
+                reasons |= REASON_SW_POWER_CAP
+                self.throttle_power_cap_ns += int(interval_s * 1e9 * rng.uniform(0.05, 0.3))
+            process = ("python", used_mib - 512)
+        elif workload == "inference":
+            util = rng.randint(25, 75)
+            copy_util = rng.randint(5, 25)
+            power_w = m.power_limit_default_w * rng.uniform(0.35, 0.6)
+            used_mib = int(usable_mib * rng.uniform(0.4, 0.7))
+            temp = rng.uniform(45, 60)
+            sm_clock = m.sm_clock_max_mhz - rng.choice((0, 60, 120))
+            process = ("tritonserver", used_mib - 512)
+        else:
+            util = 0
+            copy_util = 0
+            power_w = rng.uniform(*m.idle_power_w)
+            used_mib = 0
+            temp = rng.uniform(*m.idle_temperature_c)
+            sm_clock = m.sm_clock_idle_mhz
+            reasons |= REASON_GPU_IDLE
+            process = None
+        used_mib = max(used_mib, 0)
+        self.energy_mj += int(power_w * interval_s * 1000)
+        memory_temp = max(temp + rng.uniform(4, 9), m.idle_memory_temperature_c)
+        sample = telemetry_pb2.GpuSample(
+            index=self.index,
+            read_status=telemetry_pb2.GPU_READ_STATUS_OK,
+            gpu_utilization_percent=util,
+            memory_copy_utilization_percent=copy_util,
+            encoder_utilization_percent=0,
+            decoder_utilization_percent=0,
+            memory_used_bytes=used_mib * MIB,
+            memory_free_bytes=(usable_mib - used_mib) * MIB,
+            memory_reserved_bytes=m.memory_reserved_mib * MIB,
+            gpu_temperature_celsius=round(temp),
+            memory_temperature_celsius=round(memory_temp),
+            power_draw_milliwatts=int(power_w * 1000),
+            energy_millijoules=self.energy_mj,
+            sm_clock_mhz=sm_clock,
+            memory_clock_mhz=m.memory_clock_mhz,
+            performance_state=0,
+            clock_event_reasons=reasons,
+            throttle_power_cap_nanoseconds=self.throttle_power_cap_ns,
+            throttle_sw_thermal_nanoseconds=0,
+            throttle_hw_thermal_nanoseconds=0,
+            throttle_hw_power_brake_nanoseconds=0,
+            pcie_tx_bytes_per_second=int(util * rng.uniform(0.5, 1.5) * 100_000_000),
+            pcie_rx_bytes_per_second=int(util * rng.uniform(0.5, 1.5) * 100_000_000),
+            pcie_replay_count=m.pcie_replays_baseline + self.pcie_replays,
+            ecc_corrected_volatile=0,
+            ecc_uncorrected_volatile=0,
+            ecc_corrected_aggregate=0,
+            ecc_uncorrected_aggregate=0,
+            remapped_rows_correctable=0,
+            remapped_rows_uncorrectable=0,
+            row_remap_pending=False,
+            row_remap_failure=False,
+            recovery_action=0,
+            nvlink_crc_flit_errors=0,
+            nvlink_crc_data_errors=0,
+            nvlink_replay_errors=0,
+            nvlink_recovery_errors=0,
+        )
+        # SXM boards have no fans: fan_speed_percent stays absent, as NVML reports it.
+        for code, at_ns in self.pending_xids:
+            sample.xid_events.add(code=code, time_unix_nano=at_ns)
+        self.pending_xids.clear()
+        if with_processes:
+            sample.processes.SetInParent()
+            if process is not None:
+                name, memory_mib = process
+                sample.processes.processes.add(
+                    pid=10_000 + self.index, name=name, used_memory_bytes=max(memory_mib, 0) * MIB
+                )
+        return sample
+
+
+class SimulatedSource:
+    """A node of simulated GPUs of one model."""
+
+    def __init__(
+        self,
+        model: str = "H100",
+        gpu_count: int = 8,
+        *,
+        seed: int = 0,
+        node_index: int = 0,
+        interval_s: float = 10.0,
+    ) -> None:
+        if model not in MODELS:
+            raise ValueError(f"unknown GPU model {model!r}; choose one of {', '.join(MODELS)}")
+        self.interval_s = interval_s
+        self._rng = random.Random(seed * 1_000_003 + node_index)
+        names, weights = zip(*WORKLOAD_WEIGHTS.items(), strict=True)
+        self._workload_names = names
+        self._workload_weights = weights
+        self.workload: str = self._rng.choices(names, weights)[0]
+        self.gpus = [
+            SimulatedGpu(
+                model=MODELS[model],
+                index=i,
+                uuid=f"GPU-{uuid.UUID(int=self._rng.getrandbits(128))}",
+                serial=str(self._rng.randrange(10**12, 10**13)),
+            )
+            for i in range(gpu_count)
+        ]
+
+    def inventory(self) -> inventory_pb2.NodeInventory:
+        return inventory_pb2.NodeInventory(
+            driver_version=DRIVER_VERSION,
+            cuda_version=CUDA_VERSION,
+            nvml_version=NVML_VERSION,
+            gpus=[gpu.inventory() for gpu in self.gpus],
+        )
+
+    def sample(self, *, with_processes: bool) -> list[telemetry_pb2.GpuSample]:
+        if self._rng.random() < WORKLOAD_SWITCH_PROBABILITY:
+            self.workload = self._rng.choices(self._workload_names, self._workload_weights)[0]
+        return [gpu.sample(self.workload, self._rng, self.interval_s, with_processes) for gpu in self.gpus]
+
+    def inject_xid(self, gpu_index: int, code: int) -> None:
+        """Queue an XID for the next sample of one GPU."""
+        self.gpus[gpu_index].pending_xids.append((code, time.time_ns()))
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,1 @@
+"""gpufleet-collector: fleet state, health, Prometheus exposition, queries and events."""

@@ -1,0 +1,102 @@
+"""gpufleet-collector: the central service."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Sequence
+
+import gpufleet
+from collector.service import Collector, CollectorConfig
+from collector.state import Liveness
+from gpufleet.settings import add_flag, add_log_level, fail, parse_host_port, setup_logging
+
+log = logging.getLogger("collector")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpufleet-collector",
+        description="Collect GPU telemetry from gpufleet agents; serve Prometheus metrics and fleet queries.",
+    )
+    add_flag(
+        parser,
+        "--grpc-listen",
+        default="0.0.0.0:50051",
+        type=parse_host_port,
+        help="where agents and the CLI connect (HOST:PORT)",
+    )
+    add_flag(
+        parser,
+        "--http-listen",
+        default="0.0.0.0:9490",
+        type=parse_host_port,
+        help="where Prometheus scrapes /metrics (HOST:PORT)",
+    )
+    add_flag(
+        parser,
+        "--stale-after-intervals",
+        type=float,
+        default=3.0,
+        help="a node is stale after this many missed report intervals",
+    )
+    add_flag(
+        parser,
+        "--down-after-intervals",
+        type=float,
+        default=10.0,
+        help="a node is down after this many missed report intervals",
+    )
+    add_log_level(parser)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {gpufleet.__version__}")
+    return parser
+
+
+async def serve(config: CollectorConfig) -> None:
+    collector = Collector(config)
+    try:
+        await collector.start()
+    except OSError as exc:
+        fail(str(exc))
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    signals = 0
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("shutting down (signal again to exit at once)")
+            stopping.set()
+        else:
+            for task in asyncio.all_tasks(loop):
+                task.cancel()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    await stopping.wait()
+    await collector.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    if not 0 < args.stale_after_intervals < args.down_after_intervals:
+        fail("need 0 < --stale-after-intervals < --down-after-intervals")
+    (grpc_host, grpc_port), (http_host, http_port) = args.grpc_listen, args.http_listen
+    config = CollectorConfig(
+        grpc_host=grpc_host,
+        grpc_port=grpc_port,
+        http_host=http_host,
+        http_port=http_port,
+        liveness=Liveness(args.stale_after_intervals, args.down_after_intervals),
+    )
+    with contextlib.suppress(asyncio.CancelledError):
+        asyncio.run(serve(config))
+
+
+if __name__ == "__main__":
+    main()

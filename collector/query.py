@@ -1,0 +1,199 @@
+"""QueryService: the fleet summary, nodes, GPUs (filtered, sorted, paged) and one node."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+
+from collector import health
+from collector.state import NODE_STATE_NAMES, UP, FleetState, GpuRecord, NodeRecord
+from gpufleet.v1 import query_pb2, query_pb2_grpc
+
+DEFAULT_PAGE_SIZE = 1000
+# A GpuView is at most a few KiB: this keeps every page well under 4 MiB.
+MAX_PAGE_SIZE = 1000
+
+T = TypeVar("T")
+
+GpuRow = tuple[NodeRecord, GpuRecord]
+
+
+def _sample_value(field_name: str) -> Callable[[GpuRow], Any]:
+    def key(row: GpuRow) -> Any:
+        sample = row[1].sample
+        return getattr(sample, field_name) if sample is not None and sample.HasField(field_name) else -1
+
+    return key
+
+
+GPU_SORT_KEYS: dict[str, Callable[[GpuRow], Any]] = {
+    "node": lambda row: (row[0].name, row[1].inventory.index),
+    "utilization": _sample_value("gpu_utilization_percent"),
+    "temperature": _sample_value("gpu_temperature_celsius"),
+    "power": _sample_value("power_draw_milliwatts"),
+    "memory": _sample_value("memory_used_bytes"),
+    "health": lambda row: health.SEVERITY_ORDER[row[0].gpu_verdict(row[1]).health],
+}
+
+
+def gpu_view(node: NodeRecord, gpu: GpuRecord) -> query_pb2.GpuView:
+    verdict = node.gpu_verdict(gpu)
+    view = query_pb2.GpuView(
+        node_id=node.node_id,
+        node_name=node.name,
+        cluster=node.cluster,
+        inventory=gpu.inventory,
+        health=verdict.health,
+        reasons=verdict.reasons,
+        action=verdict.action,
+        idle=node.state == UP and gpu.is_idle(),
+    )
+    if gpu.sample is not None:
+        view.sample.CopyFrom(gpu.sample)
+    return view
+
+
+def node_view(node: NodeRecord, with_inventory: bool = False) -> query_pb2.NodeView:
+    view = query_pb2.NodeView(
+        node_id=node.node_id,
+        name=node.name,
+        state=node.state,
+        last_seen_unix_nano=node.last_seen_unix_ns,
+        gpu_count=len(node.gpus),
+        unhealthy_gpu_count=sum(node.gpu_verdict(g).health != health.HEALTHY for g in node.gpus.values()),
+    )
+    view.inventory.CopyFrom(node.inventory)
+    if not with_inventory:
+        view.inventory.ClearField("gpus")
+    return view
+
+
+async def _page(
+    items: Sequence[T], page_size: int, page_token: str, context: grpc.aio.ServicerContext
+) -> tuple[Sequence[T], str]:
+    size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+    try:
+        start = int(page_token or 0)
+    except ValueError:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid page_token {page_token!r}")
+    end = start + size
+    return items[start:end], (str(end) if end < len(items) else "")
+
+
+def _counts(counter: Counter[str]) -> list[query_pb2.Count]:
+    return [query_pb2.Count(key=key, count=count) for key, count in sorted(counter.items())]
+
+
+class QueryServicer(query_pb2_grpc.QueryServiceServicer):
+    def __init__(self, state: FleetState) -> None:
+        self._state = state
+
+    async def GetFleetSummary(  # noqa: N802
+        self, request: query_pb2.GetFleetSummaryRequest, context: grpc.aio.ServicerContext
+    ) -> query_pb2.GetFleetSummaryResponse:
+        nodes_by_state: Counter[str] = Counter()
+        by_health: Counter[str] = Counter()
+        by_model: Counter[str] = Counter()
+        by_cluster: Counter[str] = Counter()
+        idle = 0
+        utilization_sum = 0.0
+        utilization_count = 0
+        power_w = 0.0
+        gpus = 0
+        for node in self._state.nodes():
+            nodes_by_state[NODE_STATE_NAMES[node.state]] += 1
+            up = node.state == UP
+            for gpu in node.gpus.values():
+                gpus += 1
+                by_health[node.gpu_verdict(gpu).name] += 1
+                by_model[gpu.model] += 1
+                by_cluster[node.cluster] += 1
+                sample = gpu.sample
+                if not up or sample is None:
+                    continue
+                if sample.HasField("gpu_utilization_percent"):
+                    utilization_sum += sample.gpu_utilization_percent / 100
+                    utilization_count += 1
+                    idle += gpu.is_idle()
+                if sample.HasField("power_draw_milliwatts"):
+                    power_w += sample.power_draw_milliwatts / 1000
+        response = query_pb2.GetFleetSummaryResponse(
+            nodes=len(self._state),
+            gpus=gpus,
+            nodes_by_state=_counts(nodes_by_state),
+            gpus_by_health=_counts(by_health),
+            gpus_by_model=_counts(by_model),
+            gpus_by_cluster=_counts(by_cluster),
+            idle_gpus=idle,
+            power_draw_watts=power_w,
+        )
+        if utilization_count:
+            response.mean_gpu_utilization_ratio = utilization_sum / utilization_count
+        return response
+
+    async def ListNodes(  # noqa: N802
+        self, request: query_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
+    ) -> query_pb2.ListNodesResponse:
+        nodes = sorted(
+            (
+                n
+                for n in self._state.nodes()
+                if (not request.cluster or n.cluster == request.cluster)
+                and (not request.state or n.state == request.state)
+            ),
+            key=lambda n: n.name,
+        )
+        page, token = await _page(nodes, request.page_size, request.page_token, context)
+        return query_pb2.ListNodesResponse(
+            nodes=[node_view(n) for n in page], next_page_token=token, total_size=len(nodes)
+        )
+
+    async def ListGpus(  # noqa: N802
+        self, request: query_pb2.ListGpusRequest, context: grpc.aio.ServicerContext
+    ) -> query_pb2.ListGpusResponse:
+        sort_by = request.sort_by or "node"
+        descending = sort_by.startswith("-")
+        key = GPU_SORT_KEYS.get(sort_by.lstrip("-"))
+        if key is None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"unknown sort_by {sort_by!r}; one of {', '.join(GPU_SORT_KEYS)}",
+            )
+        rows = sorted(self._matching_gpus(request), key=key, reverse=descending)
+        page, token = await _page(rows, request.page_size, request.page_token, context)
+        return query_pb2.ListGpusResponse(
+            gpus=[gpu_view(n, g) for n, g in page], next_page_token=token, total_size=len(rows)
+        )
+
+    def _matching_gpus(self, request: query_pb2.ListGpusRequest) -> list[GpuRow]:
+        model = request.model.lower()
+        rows = []
+        for node in self._state.nodes():
+            if request.node and request.node not in (node.name, node.node_id):
+                continue
+            if request.cluster and node.cluster != request.cluster:
+                continue
+            for gpu in node.gpus.values():
+                if model and model not in gpu.model.lower():
+                    continue
+                if request.health and node.gpu_verdict(gpu).health != request.health:
+                    continue
+                if request.idle_only and not (node.state == UP and gpu.is_idle()):
+                    continue
+                rows.append((node, gpu))
+        return rows
+
+    async def GetNode(  # noqa: N802
+        self, request: query_pb2.GetNodeRequest, context: grpc.aio.ServicerContext
+    ) -> query_pb2.GetNodeResponse:
+        node = self._state.find(request.node)
+        if node is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no node named or with id {request.node!r}")
+        assert node is not None
+        return query_pb2.GetNodeResponse(
+            node=node_view(node, with_inventory=True),
+            gpus=[gpu_view(node, node.gpus[i]) for i in sorted(node.gpus)],
+        )

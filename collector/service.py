@@ -1,0 +1,172 @@
+"""The collector process: gRPC (ingest, query, health, reflection), HTTP, and housekeeping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from collector.exposition import CONTENT_TYPE, Exposition
+from collector.http import HttpServer, Request, Response
+from collector.ingest import SERVICE_NAME as INGEST_SERVICE
+from collector.ingest import IngestServicer, handler
+from collector.query import QueryServicer
+from collector.selfmetrics import CollectorMetrics
+from collector.state import FleetState, Liveness
+from gpufleet import wire
+from gpufleet.v1 import ingest_pb2, query_pb2, query_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+QUERY_SERVICE = query_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name
+# How often nodes are checked for silence, and rendered lines refreshed.
+HOUSEKEEPING_INTERVAL_S = 1.0
+MAX_SHARDS = 1024
+
+
+@dataclass(frozen=True)
+class CollectorConfig:
+    grpc_host: str = "0.0.0.0"
+    grpc_port: int = 50051
+    http_host: str = "0.0.0.0"
+    http_port: int = 9490
+    liveness: Liveness = field(default_factory=Liveness)
+    shutdown_grace_s: float = 5.0
+
+
+class Collector:
+    """Owns the fleet state and every server around it."""
+
+    def __init__(self, config: CollectorConfig) -> None:
+        self.config = config
+        self.metrics = CollectorMetrics()
+        self.state = FleetState(config.liveness)
+        self.exposition = Exposition(self.state, self.metrics.render)
+        self._grpc: grpc.aio.Server | None = None
+        self._http = HttpServer(
+            {
+                "/": self._index,
+                "/metrics": self._metrics_all,
+                "/metrics/fleet": self._metrics_fleet,
+                "/metrics/nodes": self._metrics_nodes,
+                "/healthz": self._healthz,
+                "/readyz": self._readyz,
+            }
+        )
+        self._health = health.aio.HealthServicer()
+        self._ready = False
+        self._housekeeping: asyncio.Task[None] | None = None
+        self.grpc_port = config.grpc_port
+        self.http_port = config.http_port
+
+    async def start(self) -> None:
+        server = grpc.aio.server(options=wire.SERVER_OPTIONS)
+        server.add_generic_rpc_handlers((handler(IngestServicer(self.state, self.metrics)),))
+        query_pb2_grpc.add_QueryServiceServicer_to_server(QueryServicer(self.state), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            (
+                ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
+                QUERY_SERVICE,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        address = f"{self.config.grpc_host}:{self.config.grpc_port}"
+        try:
+            self.grpc_port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen for gRPC on {address}: is the port in use?") from exc
+        await server.start()
+        self._grpc = server
+        self.http_port = await self._http.start(self.config.http_host, self.config.http_port)
+        for service in ("", INGEST_SERVICE, QUERY_SERVICE):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        self._housekeeping = asyncio.create_task(self._housekeep(), name="collector-housekeeping")
+        self._ready = True
+        log.info(
+            "collector listening: gRPC %s:%d, HTTP http://%s:%d/metrics",
+            self.config.grpc_host,
+            self.grpc_port,
+            self.config.http_host,
+            self.http_port,
+        )
+
+    async def stop(self) -> None:
+        """Stop accepting, let streams finish within the grace period, then close."""
+        self._ready = False
+        await self._health.enter_graceful_shutdown()
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
+        if self._grpc is not None:
+            await self._grpc.stop(self.config.shutdown_grace_s)
+        await self._http.stop()
+
+    async def wait(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.wait_for_termination()
+
+    async def _housekeep(self) -> None:
+        while True:
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
+            try:
+                self.state.sweep()
+                self.exposition.refresh()
+            except Exception:
+                log.exception("housekeeping failed; retrying in %.0f s", HOUSEKEEPING_INTERVAL_S)
+
+    # -- HTTP ------------------------------------------------------------------------
+
+    async def _metrics_all(self, request: Request) -> Response:
+        if "shard" in request.query or "shards" in request.query:
+            return await self._metrics_nodes(request)
+        started = time.perf_counter()
+        body = self.exposition.everything()
+        self.metrics.scrape_render_seconds.set(time.perf_counter() - started)
+        return Response(body=body, content_type=CONTENT_TYPE)
+
+    async def _metrics_fleet(self, request: Request) -> Response:
+        return Response(body=self.exposition.fleet(), content_type=CONTENT_TYPE)
+
+    async def _metrics_nodes(self, request: Request) -> Response:
+        shard, shards = _shard_params(request)
+        return Response(body=self.exposition.nodes(shard, shards), content_type=CONTENT_TYPE)
+
+    async def _healthz(self, request: Request) -> Response:
+        return Response(body=b"ok\n")
+
+    async def _readyz(self, request: Request) -> Response:
+        if self._ready:
+            return Response(body=b"ready\n")
+        return Response(503, b"not ready\n")
+
+    async def _index(self, request: Request) -> Response:
+        return Response(
+            body=(
+                b"gpufleet collector\n\n"
+                b"/metrics                      everything (fleet aggregates, every node and GPU)\n"
+                b"/metrics/fleet                fleet aggregates and the collector's own metrics\n"
+                b"/metrics/nodes?shard=I&shards=N  per-node and per-GPU series, one shard of N\n"
+                b"/healthz /readyz\n"
+            )
+        )
+
+
+def _shard_params(request: Request) -> tuple[int, int]:
+    try:
+        shard = int(request.query.get("shard", ["0"])[0])
+        shards = int(request.query.get("shards", ["1"])[0])
+    except ValueError:
+        raise ValueError("shard and shards must be integers") from None
+    if not 1 <= shards <= MAX_SHARDS or not 0 <= shard < shards:
+        raise ValueError(f"need 0 <= shard < shards <= {MAX_SHARDS}")
+    return shard, shards

@@ -1,0 +1,220 @@
+"""gpufleet: fleet queries for operators (summary, nodes, GPUs, one node) and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+import gpufleet
+from gpufleet import output
+from gpufleet.client import GIB, CollectorUnavailable, FleetClient, gpu_row, node_row
+from gpufleet.settings import add_flag, fail
+from gpufleet.v1 import query_pb2
+
+HEALTH_CHOICES = ("healthy", "degraded", "unhealthy", "lost", "unreachable")
+NODE_STATE_CHOICES = ("up", "stale", "down")
+SORT_CHOICES = ("node", "utilization", "temperature", "power", "memory", "health")
+
+GPU_COLUMNS = [
+    ("node", "NODE"),
+    ("gpu", "GPU"),
+    ("model", "MODEL"),
+    ("health", "HEALTH"),
+    ("util_pct", "UTIL%"),
+    ("mem_gib", "MEM GiB"),
+    ("temperature_celsius", "TEMP C"),
+    ("power_watts", "POWER W"),
+    ("cluster", "CLUSTER"),
+]
+NODE_COLUMNS = [
+    ("node", "NODE"),
+    ("state", "STATE"),
+    ("cluster", "CLUSTER"),
+    ("rack", "RACK"),
+    ("gpus", "GPUS"),
+    ("unhealthy_gpus", "UNHEALTHY"),
+    ("driver_version", "DRIVER"),
+    ("last_seen", "LAST SEEN"),
+]
+
+
+def _with_table_columns(row: dict[str, Any]) -> dict[str, Any]:
+    ratio, used, total = row["utilization_ratio"], row["memory_used_bytes"], row["memory_total_bytes"]
+    row = dict(row)
+    row["util_pct"] = None if ratio is None else round(ratio * 100)
+    row["mem_gib"] = None if used is None else f"{used / GIB:.1f}/{(total or 0) / GIB:.0f}"
+    return row
+
+
+def _age(unix_seconds: float) -> str:
+    if not unix_seconds:
+        return "never"
+    seconds = max(datetime.now(timezone.utc).timestamp() - unix_seconds, 0)
+    if seconds < 120:
+        return f"{seconds:.0f}s ago"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f}m ago"
+    return f"{seconds / 3600:.1f}h ago"
+
+
+def cmd_summary(client: FleetClient, args: argparse.Namespace) -> str:
+    s = client.summary()
+    if args.output != "table":
+        rows = [
+            {
+                "nodes": s.nodes,
+                "gpus": s.gpus,
+                "idle_gpus": s.idle_gpus,
+                "mean_gpu_utilization_ratio": s.mean_gpu_utilization_ratio
+                if s.HasField("mean_gpu_utilization_ratio")
+                else None,
+                "power_draw_watts": s.power_draw_watts,
+                **{f"nodes_{c.key}": c.count for c in s.nodes_by_state},
+                **{f"gpus_{c.key}": c.count for c in s.gpus_by_health},
+            }
+        ]
+        return output.render(rows, [], args.output)
+    utilization = (
+        f"{s.mean_gpu_utilization_ratio * 100:.1f} %" if s.HasField("mean_gpu_utilization_ratio") else "-"
+    )
+    idle_share = f" ({s.idle_gpus / s.gpus * 100:.1f} % of the fleet)" if s.gpus else ""
+    lines = [
+        f"Nodes    {s.nodes:>8}   " + ", ".join(f"{c.count} {c.key}" for c in s.nodes_by_state),
+        f"GPUs     {s.gpus:>8}   " + ", ".join(f"{c.count} {c.key}" for c in s.gpus_by_health),
+        f"Idle     {s.idle_gpus:>8}   GPUs under 5 % utilization{idle_share}",
+        f"Util     {utilization:>8}   mean over reachable GPUs",
+        f"Power    {s.power_draw_watts / 1000:>8.1f}   kW",
+        "",
+        output.table(
+            [{"model": c.key, "gpus": c.count} for c in s.gpus_by_model],
+            [("model", "MODEL"), ("gpus", "GPUS")],
+        ),
+        "",
+        output.table(
+            [{"cluster": c.key or "(none)", "gpus": c.count} for c in s.gpus_by_cluster],
+            [("cluster", "CLUSTER"), ("gpus", "GPUS")],
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def cmd_nodes(client: FleetClient, args: argparse.Namespace) -> str:
+    request = query_pb2.ListNodesRequest(cluster=args.cluster)
+    if args.state:
+        request.state = query_pb2.NodeState.Value(f"NODE_STATE_{args.state.upper()}")  # type: ignore[assignment]
+    rows = [node_row(n) for n in client.nodes(request)]
+    for row in rows:
+        row["last_seen"] = _age(row["last_seen_unix"])
+    return output.render(rows, NODE_COLUMNS, args.output)
+
+
+def cmd_gpus(client: FleetClient, args: argparse.Namespace) -> str:
+    request = query_pb2.ListGpusRequest(
+        model=args.model, node=args.node, cluster=args.cluster, idle_only=args.idle, sort_by=args.sort
+    )
+    if args.health:
+        request.health = query_pb2.GpuHealth.Value(f"GPU_HEALTH_{args.health.upper()}")  # type: ignore[assignment]
+    rows = [gpu_row(g) for g in client.gpus(request)]
+    if args.output == "table":
+        rows = [_with_table_columns(r) for r in rows]
+    return output.render(rows, GPU_COLUMNS, args.output)
+
+
+def cmd_node(client: FleetClient, args: argparse.Namespace) -> str:
+    answer = client.node(args.name)
+    rows = [gpu_row(g) for g in answer.gpus]
+    node = node_row(answer.node)
+    if args.output == "json":
+        import json
+
+        return json.dumps({**node, "gpu_list": rows}, indent=2)
+    if args.output == "csv":
+        return output.render(rows, GPU_COLUMNS, "csv")
+    inv = answer.node.inventory
+    header = [
+        f"Node     {node['node']}  ({node['state']}, last seen {_age(node['last_seen_unix'])})",
+        f"Id       {node['node_id']}",
+        f"Where    datacenter={inv.datacenter or '-'} cluster={inv.cluster or '-'} rack={inv.rack or '-'}"
+        + "".join(f" {k}={v}" for k, v in sorted(inv.labels.items())),
+        f"Driver   {inv.driver_version or '-'} (CUDA {inv.cuda_version or '-'}), "
+        f"agent {inv.agent_version or '-'}",
+        "",
+    ]
+    table_rows = [_with_table_columns(r) for r in rows]
+    body = output.table(
+        table_rows, [c for c in GPU_COLUMNS if c[0] not in ("node", "cluster")] + [("uuid", "UUID")]
+    )
+    problems = [
+        f"GPU {r['gpu']}: {r['health']}: {'; '.join(r['reasons'])} -> {r['action']}"
+        for r in rows
+        if r["reasons"]
+    ]
+    return "\n".join(header + [body] + (["", *problems] if problems else []))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpufleet", description="Ask a gpufleet collector about the GPU fleet."
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {gpufleet.__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    add_flag(common, "--collector", default="127.0.0.1:50051", help="collector gRPC address HOST:PORT")
+    add_flag(common, "--output", "-o", default="table", choices=output.FORMATS, help="output format")
+    add_flag(common, "--timeout", type=float, default=10.0, help="seconds to wait for each answer")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("summary", parents=[common], help="the fleet at a glance")
+    p.set_defaults(run=cmd_summary)
+
+    p = commands.add_parser("nodes", parents=[common], help="list nodes")
+    p.add_argument("--cluster", default="", help="only this cluster")
+    p.add_argument("--state", choices=NODE_STATE_CHOICES, help="only nodes in this state")
+    p.set_defaults(run=cmd_nodes)
+
+    p = commands.add_parser("gpus", parents=[common], help="list GPUs")
+    p.add_argument("--model", default="", help="model name contains this (e.g. H100)")
+    p.add_argument("--node", default="", help="only this node (name or id)")
+    p.add_argument("--cluster", default="", help="only this cluster")
+    p.add_argument("--health", choices=HEALTH_CHOICES, help="only GPUs in this health state")
+    p.add_argument("--idle", action="store_true", help="only idle GPUs (under 5 %% utilization)")
+    p.add_argument(
+        "--sort",
+        default="node",
+        choices=SORT_CHOICES + tuple(f"-{c}" for c in SORT_CHOICES),
+        help="sort key; prefix with - for descending",
+    )
+    p.set_defaults(run=cmd_gpus)
+
+    p = commands.add_parser("node", parents=[common], help="one node in detail")
+    p.add_argument("name", help="node name or id")
+    p.set_defaults(run=cmd_node)
+
+    p = commands.add_parser("demo", help="run a collector and a simulated 10,000-GPU fleet on this machine")
+    p.add_argument("--nodes", type=int, default=1250, help="simulated nodes (8 GPUs each)")
+    p.add_argument("--interval", type=float, default=10.0, help="report interval in seconds")
+    p.add_argument("--grpc-port", type=int, default=50051, help="collector gRPC port (0: any free port)")
+    p.add_argument("--http-port", type=int, default=9490, help="collector HTTP port (0: any free port)")
+    p.set_defaults(run=None)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from gpufleet.demo import run_demo
+
+        sys.exit(run_demo(args.nodes, args.interval, args.grpc_port, args.http_port))
+    try:
+        with FleetClient(args.collector, args.timeout) as client:
+            print(args.run(client, args))
+    except CollectorUnavailable as exc:
+        fail(str(exc), code=1)
+    except BrokenPipeError:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""A small client of the collector's QueryService, with errors an operator can act on."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+
+from gpufleet import wire
+from gpufleet.v1 import query_pb2, query_pb2_grpc
+
+GIB = 1024**3
+
+
+class CollectorUnavailable(Exception):
+    """The collector could not be reached or refused the question; the message says what to do."""
+
+
+def _explain(exc: grpc.RpcError, target: str) -> CollectorUnavailable:
+    code = exc.code() if isinstance(exc, grpc.Call) else None
+    details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return CollectorUnavailable(
+            f"cannot reach the collector at {target} ({details}); is it running? "
+            "Set --collector HOST:PORT or GPUFLEET_COLLECTOR"
+        )
+    return CollectorUnavailable(f"collector at {target}: {details}")
+
+
+class FleetClient:
+    def __init__(self, target: str, timeout_s: float = 10.0) -> None:
+        self.target = target
+        self._timeout = timeout_s
+        self._channel = grpc.insecure_channel(target, options=wire.CLIENT_OPTIONS)
+        self._stub = query_pb2_grpc.QueryServiceStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> FleetClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self._stub, method)(request, timeout=self._timeout)
+        except grpc.RpcError as exc:
+            raise _explain(exc, self.target) from exc
+
+    def summary(self) -> query_pb2.GetFleetSummaryResponse:
+        request = query_pb2.GetFleetSummaryRequest()
+        answer: query_pb2.GetFleetSummaryResponse = self._call("GetFleetSummary", request)
+        return answer
+
+    def nodes(self, request: query_pb2.ListNodesRequest) -> Iterator[query_pb2.NodeView]:
+        while True:
+            page = self._call("ListNodes", request)
+            yield from page.nodes
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def gpus(self, request: query_pb2.ListGpusRequest) -> Iterator[query_pb2.GpuView]:
+        while True:
+            page = self._call("ListGpus", request)
+            yield from page.gpus
+            if not page.next_page_token:
+                return
+            request.page_token = page.next_page_token
+
+    def node(self, name: str) -> query_pb2.GetNodeResponse:
+        answer: query_pb2.GetNodeResponse = self._call("GetNode", query_pb2.GetNodeRequest(node=name))
+        return answer
+
+
+def health_name(value: int) -> str:
+    return query_pb2.GpuHealth.Name(value).removeprefix("GPU_HEALTH_").lower()
+
+
+def node_state_name(value: int) -> str:
+    return query_pb2.NodeState.Name(value).removeprefix("NODE_STATE_").lower()
+
+
+def _optional(message: Any, field: str, scale: float = 1.0) -> float | int | None:
+    if not message.HasField(field):
+        return None
+    value: float | int = getattr(message, field)
+    return value if scale == 1.0 else value * scale
+
+
+def gpu_row(view: query_pb2.GpuView) -> dict[str, Any]:
+    """A GPU as a flat row in base units (the CLI's JSON and CSV)."""
+    inv, sample = view.inventory, view.sample
+    has_sample = view.HasField("sample")
+    return {
+        "node": view.node_name,
+        "node_id": view.node_id,
+        "cluster": view.cluster,
+        "gpu": inv.index,
+        "uuid": inv.uuid,
+        "model": inv.name,
+        "health": health_name(view.health),
+        "reasons": list(view.reasons),
+        "action": view.action,
+        "idle": view.idle,
+        "utilization_ratio": _optional(sample, "gpu_utilization_percent", 0.01) if has_sample else None,
+        "memory_used_bytes": _optional(sample, "memory_used_bytes") if has_sample else None,
+        "memory_total_bytes": _optional(inv, "memory_total_bytes"),
+        "temperature_celsius": _optional(sample, "gpu_temperature_celsius") if has_sample else None,
+        "power_watts": _optional(sample, "power_draw_milliwatts", 0.001) if has_sample else None,
+    }
+
+
+def node_row(view: query_pb2.NodeView) -> dict[str, Any]:
+    inv = view.inventory
+    return {
+        "node": view.name,
+        "node_id": view.node_id,
+        "state": node_state_name(view.state),
+        "datacenter": inv.datacenter,
+        "cluster": inv.cluster,
+        "rack": inv.rack,
+        "gpus": view.gpu_count,
+        "unhealthy_gpus": view.unhealthy_gpu_count,
+        "driver_version": inv.driver_version,
+        "last_seen_unix": view.last_seen_unix_nano / 1e9,
+    }
+
+
+def message_dict(message: Any) -> dict[str, Any]:
+    """A message as JSON-ready data, with zero values (GPU index 0) shown."""
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )

@@ -1,0 +1,176 @@
+from gpufleet.v1 import inventory_pb2 as _inventory_pb2
+from gpufleet.v1 import telemetry_pb2 as _telemetry_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class NodeState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NODE_STATE_UNSPECIFIED: _ClassVar[NodeState]
+    NODE_STATE_UP: _ClassVar[NodeState]
+    NODE_STATE_STALE: _ClassVar[NodeState]
+    NODE_STATE_DOWN: _ClassVar[NodeState]
+
+class GpuHealth(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GPU_HEALTH_UNSPECIFIED: _ClassVar[GpuHealth]
+    GPU_HEALTH_HEALTHY: _ClassVar[GpuHealth]
+    GPU_HEALTH_DEGRADED: _ClassVar[GpuHealth]
+    GPU_HEALTH_UNHEALTHY: _ClassVar[GpuHealth]
+    GPU_HEALTH_LOST: _ClassVar[GpuHealth]
+    GPU_HEALTH_UNREACHABLE: _ClassVar[GpuHealth]
+NODE_STATE_UNSPECIFIED: NodeState
+NODE_STATE_UP: NodeState
+NODE_STATE_STALE: NodeState
+NODE_STATE_DOWN: NodeState
+GPU_HEALTH_UNSPECIFIED: GpuHealth
+GPU_HEALTH_HEALTHY: GpuHealth
+GPU_HEALTH_DEGRADED: GpuHealth
+GPU_HEALTH_UNHEALTHY: GpuHealth
+GPU_HEALTH_LOST: GpuHealth
+GPU_HEALTH_UNREACHABLE: GpuHealth
+
+class Count(_message.Message):
+    __slots__ = ("key", "count")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    count: int
+    def __init__(self, key: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
+class GetFleetSummaryRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetFleetSummaryResponse(_message.Message):
+    __slots__ = ("nodes", "gpus", "nodes_by_state", "gpus_by_health", "gpus_by_model", "gpus_by_cluster", "idle_gpus", "mean_gpu_utilization_ratio", "power_draw_watts")
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    NODES_BY_STATE_FIELD_NUMBER: _ClassVar[int]
+    GPUS_BY_HEALTH_FIELD_NUMBER: _ClassVar[int]
+    GPUS_BY_MODEL_FIELD_NUMBER: _ClassVar[int]
+    GPUS_BY_CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    IDLE_GPUS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_GPU_UTILIZATION_RATIO_FIELD_NUMBER: _ClassVar[int]
+    POWER_DRAW_WATTS_FIELD_NUMBER: _ClassVar[int]
+    nodes: int
+    gpus: int
+    nodes_by_state: _containers.RepeatedCompositeFieldContainer[Count]
+    gpus_by_health: _containers.RepeatedCompositeFieldContainer[Count]
+    gpus_by_model: _containers.RepeatedCompositeFieldContainer[Count]
+    gpus_by_cluster: _containers.RepeatedCompositeFieldContainer[Count]
+    idle_gpus: int
+    mean_gpu_utilization_ratio: float
+    power_draw_watts: float
+    def __init__(self, nodes: _Optional[int] = ..., gpus: _Optional[int] = ..., nodes_by_state: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., gpus_by_health: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., gpus_by_model: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., gpus_by_cluster: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., idle_gpus: _Optional[int] = ..., mean_gpu_utilization_ratio: _Optional[float] = ..., power_draw_watts: _Optional[float] = ...) -> None: ...
+
+class NodeView(_message.Message):
+    __slots__ = ("node_id", "name", "state", "last_seen_unix_nano", "gpu_count", "unhealthy_gpu_count", "inventory")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    GPU_COUNT_FIELD_NUMBER: _ClassVar[int]
+    UNHEALTHY_GPU_COUNT_FIELD_NUMBER: _ClassVar[int]
+    INVENTORY_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    name: str
+    state: NodeState
+    last_seen_unix_nano: int
+    gpu_count: int
+    unhealthy_gpu_count: int
+    inventory: _inventory_pb2.NodeInventory
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., last_seen_unix_nano: _Optional[int] = ..., gpu_count: _Optional[int] = ..., unhealthy_gpu_count: _Optional[int] = ..., inventory: _Optional[_Union[_inventory_pb2.NodeInventory, _Mapping]] = ...) -> None: ...
+
+class GpuView(_message.Message):
+    __slots__ = ("node_id", "node_name", "cluster", "inventory", "health", "reasons", "action", "sample", "idle")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    INVENTORY_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    node_name: str
+    cluster: str
+    inventory: _inventory_pb2.GpuInventory
+    health: GpuHealth
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    action: str
+    sample: _telemetry_pb2.GpuSample
+    idle: bool
+    def __init__(self, node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., cluster: _Optional[str] = ..., inventory: _Optional[_Union[_inventory_pb2.GpuInventory, _Mapping]] = ..., health: _Optional[_Union[GpuHealth, str]] = ..., reasons: _Optional[_Iterable[str]] = ..., action: _Optional[str] = ..., sample: _Optional[_Union[_telemetry_pb2.GpuSample, _Mapping]] = ..., idle: _Optional[bool] = ...) -> None: ...
+
+class ListNodesRequest(_message.Message):
+    __slots__ = ("cluster", "state", "page_size", "page_token")
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    cluster: str
+    state: NodeState
+    page_size: int
+    page_token: str
+    def __init__(self, cluster: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListNodesResponse(_message.Message):
+    __slots__ = ("nodes", "next_page_token", "total_size")
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    nodes: _containers.RepeatedCompositeFieldContainer[NodeView]
+    next_page_token: str
+    total_size: int
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeView, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
+
+class ListGpusRequest(_message.Message):
+    __slots__ = ("model", "node", "cluster", "health", "idle_only", "sort_by", "page_size", "page_token")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    IDLE_ONLY_FIELD_NUMBER: _ClassVar[int]
+    SORT_BY_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    node: str
+    cluster: str
+    health: GpuHealth
+    idle_only: bool
+    sort_by: str
+    page_size: int
+    page_token: str
+    def __init__(self, model: _Optional[str] = ..., node: _Optional[str] = ..., cluster: _Optional[str] = ..., health: _Optional[_Union[GpuHealth, str]] = ..., idle_only: _Optional[bool] = ..., sort_by: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class ListGpusResponse(_message.Message):
+    __slots__ = ("gpus", "next_page_token", "total_size")
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    gpus: _containers.RepeatedCompositeFieldContainer[GpuView]
+    next_page_token: str
+    total_size: int
+    def __init__(self, gpus: _Optional[_Iterable[_Union[GpuView, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
+
+class GetNodeRequest(_message.Message):
+    __slots__ = ("node",)
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    def __init__(self, node: _Optional[str] = ...) -> None: ...
+
+class GetNodeResponse(_message.Message):
+    __slots__ = ("node", "gpus")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    node: NodeView
+    gpus: _containers.RepeatedCompositeFieldContainer[GpuView]
+    def __init__(self, node: _Optional[_Union[NodeView, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[GpuView, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,37 @@
+"""Settings both ends of the gRPC connection must agree on."""
+
+from __future__ import annotations
+
+PROTOCOL_VERSION = 1
+
+# gRPC's default receive limit. An 8-GPU report is about 2 KiB; a query page
+# is kept well under this by its page size.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+# Agents ping every 30 s so a dead collector (or a hung one: SIGSTOP) is
+# noticed within KEEPALIVE_TIME + KEEPALIVE_TIMEOUT. The server must permit
+# pings this often, or it answers with GOAWAY "too_many_pings".
+KEEPALIVE_TIME_MS = 30_000
+KEEPALIVE_TIMEOUT_MS = 10_000
+
+CLIENT_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # One TCP connection per channel, even for many simulated nodes in one
+    # process: otherwise grpc shares one connection between all of them.
+    ("grpc.use_local_subchannel_pool", 1),
+]
+
+SERVER_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+    ("grpc.http2.max_ping_strikes", 5),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
