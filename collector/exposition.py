@@ -490,7 +490,7 @@ class Exposition:
         self._extra = extra
         self._chunks: dict[str, list[str]] = {}
         self._contributions: dict[str, Contribution] = {}
-        self._dirty: set[str] = set()
+        self._dirty: set[str] = {node.node_id for node in state.nodes()}
         self._aggregates = render_aggregates(())
         self._headers = [family.header() for family in FAMILIES]
         self._cache: dict[tuple[int, int], bytes] = {}

@@ -1,0 +1,99 @@
+"""Shared fixtures: collectors in-process on port 0, and real processes on free ports."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from collector.service import Collector, CollectorConfig
+from collector.state import Liveness
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, bytes, dict[str, str]]:
+    request = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read(), dict(response.headers)
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read(), dict(exc.headers)
+
+
+def wait_until(predicate: object, timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    last_error: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if predicate():  # type: ignore[operator]
+                return
+        except Exception as exc:  # noqa: BLE001 (retry until the deadline)
+            last_error = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {what}" + (f": {last_error}" if last_error else ""))
+
+
+@pytest.fixture
+async def collector() -> AsyncIterator[Collector]:
+    """A collector in this process, on free ports."""
+    service = Collector(CollectorConfig(grpc_host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=0,
+                                        liveness=Liveness(3, 10), shutdown_grace_s=0.5))
+    await service.start()
+    yield service
+    await service.stop()
+
+
+class Processes:
+    """Real subprocesses of the project's entry points; all killed at teardown."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self._log_dir = log_dir
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def start(self, module: str, *args: str, name: str | None = None) -> subprocess.Popen[bytes]:
+        log = (self._log_dir / f"{name or module}-{len(self.started)}.log").open("wb")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        process = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
+                                   cwd=ROOT, env=env)
+        self.started.append(process)
+        return process
+
+    def log(self, process: subprocess.Popen[bytes]) -> str:
+        index = self.started.index(process)
+        return "\n".join(p.read_text() for p in self._log_dir.glob(f"*-{index}.log"))
+
+    def collector(self, *extra: str) -> tuple[subprocess.Popen[bytes], str, str]:
+        """Start gpufleet-collector; return it, its gRPC target and its base URL once ready."""
+        grpc_port, http_port = free_port(), free_port()
+        process = self.start("collector.main", "--grpc-listen", f"127.0.0.1:{grpc_port}",
+                             "--http-listen", f"127.0.0.1:{http_port}", *extra)
+        base = f"http://127.0.0.1:{http_port}"
+        wait_until(lambda: http_get(f"{base}/readyz", timeout=1)[0] == 200, what="collector ready")
+        return process, f"127.0.0.1:{grpc_port}", base
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(tmp_path)
+    yield procs
+    procs.stop_all()
