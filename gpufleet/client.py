@@ -85,11 +85,12 @@ def node_state_name(value: int) -> str:
     return query_pb2.NodeState.Name(value).removeprefix("NODE_STATE_").lower()
 
 
-def _optional(message: Any, field: str, scale: float = 1.0) -> float | int | None:
+def _optional(message: Any, field: str, divisor: int = 1) -> float | int | None:
+    """The field converted to base units, or None when absent."""
     if not message.HasField(field):
         return None
-    value: float | int = getattr(message, field)
-    return value if scale == 1.0 else value * scale
+    value: int = getattr(message, field)
+    return value if divisor == 1 else value / divisor
 
 
 def gpu_row(view: query_pb2.GpuView) -> dict[str, Any]:
@@ -107,11 +108,11 @@ def gpu_row(view: query_pb2.GpuView) -> dict[str, Any]:
         "reasons": list(view.reasons),
         "action": view.action,
         "idle": view.idle,
-        "utilization_ratio": _optional(sample, "gpu_utilization_percent", 0.01) if has_sample else None,
+        "utilization_ratio": _optional(sample, "gpu_utilization_percent", 100) if has_sample else None,
         "memory_used_bytes": _optional(sample, "memory_used_bytes") if has_sample else None,
         "memory_total_bytes": _optional(inv, "memory_total_bytes"),
         "temperature_celsius": _optional(sample, "gpu_temperature_celsius") if has_sample else None,
-        "power_watts": _optional(sample, "power_draw_milliwatts", 0.001) if has_sample else None,
+        "power_watts": _optional(sample, "power_draw_milliwatts", 1000) if has_sample else None,
     }
 
 

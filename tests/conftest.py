@@ -25,7 +25,9 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 10.0) -> tuple[int, bytes, dict[str, str]]:
+def http_get(
+    url: str, headers: dict[str, str] | None = None, timeout: float = 10.0
+) -> tuple[int, bytes, dict[str, str]]:
     request = urllib.request.Request(url, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
@@ -34,14 +36,16 @@ def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 1
         return exc.code, exc.read(), dict(exc.headers)
 
 
-def wait_until(predicate: object, timeout: float = 30.0, interval: float = 0.1, what: str = "condition") -> None:
+def wait_until(
+    predicate: object, timeout: float = 30.0, interval: float = 0.1, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:
         try:
             if predicate():  # type: ignore[operator]
                 return
-        except Exception as exc:  # noqa: BLE001 (retry until the deadline)
+        except Exception as exc:
             last_error = exc
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}" + (f": {last_error}" if last_error else ""))
@@ -50,8 +54,16 @@ def wait_until(predicate: object, timeout: float = 30.0, interval: float = 0.1, 
 @pytest.fixture
 async def collector() -> AsyncIterator[Collector]:
     """A collector in this process, on free ports."""
-    service = Collector(CollectorConfig(grpc_host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=0,
-                                        liveness=Liveness(3, 10), shutdown_grace_s=0.5))
+    service = Collector(
+        CollectorConfig(
+            grpc_host="127.0.0.1",
+            grpc_port=0,
+            http_host="127.0.0.1",
+            http_port=0,
+            liveness=Liveness(3, 10),
+            shutdown_grace_s=0.5,
+        )
+    )
     await service.start()
     yield service
     await service.stop()
@@ -67,8 +79,9 @@ class Processes:
     def start(self, module: str, *args: str, name: str | None = None) -> subprocess.Popen[bytes]:
         log = (self._log_dir / f"{name or module}-{len(self.started)}.log").open("wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        process = subprocess.Popen([sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT,
-                                   cwd=ROOT, env=env)
+        process = subprocess.Popen(
+            [sys.executable, "-m", module, *args], stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env
+        )
         self.started.append(process)
         return process
 
@@ -79,8 +92,14 @@ class Processes:
     def collector(self, *extra: str) -> tuple[subprocess.Popen[bytes], str, str]:
         """Start gpufleet-collector; return it, its gRPC target and its base URL once ready."""
         grpc_port, http_port = free_port(), free_port()
-        process = self.start("collector.main", "--grpc-listen", f"127.0.0.1:{grpc_port}",
-                             "--http-listen", f"127.0.0.1:{http_port}", *extra)
+        process = self.start(
+            "collector.main",
+            "--grpc-listen",
+            f"127.0.0.1:{grpc_port}",
+            "--http-listen",
+            f"127.0.0.1:{http_port}",
+            *extra,
+        )
         base = f"http://127.0.0.1:{http_port}"
         wait_until(lambda: http_get(f"{base}/readyz", timeout=1)[0] == 200, what="collector ready")
         return process, f"127.0.0.1:{grpc_port}", base

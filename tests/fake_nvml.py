@@ -20,8 +20,13 @@ NVML_ERROR_LIBRARY_NOT_FOUND = 12
 NVML_ERROR_GPU_IS_LOST = 15
 NOT_SUPPORTED = object()
 
-ERROR_NAMES = {3: "Not Supported", 4: "Insufficient Permissions", 10: "Timeout",
-               12: "NVML Shared Library Not Found", 15: "GPU is lost"}
+ERROR_NAMES = {
+    3: "Not Supported",
+    4: "Insufficient Permissions",
+    10: "Timeout",
+    12: "NVML Shared Library Not Found",
+    15: "GPU is lost",
+}
 
 
 class NVMLError(Exception):
@@ -35,29 +40,84 @@ class NVMLError(Exception):
 
 def h100_table() -> dict[str, Any]:
     return {
-        "name": "NVIDIA H100 80GB HBM3", "arch": 9, "cc": (9, 0), "serial": "1654922001234",
-        "vbios": "96.00.89.00.01", "memory_total": 81_559 * 2**20, "memory_reserved": 454 * 2**20,
-        "memory_used": 40_000 * 2**20, "power_default": 700_000, "power_enforced": 700_000,
-        "power_constraints": [200_000, 700_000], "max_sm": 1980, "max_mem": 2619, "mig": [0, 0],
-        "ecc": [1, 1], "persistence": 1, "utilization": (97, 31), "encoder": [0, 167000],
-        "decoder": [0, 167000], "temperature": 64, "power": 612_345, "sm_clock": 1980, "mem_clock": 2619,
+        "name": "NVIDIA H100 80GB HBM3",
+        "arch": 9,
+        "cc": (9, 0),
+        "serial": "1654922001234",
+        "vbios": "96.00.89.00.01",
+        "memory_total": 81_559 * 2**20,
+        "memory_reserved": 454 * 2**20,
+        "memory_used": 40_000 * 2**20,
+        "power_default": 700_000,
+        "power_enforced": 700_000,
+        "power_constraints": [200_000, 700_000],
+        "max_sm": 1980,
+        "max_mem": 2619,
+        "mig": [0, 0],
+        "ecc": [1, 1],
+        "persistence": 1,
+        "utilization": (97, 31),
+        "encoder": [0, 167000],
+        "decoder": [0, 167000],
+        "temperature": 64,
+        "power": 612_345,
+        "sm_clock": 1980,
+        "mem_clock": 2619,
         "fan": NOT_SUPPORTED,  # SXM boards have no fan
-        "pstate": 0, "clock_reasons": 0x0, "pcie_tx_kb": 1200, "pcie_rx_kb": 3400,
+        "pstate": 0,
+        "clock_reasons": 0x0,
+        "pcie_tx_kb": 1200,
+        "pcie_rx_kb": 3400,
         "processes": [SimpleNamespace(pid=4242, usedGpuMemory=39_000 * 2**20)],
-        "fields": {3: 0, 4: 0, 5: 2, 6: 0, 82: 71, 83: 123_456_789, 94: 7, 142: 0, 143: 0, 144: 0, 145: 0,
-                   230: 0, 74: 5_000_000, 269: 0, 270: 0, 271: 0, 38: 0, 45: 0, 52: 0, 59: 0, 91: 18},
+        "fields": {
+            3: 0,
+            4: 0,
+            5: 2,
+            6: 0,
+            82: 71,
+            83: 123_456_789,
+            94: 7,
+            142: 0,
+            143: 0,
+            144: 0,
+            145: 0,
+            230: 0,
+            74: 5_000_000,
+            269: 0,
+            270: 0,
+            271: 0,
+            38: 0,
+            45: 0,
+            52: 0,
+            59: 0,
+            91: 18,
+        },
     }
 
 
 def a100_table() -> dict[str, Any]:
     table = h100_table()
-    table.update({
-        "name": "NVIDIA A100-SXM4-80GB", "arch": 7, "cc": (8, 0), "memory_total": 81_920 * 2**20,
-        "memory_reserved": 763 * 2**20, "power_default": 400_000, "power_enforced": 400_000,
-        "power_constraints": [100_000, 400_000], "max_sm": 1410, "max_mem": 1593, "utilization": (0, 0),
-        "temperature": 24, "power": 59_000, "sm_clock": 210, "mem_clock": 1593, "clock_reasons": 0x1,
-        "processes": [],
-    })
+    table.update(
+        {
+            "name": "NVIDIA A100-SXM4-80GB",
+            "arch": 7,
+            "cc": (8, 0),
+            "memory_total": 81_920 * 2**20,
+            "memory_reserved": 763 * 2**20,
+            "power_default": 400_000,
+            "power_enforced": 400_000,
+            "power_constraints": [100_000, 400_000],
+            "max_sm": 1410,
+            "max_mem": 1593,
+            "utilization": (0, 0),
+            "temperature": 24,
+            "power": 59_000,
+            "sm_clock": 210,
+            "mem_clock": 1593,
+            "clock_reasons": 0x1,
+            "processes": [],
+        }
+    )
     # Driver 555 knows no recovery-action field; the A100 has 12 NVLinks.
     table["fields"] = {**table["fields"], 230: NOT_SUPPORTED, 91: 12, 82: 43}
     return table
@@ -78,7 +138,7 @@ class FakeNvml:
     gpus: list[FakeGpu]
     init_error: int | None = None
     events: queue.Queue[tuple[int, int]] = field(default_factory=queue.Queue)
-    NVMLError = NVMLError  # noqa: N815 (the module's name)
+    NVMLError = NVMLError
 
     # -- helpers for tests ---------------------------------------------------
     def emit_xid(self, index: int, code: int) -> None:
@@ -142,7 +202,9 @@ class FakeNvml:
         return SimpleNamespace(busId=h.bus_id.encode())
 
     def nvmlDeviceGetMemoryInfo(self, h: FakeGpu, version: int | None = None) -> SimpleNamespace:  # noqa: N802
-        total, reserved, used = (self._value(h, k) for k in ("memory_total", "memory_reserved", "memory_used"))
+        total, reserved, used = (
+            self._value(h, k) for k in ("memory_total", "memory_reserved", "memory_used")
+        )
         return SimpleNamespace(total=total, reserved=reserved, used=used, free=total - reserved - used)
 
     def nvmlDeviceGetPowerManagementDefaultLimit(self, h: FakeGpu) -> int:  # noqa: N802
@@ -206,11 +268,20 @@ class FakeNvml:
         for field_id in field_ids:
             value = fields.get(field_id, NOT_SUPPORTED)
             if value is NOT_SUPPORTED:
-                values.append(SimpleNamespace(fieldId=field_id, nvmlReturn=NVML_ERROR_NOT_SUPPORTED, valueType=3,
-                                              value=SimpleNamespace(ullVal=0)))
+                values.append(
+                    SimpleNamespace(
+                        fieldId=field_id,
+                        nvmlReturn=NVML_ERROR_NOT_SUPPORTED,
+                        valueType=3,
+                        value=SimpleNamespace(ullVal=0),
+                    )
+                )
             else:
-                values.append(SimpleNamespace(fieldId=field_id, nvmlReturn=0, valueType=3,
-                                              value=SimpleNamespace(ullVal=value)))
+                values.append(
+                    SimpleNamespace(
+                        fieldId=field_id, nvmlReturn=0, valueType=3, value=SimpleNamespace(ullVal=value)
+                    )
+                )
         return values
 
     def nvmlEventSetCreate(self) -> object:  # noqa: N802
@@ -231,7 +302,13 @@ class FakeNvml:
 
 
 def fake_node(*tables: dict[str, Any]) -> FakeNvml:
-    return FakeNvml([
-        FakeGpu(table, uuid=f"GPU-0000000{i}-aaaa-bbbb-cccc-dddddddddddd", bus_id=f"00000000:{0x18 + i:02X}:00.0")
-        for i, table in enumerate(tables)
-    ])
+    return FakeNvml(
+        [
+            FakeGpu(
+                table,
+                uuid=f"GPU-0000000{i}-aaaa-bbbb-cccc-dddddddddddd",
+                bus_id=f"00000000:{0x18 + i:02X}:00.0",
+            )
+            for i, table in enumerate(tables)
+        ]
+    )

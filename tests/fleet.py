@@ -10,8 +10,9 @@ from gpufleet import wire
 from gpufleet.v1 import ingest_pb2, inventory_pb2
 
 
-def inventory_for(source: SimulatedSource, index: int, hostname: str | None = None,
-                  cluster: str = "c1") -> inventory_pb2.NodeInventory:
+def inventory_for(
+    source: SimulatedSource, index: int, hostname: str | None = None, cluster: str = "c1"
+) -> inventory_pb2.NodeInventory:
     inventory = source.inventory()
     inventory.node_id = hashlib.sha256(f"node-{index}".encode()).hexdigest()[:32]
     inventory.hostname = hostname or f"node-{index:04d}"
@@ -21,18 +22,26 @@ def inventory_for(source: SimulatedSource, index: int, hostname: str | None = No
     return inventory
 
 
-def add_node(state: FleetState, source: SimulatedSource, index: int, reports: int = 1, **kwargs: str) -> NodeRecord:
+def add_node(
+    state: FleetState, source: SimulatedSource, index: int, reports: int = 1, **kwargs: str
+) -> NodeRecord:
     inventory = inventory_for(source, index, **kwargs)
-    node = state.hello(ingest_pb2.Hello(protocol_version=wire.PROTOCOL_VERSION, inventory=inventory,
-                                        report_interval_ms=10_000))
+    node = state.hello(
+        ingest_pb2.Hello(
+            protocol_version=wire.PROTOCOL_VERSION, inventory=inventory, report_interval_ms=10_000
+        )
+    )
     for _ in range(reports):
-        report = ingest_pb2.Report(sequence=node.last_sequence + 1, time_unix_nano=1,
-                                   gpus=source.sample(with_processes=True))
+        report = ingest_pb2.Report(
+            sequence=node.last_sequence + 1, time_unix_nano=1, gpus=source.sample(with_processes=True)
+        )
         state.apply_report(node, report)
     return node
 
 
-def simulated_fleet(nodes: int, gpus_per_node: int = 8, seed: int = 0) -> tuple[FleetState, list[SimulatedSource]]:
+def simulated_fleet(
+    nodes: int, gpus_per_node: int = 8, seed: int = 0
+) -> tuple[FleetState, list[SimulatedSource]]:
     state = FleetState()
     sources = []
     for index in range(nodes):

@@ -19,7 +19,11 @@ def samples(body: bytes) -> list[Sample]:
 
 
 def value(all_samples: list[Sample], name: str, **labels: str) -> float:
-    matches = [s.value for s in all_samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
+    matches = [
+        s.value
+        for s in all_samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
     assert len(matches) == 1, f"{name}{labels}: {len(matches)} matches"
     return matches[0]
 
@@ -28,19 +32,30 @@ def test_every_gpu_value_is_exported_in_base_units() -> None:
     state, sources = simulated_fleet(4)
     exposition = Exposition(state)
     parsed = samples(exposition.everything())
-    for index, source in enumerate(sources):
+    for index, _source in enumerate(sources):
         node = f"node-{index:04d}"
         for gpu in state.find(node).gpus.values():  # type: ignore[union-attr]
             s, labels = gpu.sample, {"node": node, "gpu": str(gpu.inventory.index)}
             assert s is not None
-            assert value(parsed, "gpufleet_gpu_utilization_ratio", **labels) == s.gpu_utilization_percent / 100
+            assert (
+                value(parsed, "gpufleet_gpu_utilization_ratio", **labels) == s.gpu_utilization_percent / 100
+            )
             assert value(parsed, "gpufleet_gpu_power_watts", **labels) == s.power_draw_milliwatts / 1000
             assert value(parsed, "gpufleet_gpu_memory_used_bytes", **labels) == s.memory_used_bytes
             assert value(parsed, "gpufleet_gpu_temperature_celsius", **labels) == s.gpu_temperature_celsius
             assert value(parsed, "gpufleet_gpu_sm_clock_hertz", **labels) == s.sm_clock_mhz * 1e6
             assert value(parsed, "gpufleet_gpu_energy_joules_total", **labels) == s.energy_millijoules / 1000
-            assert value(parsed, "gpufleet_gpu_info", **labels, uuid=gpu.inventory.uuid,
-                         serial=gpu.inventory.serial, model="NVIDIA H100 80GB HBM3") == 1
+            assert (
+                value(
+                    parsed,
+                    "gpufleet_gpu_info",
+                    **labels,
+                    uuid=gpu.inventory.uuid,
+                    serial=gpu.inventory.serial,
+                    model="NVIDIA H100 80GB HBM3",
+                )
+                == 1
+            )
             assert value(parsed, "gpufleet_gpu_health", **labels, state="healthy") == 1
             assert value(parsed, "gpufleet_gpu_up", **labels) == 1
     assert sum(s.value for s in parsed if s.name == "gpufleet_fleet_gpus") == 32

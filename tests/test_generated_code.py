@@ -10,8 +10,11 @@ from tests.conftest import ROOT
 
 
 def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
-    subprocess.run([sys.executable, str(ROOT / "tools" / "generate_proto.py"), "--out", str(tmp_path)], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "generate_proto.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
     fresh = sorted(p.relative_to(tmp_path) for p in (tmp_path / "gpufleet").rglob("*_pb2*.py*"))
     committed = sorted(p.relative_to(ROOT) for p in (ROOT / "gpufleet").rglob("*_pb2*.py*"))
     assert fresh == committed

@@ -23,8 +23,10 @@ def test_application_xids_leave_the_gpu_healthy(code: int) -> None:
     assert judge({code: 3}).health == health.HEALTHY
 
 
-@pytest.mark.parametrize(("code", "action"), [(48, "reset GPU"), (79, "reboot node"), (64, "RMA"),
-                                              (119, "reset GPU"), (74, "reset GPU")])
+@pytest.mark.parametrize(
+    ("code", "action"),
+    [(48, "reset GPU"), (79, "reboot node"), (64, "RMA"), (119, "reset GPU"), (74, "reset GPU")],
+)
 def test_hardware_xids_make_it_unhealthy_with_an_action(code: int, action: str) -> None:
     verdict = judge({code: 1})
     assert verdict.health == health.UNHEALTHY

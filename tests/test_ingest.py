@@ -18,23 +18,30 @@ METHOD = "/gpufleet.v1.IngestService/Connect"
 
 def hello(index: int, gpus: int = 8, version: int = wire.PROTOCOL_VERSION) -> bytes:
     inventory = inventory_for(SimulatedSource("H100", gpus, node_index=index), index)
-    message = ingest_pb2.AgentMessage(hello=ingest_pb2.Hello(protocol_version=version, inventory=inventory,
-                                                             report_interval_ms=10_000))
+    message = ingest_pb2.AgentMessage(
+        hello=ingest_pb2.Hello(protocol_version=version, inventory=inventory, report_interval_ms=10_000)
+    )
     return message.SerializeToString()
 
 
 def report(sequence: int, source: SimulatedSource | None = None) -> bytes:
     source = source or SimulatedSource("H100", 8)
-    message = ingest_pb2.AgentMessage(report=ingest_pb2.Report(sequence=sequence, time_unix_nano=1,
-                                                               gpus=source.sample(with_processes=False)))
+    message = ingest_pb2.AgentMessage(
+        report=ingest_pb2.Report(
+            sequence=sequence, time_unix_nano=1, gpus=source.sample(with_processes=False)
+        )
+    )
     return message.SerializeToString()
 
 
-async def exchange(collector: Collector, *messages: bytes) -> tuple[list[ingest_pb2.CollectorMessage], grpc.StatusCode, str]:
+async def exchange(
+    collector: Collector, *messages: bytes
+) -> tuple[list[ingest_pb2.CollectorMessage], grpc.StatusCode, str]:
     """Send raw messages on one stream; return the answers and the final status."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{collector.grpc_port}") as channel:
-        call = channel.stream_stream(METHOD, request_serializer=None,
-                                     response_deserializer=ingest_pb2.CollectorMessage.FromString)(iter(messages))
+        call = channel.stream_stream(
+            METHOD, request_serializer=None, response_deserializer=ingest_pb2.CollectorMessage.FromString
+        )(iter(messages))
         answers = []
         try:
             async for answer in call:
@@ -86,14 +93,15 @@ async def test_oversized_message_is_refused(collector: Collector) -> None:
     huge.hello.inventory.labels["blob"] = "x" * (wire.MAX_MESSAGE_BYTES + 1)
     _, code, _ = await exchange(collector, huge.SerializeToString())
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    answers, code, _ = await exchange(collector, hello(1), report(1))
+    _answers, code, _ = await exchange(collector, hello(1), report(1))
     assert code == grpc.StatusCode.OK
 
 
 async def test_health_and_reflection_services(collector: Collector) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{collector.grpc_port}") as channel:
         status = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="gpufleet.v1.IngestService"))
+            health_pb2.HealthCheckRequest(service="gpufleet.v1.IngestService")
+        )
         assert status.status == health_pb2.HealthCheckResponse.SERVING
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")

@@ -9,7 +9,7 @@ import pytest
 from agent.sources.base import SourceUnavailable
 from agent.sources.nvml import NvmlSource
 from gpufleet.v1 import telemetry_pb2
-from tests.fake_nvml import NVML_ERROR_LIBRARY_NOT_FOUND, NOT_SUPPORTED, a100_table, fake_node, h100_table
+from tests.fake_nvml import NOT_SUPPORTED, NVML_ERROR_LIBRARY_NOT_FOUND, a100_table, fake_node, h100_table
 
 
 def test_inventory_of_an_h100_and_an_a100() -> None:
@@ -18,7 +18,11 @@ def test_inventory_of_an_h100_and_an_a100() -> None:
     h100, a100 = inventory.gpus
     assert inventory.driver_version == "565.57.01"
     assert inventory.cuda_version == "12.7"
-    assert (h100.name, h100.architecture, h100.compute_capability) == ("NVIDIA H100 80GB HBM3", "Hopper", "9.0")
+    assert (h100.name, h100.architecture, h100.compute_capability) == (
+        "NVIDIA H100 80GB HBM3",
+        "Hopper",
+        "9.0",
+    )
     assert h100.serial == "1654922001234"  # bytes from older bindings are decoded
     assert h100.pci_bus_id == "00000000:18:00.0"
     assert h100.memory_total_bytes == 81_559 * 2**20
@@ -74,7 +78,9 @@ def test_a_lost_gpu_is_reported_lost_while_the_others_keep_reporting() -> None:
     nvml.gpus[1].lost = True
     samples = source.sample(with_processes=True)
     assert [s.read_status for s in samples] == [
-        telemetry_pb2.GPU_READ_STATUS_OK, telemetry_pb2.GPU_READ_STATUS_LOST, telemetry_pb2.GPU_READ_STATUS_OK,
+        telemetry_pb2.GPU_READ_STATUS_OK,
+        telemetry_pb2.GPU_READ_STATUS_LOST,
+        telemetry_pb2.GPU_READ_STATUS_OK,
     ]
     assert samples[1].index == 1
     assert "lost" in samples[1].read_error

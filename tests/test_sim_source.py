@@ -17,7 +17,9 @@ def test_same_seed_same_fleet_other_seed_other_fleet() -> None:
 
 
 def test_nodes_of_one_seed_have_distinct_gpus() -> None:
-    uuids = {g.uuid for i in range(50) for g in SimulatedSource("H100", 8, seed=0, node_index=i).inventory().gpus}
+    uuids = {
+        g.uuid for i in range(50) for g in SimulatedSource("H100", 8, seed=0, node_index=i).inventory().gpus
+    }
     assert len(uuids) == 400
 
 
@@ -34,7 +36,8 @@ def test_values_stay_within_the_models_figures(model: str) -> None:
             assert gpu.power_draw_milliwatts <= spec.power_limit_max_w * 1000
             assert gpu.sm_clock_mhz <= spec.sm_clock_max_mhz
             assert gpu.memory_used_bytes + gpu.memory_free_bytes + gpu.memory_reserved_bytes == (
-                spec.memory_total_mib * MIB)
+                spec.memory_total_mib * MIB
+            )
             assert not gpu.HasField("fan_speed_percent")  # SXM boards report no fan
 
 

@@ -16,8 +16,14 @@ from tests.fleet import inventory_for
 
 def make_uplink(target: str, **kwargs: int) -> tuple[Uplink, SimulatedSource]:
     source = SimulatedSource("H100", 8, seed=0, node_index=0)
-    uplink = Uplink([target], inventory_for(source, 0), backoff_base_s=0.05, backoff_cap_s=0.2,
-                    rng=random.Random(0), **kwargs)
+    uplink = Uplink(
+        [target],
+        inventory_for(source, 0),
+        backoff_base_s=0.05,
+        backoff_cap_s=0.2,
+        rng=random.Random(0),
+        **kwargs,
+    )
     return uplink, source
 
 
@@ -40,8 +46,11 @@ async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
 
 
 async def start_collector(port: int) -> Collector:
-    collector = Collector(CollectorConfig(grpc_host="127.0.0.1", grpc_port=port, http_host="127.0.0.1",
-                                          http_port=0, shutdown_grace_s=0.1))
+    collector = Collector(
+        CollectorConfig(
+            grpc_host="127.0.0.1", grpc_port=port, http_host="127.0.0.1", http_port=0, shutdown_grace_s=0.1
+        )
+    )
     await collector.start()
     return collector
 

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 from agent.sources.base import SourceUnavailable
@@ -90,7 +89,8 @@ def _decode(value: Any) -> Any:
 class NvmlSource:
     """A node's GPUs as NVML sees them."""
 
-    def __init__(self, nvml: ModuleType | None = None, *, watch_xids: bool = True) -> None:
+    def __init__(self, nvml: Any = None, *, watch_xids: bool = True) -> None:
+        """``nvml``: the pynvml module (imported when None), or a stand-in with its API."""
         if nvml is None:
             try:
                 import pynvml

@@ -1,0 +1,47 @@
+# Two commands set everything up on a fresh machine:
+#   make demo   a collector and a simulated 10,000-GPU fleet on localhost
+#   make test   the whole test suite (installs what it needs first)
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Debian packages the tests run for real: Prometheus (and promtool), Mosquitto, the Pushgateway.
+SYSTEM_PACKAGES := prometheus mosquitto prometheus-pushgateway
+SYSTEM_COMMANDS := promtool prometheus mosquitto prometheus-pushgateway
+
+.PHONY: demo test lint bench proto system-deps clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/gpufleet demo
+
+system-deps:
+	@missing=""; for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages for:$$missing"; \
+		if [ "$$(id -u)" -ne 0 ]; then echo "run as root, or: sudo apt-get install $(SYSTEM_PACKAGES)"; exit 1; fi; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			$(SYSTEM_PACKAGES) >/dev/null; \
+	fi
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy .
+
+test: $(BIN)/.installed system-deps lint
+	$(BIN)/python -m pytest
+
+bench: $(BIN)/.installed system-deps
+	$(BIN)/python -m bench
+
+proto: $(BIN)/.installed
+	$(BIN)/python tools/generate_proto.py
+
+clean:
+	rm -rf $(VENV) .demo .pytest_cache .mypy_cache .ruff_cache

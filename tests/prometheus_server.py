@@ -1,0 +1,63 @@
+"""A real Prometheus server (Debian package `prometheus`) scraping our collector."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import urllib.parse
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import free_port, http_get, wait_until
+
+
+class PrometheusServer:
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def query(self, expression: str) -> list[dict[str, Any]]:
+        status, body, _ = http_get(f"{self.url}/api/v1/query?query={urllib.parse.quote(expression)}")
+        answer = json.loads(body)
+        assert status == 200 and answer["status"] == "success", answer
+        return answer["data"]["result"]  # type: ignore[no-any-return]
+
+    def scalar(self, expression: str) -> float | None:
+        result = self.query(expression)
+        return float(result[0]["value"][1]) if result else None
+
+
+@contextmanager
+def prometheus(tmp_path: Path, scrape_configs: str) -> Iterator[PrometheusServer]:
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise AssertionError("prometheus not found: run the tests with `make test`, which installs it")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        f"global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n{scrape_configs}"
+    )
+    port = free_port()
+    log = (tmp_path / "prometheus.log").open("wb")
+    process = subprocess.Popen(
+        [
+            binary,
+            f"--config.file={config}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_get(f"{url}/-/ready", timeout=1)[0] == 200, what="prometheus ready")
+        yield PrometheusServer(url)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
