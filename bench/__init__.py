@@ -1,0 +1,1 @@
+"""Benchmarks, separate from the test suite: `python -m bench` (see docs/benchmarks.md)."""
