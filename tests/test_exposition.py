@@ -138,3 +138,13 @@ def test_gzip_round_trip() -> None:
     state, _ = simulated_fleet(3)
     body = Exposition(state).everything()
     assert gzip.decompress(gzip.compress(body)) == body
+
+
+def test_every_metric_is_documented() -> None:
+    from collector.exposition import FAMILIES
+    from tests.conftest import ROOT
+
+    documented = (ROOT / "docs" / "metrics.md").read_text()
+    names = [f.name for f in FAMILIES] + [s.name for s in samples(Exposition(simulated_fleet(1)[0]).fleet())]
+    missing = sorted({name for name in names if f"`{name}`" not in documented})
+    assert not missing, f"add to docs/metrics.md: {missing}"
