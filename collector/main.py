@@ -8,6 +8,7 @@ import contextlib
 import logging
 import signal
 from collections.abc import Sequence
+from pathlib import Path
 
 import gpufleet
 from collector.service import Collector, CollectorConfig
@@ -50,6 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="a node is down after this many missed report intervals",
     )
+    add_flag(
+        parser,
+        "--db",
+        default="gpufleet-collector.db",
+        help="SQLite database for the fleet's inventory, watermarks and event log ('none': memory only)",
+    )
+    add_flag(
+        parser,
+        "--admission-rate",
+        type=float,
+        default=500.0,
+        help="new agent streams accepted per second before agents are told when to retry",
+    )
+    add_flag(parser, "--admission-burst", type=int, default=500, help="new agent streams accepted at once")
     add_log_level(parser)
     parser.add_argument("--version", action="version", version=f"%(prog)s {gpufleet.__version__}")
     return parser
@@ -86,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     setup_logging(args.log_level)
     if not 0 < args.stale_after_intervals < args.down_after_intervals:
         fail("need 0 < --stale-after-intervals < --down-after-intervals")
+    if args.admission_rate <= 0 or args.admission_burst < 1:
+        fail("need --admission-rate > 0 and --admission-burst >= 1")
     (grpc_host, grpc_port), (http_host, http_port) = args.grpc_listen, args.http_listen
     config = CollectorConfig(
         grpc_host=grpc_host,
@@ -93,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         http_host=http_host,
         http_port=http_port,
         liveness=Liveness(args.stale_after_intervals, args.down_after_intervals),
+        db_path=None if args.db.lower() in ("", "none") else Path(args.db),
+        admission_rate_per_s=args.admission_rate,
+        admission_burst=args.admission_burst,
     )
     with contextlib.suppress(asyncio.CancelledError):
         asyncio.run(serve(config))

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
 
 from collector import health
+from collector.events import EventMatch
 from collector.state import NODE_STATE_NAMES, UP, FleetState, GpuRecord, NodeRecord
-from gpufleet.v1 import query_pb2, query_pb2_grpc
+from gpufleet.v1 import events_pb2, query_pb2, query_pb2_grpc
 
 DEFAULT_PAGE_SIZE = 1000
+# Events a follower of StreamEvents may fall behind before it is cut off.
+FOLLOW_QUEUE = 10_000
 # A GpuView is at most a few KiB: this keeps every page well under 4 MiB.
 MAX_PAGE_SIZE = 1000
 
@@ -186,14 +190,73 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                 rows.append((node, gpu))
         return rows
 
+    async def _node(self, key: str, context: grpc.aio.ServicerContext) -> NodeRecord:
+        node = self._state.find(key)
+        if node is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no node named or with id {key!r}")
+        assert node is not None
+        return node
+
     async def GetNode(  # noqa: N802
         self, request: query_pb2.GetNodeRequest, context: grpc.aio.ServicerContext
     ) -> query_pb2.GetNodeResponse:
-        node = self._state.find(request.node)
-        if node is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no node named or with id {request.node!r}")
-        assert node is not None
+        node = await self._node(request.node, context)
         return query_pb2.GetNodeResponse(
             node=node_view(node, with_inventory=True),
             gpus=[gpu_view(node, node.gpus[i]) for i in sorted(node.gpus)],
         )
+
+    async def _match(
+        self, event_filter: query_pb2.EventFilter, context: grpc.aio.ServicerContext
+    ) -> EventMatch:
+        node_id = (await self._node(event_filter.node, context)).node_id if event_filter.node else ""
+        return EventMatch(
+            node_id,
+            frozenset(event_filter.kinds),
+            event_filter.min_severity,
+            event_filter.since_unix_nano,
+            event_filter.after_id,
+        )
+
+    async def ListEvents(  # noqa: N802
+        self, request: query_pb2.ListEventsRequest, context: grpc.aio.ServicerContext
+    ) -> query_pb2.ListEventsResponse:
+        match = await self._match(request.filter, context)
+        limit = min(request.limit or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        return query_pb2.ListEventsResponse(events=self._state.events.query(match, limit))
+
+    async def StreamEvents(  # noqa: N802
+        self, request: query_pb2.StreamEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[events_pb2.Event]:
+        match = await self._match(request.filter, context)
+        queue: asyncio.Queue[events_pb2.Event] = asyncio.Queue(maxsize=FOLLOW_QUEUE)
+        fell_behind = False
+
+        def on_event(event: events_pb2.Event) -> None:
+            nonlocal fell_behind
+            if match(event):
+                try:
+                    queue.put_nowait(event)
+                except asyncio.QueueFull:
+                    fell_behind = True
+
+        log = self._state.events
+        log.subscribe(on_event)
+        try:
+            last_id = 0
+            if match.after_id or match.since_unix_nano:
+                for event in log.query(match, limit=FOLLOW_QUEUE):
+                    last_id = event.id
+                    yield event
+            while True:
+                event = await queue.get()
+                if fell_behind:
+                    await context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"this follower fell {FOLLOW_QUEUE} events behind; reconnect with after_id={last_id}",
+                    )
+                if event.id > last_id:
+                    last_id = event.id
+                    yield event
+        finally:
+            log.unsubscribe(on_event)

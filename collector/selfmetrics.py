@@ -6,6 +6,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    Histogram,
     Info,
     disable_created_metrics,
     generate_latest,
@@ -37,6 +38,27 @@ class CollectorMetrics:
             registry=r,
         )
         self.streams = Gauge("gpufleet_collector_agent_streams", "Agent streams open now.", registry=r)
+        self.store_up = Gauge(
+            "gpufleet_collector_store_up",
+            "1 if the database is in use, 0 if running from memory.",
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "gpufleet_collector_store_errors",
+            "Times the database could not be opened or written.",
+            registry=r,
+        )
+        self.store_commit_seconds = Histogram(
+            "gpufleet_collector_store_commit_seconds",
+            "Time one group commit to the database took.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
+        self.admission_rejections = Counter(
+            "gpufleet_collector_admission_rejections",
+            "Agent streams asked to come back later because too many connected at once.",
+            registry=r,
+        )
         self.scrape_render_seconds = Gauge(
             "gpufleet_collector_last_render_seconds",
             "Time the latest /metrics answer took to build.",

@@ -1,7 +1,8 @@
 """The fleet as the collector knows it: nodes, their GPUs, latest samples and verdicts.
 
-Sinks (the exposition, the query API) read it; ``FleetState`` tells listeners which
-node changed so they redo only that node's work.
+Sinks read it: the exposition and the store are told which node changed (so they
+redo only that node's work), and everything worth telling an operator becomes an
+event in the event log.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from collector import health
-from gpufleet.v1 import ingest_pb2, inventory_pb2, query_pb2, telemetry_pb2
+from collector.events import CRITICAL, INFO, WARNING, EventLog
+from gpufleet.v1 import events_pb2, ingest_pb2, inventory_pb2, query_pb2, telemetry_pb2
 
 log = logging.getLogger(__name__)
 
@@ -20,9 +22,25 @@ UP = query_pb2.NODE_STATE_UP
 STALE = query_pb2.NODE_STATE_STALE
 DOWN = query_pb2.NODE_STATE_DOWN
 NODE_STATE_NAMES = {UP: "up", STALE: "stale", DOWN: "down"}
+NODE_STATE_SEVERITY = {UP: INFO, STALE: WARNING, DOWN: CRITICAL}
+HEALTH_SEVERITY = {
+    health.HEALTHY: INFO,
+    health.DEGRADED: WARNING,
+    health.UNHEALTHY: CRITICAL,
+    health.LOST: CRITICAL,
+    health.UNREACHABLE: WARNING,
+}
 
 # A GPU whose utilization is below this is idle (it is worth nothing then).
 IDLE_UTILIZATION_PERCENT = 5
+
+GONE_VERDICT = health.Verdict(
+    health.LOST, ("GPU no longer visible to NVML on a live node (fell off the bus?)",), "reboot node"
+)
+
+
+class NodeIdConflict(Exception):
+    """Another host already reports under this node id."""
 
 
 @dataclass
@@ -30,11 +48,13 @@ class GpuRecord:
     inventory: inventory_pb2.GpuInventory
     sample: telemetry_pb2.GpuSample | None = None
     verdict: health.Verdict = health.HEALTHY_VERDICT
-    # Cumulative XID counts per code, for the counter metric.
+    # Cumulative XID counts per code, for the counter metric (kept across restarts).
     xid_totals: dict[int, int] = field(default_factory=dict)
     # XID counts since the node booted, for the verdict.
     xids_this_boot: dict[int, int] = field(default_factory=dict)
     processes: int | None = None
+    # In the node's inventory before, gone from it now: the GPU vanished.
+    missing: bool = False
 
     @property
     def model(self) -> str:
@@ -43,7 +63,8 @@ class GpuRecord:
     def is_idle(self) -> bool:
         s = self.sample
         return (
-            s is not None
+            not self.missing
+            and s is not None
             and s.read_status == telemetry_pb2.GPU_READ_STATUS_OK
             and s.HasField("gpu_utilization_percent")
             and s.gpu_utilization_percent < IDLE_UTILIZATION_PERCENT
@@ -63,13 +84,17 @@ class NodeRecord:
     gpus: dict[int, GpuRecord] = field(default_factory=dict)
     agent_stats: telemetry_pb2.AgentStats = field(default_factory=telemetry_pb2.AgentStats)
     streams: int = 0
+    # Bumped when the inventory changes, so the store rewrites it only then.
+    inventory_version: int = 0
 
     @property
     def cluster(self) -> str:
         return self.inventory.cluster
 
     def gpu_verdict(self, gpu: GpuRecord) -> health.Verdict:
-        return gpu.verdict if self.state == UP else health.UNREACHABLE_VERDICT
+        if self.state != UP:
+            return health.UNREACHABLE_VERDICT
+        return GONE_VERDICT if gpu.missing else gpu.verdict
 
 
 @dataclass(frozen=True)
@@ -79,13 +104,26 @@ class Liveness:
     stale_after_intervals: float = 3.0
     down_after_intervals: float = 10.0
 
+    def state_after(self, silent_intervals: float) -> query_pb2.NodeState:
+        if silent_intervals >= self.down_after_intervals:
+            return DOWN
+        if silent_intervals >= self.stale_after_intervals:
+            return STALE
+        return UP
+
 
 Listener = Callable[[NodeRecord], None]
 
 
 class FleetState:
-    def __init__(self, liveness: Liveness | None = None, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        liveness: Liveness | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        events: EventLog | None = None,
+    ) -> None:
         self.liveness = liveness or Liveness()
+        self.events = events or EventLog()
         self._clock = clock
         self._nodes: dict[str, NodeRecord] = {}
         self._ids_by_name: dict[str, str] = {}
@@ -97,6 +135,32 @@ class FleetState:
     def _changed(self, node: NodeRecord) -> None:
         for listener in self._listeners:
             listener(node)
+
+    def _emit(
+        self,
+        node: NodeRecord,
+        kind: str,
+        severity: events_pb2.Severity,
+        reason: str,
+        *,
+        gpu_index: int | None = None,
+        action: str = "",
+        time_unix_nano: int | None = None,
+        **attributes: str,
+    ) -> None:
+        self.events.emit(
+            kind,
+            severity,
+            reason,
+            node_id=node.node_id,
+            node_name=node.name,
+            datacenter=node.inventory.datacenter,
+            cluster=node.inventory.cluster,
+            gpu_index=gpu_index,
+            action=action,
+            attributes=attributes,
+            time_unix_nano=time_unix_nano,
+        )
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -111,8 +175,10 @@ class FleetState:
             node = self._nodes.get(self._ids_by_name[key])
         return node
 
+    # -- registration ------------------------------------------------------------------
+
     def hello(self, hello: ingest_pb2.Hello) -> NodeRecord:
-        """A node opened a stream: register it or refresh its inventory."""
+        """A node opened a stream: register it, or take in what changed since it last did."""
         inventory = hello.inventory
         interval_s = (hello.report_interval_ms or 10_000) / 1000
         node = self._nodes.get(inventory.node_id)
@@ -120,18 +186,50 @@ class FleetState:
             node = NodeRecord(inventory.node_id, self._unique_name(inventory), inventory, interval_s)
             self._nodes[node.node_id] = node
             self._ids_by_name[node.name] = node.node_id
+            self._set_inventory(node, inventory, announce=False)
+            self._emit(
+                node,
+                "node_registered",
+                INFO,
+                f"registered with {len(inventory.gpus)} GPUs",
+                hostname=inventory.hostname,
+            )
             log.info("node %s (%s) registered with %d GPUs", node.name, node.node_id, len(inventory.gpus))
         else:
+            self._check_conflict(node, inventory)
             if node.inventory.boot_id != inventory.boot_id:
-                node.last_sequence = 0
-                for gpu in node.gpus.values():
-                    gpu.xids_this_boot.clear()
+                self._rebooted(node, inventory.boot_id)
             node.interval_s = interval_s
-        self._set_inventory(node, inventory)
+            self._set_inventory(node, inventory)
         node.streams += 1
         self._mark_seen(node)
         self._changed(node)
         return node
+
+    def _check_conflict(self, node: NodeRecord, inventory: inventory_pb2.NodeInventory) -> None:
+        """Two hosts with one node id are flagged and kept apart, never merged."""
+        known = node.inventory
+        if node.streams and (known.hostname != inventory.hostname or known.boot_id != inventory.boot_id):
+            reason = (
+                f"node id {node.node_id} is already reporting from host {known.hostname!r}; "
+                f"refused host {inventory.hostname!r}: give each host its own --node-id"
+            )
+            self._emit(
+                node,
+                "node_id_conflict",
+                WARNING,
+                reason,
+                action="fix the node ids",
+                other_hostname=inventory.hostname,
+            )
+            raise NodeIdConflict(reason)
+
+    def _rebooted(self, node: NodeRecord, boot_id: str) -> None:
+        node.last_sequence = 0
+        for gpu in node.gpus.values():
+            gpu.xids_this_boot.clear()
+        if node.inventory.boot_id:
+            self._emit(node, "node_rebooted", INFO, "node rebooted (new boot id)", boot_id=boot_id)
 
     def disconnected(self, node: NodeRecord) -> None:
         node.streams = max(node.streams - 1, 0)
@@ -142,17 +240,80 @@ class FleetState:
             name = f"{name}~{inventory.node_id[:8]}"
         return name
 
-    def _set_inventory(self, node: NodeRecord, inventory: inventory_pb2.NodeInventory) -> None:
+    def _set_inventory(
+        self, node: NodeRecord, inventory: inventory_pb2.NodeInventory, announce: bool = True
+    ) -> None:
+        """Take in a node's inventory; GPUs that changed or vanished become events."""
+        old_driver = node.inventory.driver_version
         node.inventory = inventory
-        gpus = {gpu.index: gpu for gpu in inventory.gpus}
-        for index, gpu_inventory in gpus.items():
+        node.inventory_version += 1
+        if announce and old_driver and old_driver != inventory.driver_version:
+            self._emit(
+                node,
+                "driver_upgraded",
+                INFO,
+                f"driver {old_driver} -> {inventory.driver_version}",
+                old_driver=old_driver,
+                new_driver=inventory.driver_version,
+            )
+        present = {gpu.index: gpu for gpu in inventory.gpus}
+        for index, gpu_inventory in present.items():
             record = node.gpus.get(index)
             if record is None:
                 node.gpus[index] = GpuRecord(gpu_inventory)
-            else:
-                record.inventory = gpu_inventory
-        for index in set(node.gpus) - set(gpus):
-            del node.gpus[index]
+                if announce:
+                    self._emit(
+                        node,
+                        "gpu_added",
+                        INFO,
+                        f"GPU {index} added ({gpu_inventory.name})",
+                        gpu_index=index,
+                        uuid=gpu_inventory.uuid,
+                        serial=gpu_inventory.serial,
+                    )
+                continue
+            old = record.inventory
+            if old.uuid and (old.uuid, old.serial) != (gpu_inventory.uuid, gpu_inventory.serial):
+                record.xids_this_boot.clear()
+                record.verdict = health.HEALTHY_VERDICT
+                self._emit(
+                    node,
+                    "gpu_replaced",
+                    INFO,
+                    f"GPU {index} replaced: serial {old.serial} -> {gpu_inventory.serial}",
+                    gpu_index=index,
+                    old_uuid=old.uuid,
+                    new_uuid=gpu_inventory.uuid,
+                    old_serial=old.serial,
+                    new_serial=gpu_inventory.serial,
+                )
+            elif record.missing:
+                self._emit(
+                    node,
+                    "gpu_added",
+                    INFO,
+                    f"GPU {index} is visible again",
+                    gpu_index=index,
+                    uuid=gpu_inventory.uuid,
+                    serial=gpu_inventory.serial,
+                )
+            record.inventory = gpu_inventory
+            record.missing = False
+        for index, record in node.gpus.items():
+            if index not in present and not record.missing:
+                record.missing = True
+                self._emit(
+                    node,
+                    "gpu_removed",
+                    CRITICAL,
+                    f"GPU {index} ({record.inventory.serial}) vanished from the node's inventory",
+                    gpu_index=index,
+                    action=GONE_VERDICT.action,
+                    uuid=record.inventory.uuid,
+                    serial=record.inventory.serial,
+                )
+
+    # -- reports -------------------------------------------------------------------------
 
     def apply_report(self, node: NodeRecord, report: ingest_pb2.Report) -> bool:
         """Take a report in; False if it was a duplicate (already taken in)."""
@@ -165,46 +326,90 @@ class FleetState:
             gpu = node.gpus.get(sample.index)
             if gpu is None:
                 gpu = node.gpus[sample.index] = GpuRecord(inventory_pb2.GpuInventory(index=sample.index))
-            self._apply_sample(gpu, sample)
+            self._apply_sample(node, gpu, sample)
         node.agent_stats = report.agent_stats
         node.last_seen_unix_ns = time.time_ns()
         self._mark_seen(node)
         self._changed(node)
         return True
 
-    @staticmethod
-    def _apply_sample(gpu: GpuRecord, sample: telemetry_pb2.GpuSample) -> None:
+    def _apply_sample(self, node: NodeRecord, gpu: GpuRecord, sample: telemetry_pb2.GpuSample) -> None:
         for event in sample.xid_events:
-            gpu.xid_totals[event.code] = gpu.xid_totals.get(event.code, 0) + 1
-            gpu.xids_this_boot[event.code] = gpu.xids_this_boot.get(event.code, 0) + 1
+            code = event.code
+            gpu.xid_totals[code] = gpu.xid_totals.get(code, 0) + 1
+            gpu.xids_this_boot[code] = gpu.xids_this_boot.get(code, 0) + 1
+            rule = health.XID_RULES.get(code, health.UNKNOWN_XID)
+            self._emit(
+                node,
+                "xid",
+                HEALTH_SEVERITY[rule.health],
+                f"XID {code}: {rule.meaning}",
+                gpu_index=sample.index,
+                action=rule.action,
+                time_unix_nano=event.time_unix_nano or None,
+                xid=str(code),
+            )
         if sample.HasField("processes"):
             gpu.processes = len(sample.processes.processes)
         gpu.sample = sample
+        before = gpu.verdict
         gpu.verdict = health.judge(sample, gpu.xids_this_boot)
+        if gpu.verdict.health != before.health:
+            self._emit(
+                node,
+                "health_changed",
+                HEALTH_SEVERITY[gpu.verdict.health],
+                f"GPU {sample.index} {before.name} -> {gpu.verdict.name}: "
+                + ("; ".join(gpu.verdict.reasons) or "no findings"),
+                gpu_index=sample.index,
+                action=gpu.verdict.action,
+                old=before.name,
+                new=gpu.verdict.name,
+            )
+
+    # -- liveness --------------------------------------------------------------------------
 
     def _mark_seen(self, node: NodeRecord) -> None:
         node.last_seen_monotonic = self._clock()
         if not node.last_seen_unix_ns:
             node.last_seen_unix_ns = time.time_ns()
         if node.state != UP:
-            log.info("node %s is up", node.name)
-            node.state = UP
+            self._set_state(node, UP)
+
+    def _set_state(self, node: NodeRecord, state: query_pb2.NodeState) -> None:
+        log.info("node %s is %s", node.name, NODE_STATE_NAMES[state])
+        before = NODE_STATE_NAMES[node.state]
+        node.state = state
+        self._emit(
+            node,
+            "node_state_changed",
+            NODE_STATE_SEVERITY[state],
+            f"node {before} -> {NODE_STATE_NAMES[state]}",
+            action="check the node and its agent" if state != UP else "",
+            old=before,
+            new=NODE_STATE_NAMES[state],
+        )
 
     def sweep(self) -> list[NodeRecord]:
         """Move nodes that stopped reporting to stale, then down; return those that changed."""
         now = self._clock()
         changed = []
         for node in self._nodes.values():
-            silent_intervals = (now - node.last_seen_monotonic) / node.interval_s
-            if silent_intervals >= self.liveness.down_after_intervals:
-                state = DOWN
-            elif silent_intervals >= self.liveness.stale_after_intervals:
-                state = STALE
-            else:
-                state = UP
+            state = self.liveness.state_after((now - node.last_seen_monotonic) / node.interval_s)
             if state != node.state:
-                log.info("node %s is %s", node.name, NODE_STATE_NAMES[state])
-                node.state = state
+                self._set_state(node, state)
                 changed.append(node)
                 self._changed(node)
         return changed
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def restore(self, node: NodeRecord) -> None:
+        """A node read back from the store at start-up; its liveness follows from when it was last seen."""
+        silent_s = max(time.time_ns() - node.last_seen_unix_ns, 0) / 1e9
+        node.last_seen_monotonic = self._clock() - silent_s
+        node.state = self.liveness.state_after(silent_s / node.interval_s)
+        node.name = self._unique_name(node.inventory) if node.name in self._ids_by_name else node.name
+        self._nodes[node.node_id] = node
+        self._ids_by_name[node.name] = node.node_id
+        self._changed(node)

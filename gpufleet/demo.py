@@ -99,7 +99,15 @@ def run_demo(nodes: int, interval: float, grpc_port: int, http_port: int) -> int
         with (
             child(
                 "collector",
-                ["collector.main", "--grpc-listen", target, "--http-listen", f"127.0.0.1:{http_port}"],
+                [
+                    "collector.main",
+                    "--grpc-listen",
+                    target,
+                    "--http-listen",
+                    f"127.0.0.1:{http_port}",
+                    "--db",
+                    str(LOG_DIR / "collector.db"),
+                ],
             ) as collector,
             child(
                 "agents",

@@ -92,6 +92,8 @@ class Processes:
     def collector(self, *extra: str) -> tuple[subprocess.Popen[bytes], str, str]:
         """Start gpufleet-collector; return it, its gRPC target and its base URL once ready."""
         grpc_port, http_port = free_port(), free_port()
+        if "--db" not in extra:
+            extra = ("--db", str(self._log_dir / f"collector-{len(self.started)}.db"), *extra)
         process = self.start(
             "collector.main",
             "--grpc-listen",

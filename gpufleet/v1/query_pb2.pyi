@@ -1,3 +1,4 @@
+from gpufleet.v1 import events_pb2 as _events_pb2
 from gpufleet.v1 import inventory_pb2 as _inventory_pb2
 from gpufleet.v1 import telemetry_pb2 as _telemetry_pb2
 from google.protobuf.internal import containers as _containers
@@ -174,3 +175,37 @@ class GetNodeResponse(_message.Message):
     node: NodeView
     gpus: _containers.RepeatedCompositeFieldContainer[GpuView]
     def __init__(self, node: _Optional[_Union[NodeView, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[GpuView, _Mapping]]] = ...) -> None: ...
+
+class EventFilter(_message.Message):
+    __slots__ = ("node", "kinds", "min_severity", "since_unix_nano", "after_id")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    MIN_SEVERITY_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    AFTER_ID_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    kinds: _containers.RepeatedScalarFieldContainer[str]
+    min_severity: _events_pb2.Severity
+    since_unix_nano: int
+    after_id: int
+    def __init__(self, node: _Optional[str] = ..., kinds: _Optional[_Iterable[str]] = ..., min_severity: _Optional[_Union[_events_pb2.Severity, str]] = ..., since_unix_nano: _Optional[int] = ..., after_id: _Optional[int] = ...) -> None: ...
+
+class ListEventsRequest(_message.Message):
+    __slots__ = ("filter", "limit")
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    filter: EventFilter
+    limit: int
+    def __init__(self, filter: _Optional[_Union[EventFilter, _Mapping]] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListEventsResponse(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[_events_pb2.Event]
+    def __init__(self, events: _Optional[_Iterable[_Union[_events_pb2.Event, _Mapping]]] = ...) -> None: ...
+
+class StreamEventsRequest(_message.Message):
+    __slots__ = ("filter",)
+    FILTER_FIELD_NUMBER: _ClassVar[int]
+    filter: EventFilter
+    def __init__(self, filter: _Optional[_Union[EventFilter, _Mapping]] = ...) -> None: ...

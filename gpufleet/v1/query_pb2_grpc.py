@@ -3,6 +3,7 @@
 import grpc
 import warnings
 
+from gpufleet.v1 import events_pb2 as gpufleet_dot_v1_dot_events__pb2
 from gpufleet.v1 import query_pb2 as gpufleet_dot_v1_dot_query__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
@@ -55,6 +56,16 @@ class QueryServiceStub:
                 request_serializer=gpufleet_dot_v1_dot_query__pb2.GetNodeRequest.SerializeToString,
                 response_deserializer=gpufleet_dot_v1_dot_query__pb2.GetNodeResponse.FromString,
                 _registered_method=True)
+        self.ListEvents = channel.unary_unary(
+                '/gpufleet.v1.QueryService/ListEvents',
+                request_serializer=gpufleet_dot_v1_dot_query__pb2.ListEventsRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_v1_dot_query__pb2.ListEventsResponse.FromString,
+                _registered_method=True)
+        self.StreamEvents = channel.unary_stream(
+                '/gpufleet.v1.QueryService/StreamEvents',
+                request_serializer=gpufleet_dot_v1_dot_query__pb2.StreamEventsRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_v1_dot_events__pb2.Event.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -85,6 +96,21 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListEvents(self, request, context):
+        """The event log, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamEvents(self, request, context):
+        """Events that match, as they happen (after those already logged since the
+        filter's after_id or since_unix_nano, if set).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -107,6 +133,16 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.GetNode,
                     request_deserializer=gpufleet_dot_v1_dot_query__pb2.GetNodeRequest.FromString,
                     response_serializer=gpufleet_dot_v1_dot_query__pb2.GetNodeResponse.SerializeToString,
+            ),
+            'ListEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListEvents,
+                    request_deserializer=gpufleet_dot_v1_dot_query__pb2.ListEventsRequest.FromString,
+                    response_serializer=gpufleet_dot_v1_dot_query__pb2.ListEventsResponse.SerializeToString,
+            ),
+            'StreamEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamEvents,
+                    request_deserializer=gpufleet_dot_v1_dot_query__pb2.StreamEventsRequest.FromString,
+                    response_serializer=gpufleet_dot_v1_dot_events__pb2.Event.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +254,60 @@ class QueryService:
             '/gpufleet.v1.QueryService/GetNode',
             gpufleet_dot_v1_dot_query__pb2.GetNodeRequest.SerializeToString,
             gpufleet_dot_v1_dot_query__pb2.GetNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.QueryService/ListEvents',
+            gpufleet_dot_v1_dot_query__pb2.ListEventsRequest.SerializeToString,
+            gpufleet_dot_v1_dot_query__pb2.ListEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/gpufleet.v1.QueryService/StreamEvents',
+            gpufleet_dot_v1_dot_query__pb2.StreamEventsRequest.SerializeToString,
+            gpufleet_dot_v1_dot_events__pb2.Event.FromString,
             options,
             channel_credentials,
             insecure,

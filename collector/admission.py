@@ -1,0 +1,35 @@
+"""Admission control for agent streams: a token bucket that hands out retry times.
+
+When 1,250 agents reconnect at once (a collector restart), the ones over the
+budget are told when to come back (RESOURCE_EXHAUSTED with a retry-after-ms
+hint), each a slot further in the future, so the herd arrives at the rate the
+collector can take instead of stampeding and backing off at random.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+
+class Admission:
+    def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        if rate_per_s <= 0 or burst < 1:
+            raise ValueError("admission rate must be positive and burst at least 1")
+        self.rate = rate_per_s
+        self.burst = burst
+        self._clock = clock
+        self._tokens = float(burst)
+        self._updated = clock()
+        self._reserved_until = self._updated
+
+    def admit(self) -> float:
+        """0 if the caller may go ahead, else the seconds after which it should try again."""
+        now = self._clock()
+        self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
+        self._updated = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return 0.0
+        self._reserved_until = max(self._reserved_until, now) + 1 / self.rate
+        return self._reserved_until - now

@@ -1,0 +1,319 @@
+"""Persistence: the fleet's inventory, per-node watermarks, XID totals and the event log.
+
+An embedded SQLite database in WAL mode. Changes are committed in small groups
+(group commit): the ingest path acknowledges a report only once the batch that
+holds it is committed, so a report acknowledged is a report that survives a
+crash of the collector (synchronous=NORMAL in WAL mode survives a process crash,
+not a power cut).
+
+A database that cannot be used never takes the collector down: a corrupt file is
+moved aside and a new one started; a read-only one (or a failing disk) leaves the
+collector running from memory, with a log line and `gpufleet_collector_store_up 0`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from collector.selfmetrics import CollectorMetrics
+from collector.state import FleetState, GpuRecord, NodeRecord
+from gpufleet.v1 import events_pb2, inventory_pb2
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    interval_s REAL NOT NULL,
+    last_seen_unix_ns INTEGER NOT NULL,
+    last_sequence INTEGER NOT NULL,
+    inventory BLOB NOT NULL,
+    missing_gpus BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS xid_totals (
+    node_id TEXT NOT NULL,
+    gpu_index INTEGER NOT NULL,
+    xid INTEGER NOT NULL,
+    count INTEGER NOT NULL,
+    PRIMARY KEY (node_id, gpu_index, xid)
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY,
+    time_unix_ns INTEGER NOT NULL,
+    node_id TEXT NOT NULL,
+    event BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_node ON events (node_id, id);
+"""
+# How long a batch waits for more changes before it is committed.
+COMMIT_DELAY_S = 0.01
+# Events kept in the database and read back at start-up.
+EVENTS_KEPT = 200_000
+
+
+class StoreUnavailable(Exception):
+    """The database cannot be used; the collector runs from memory."""
+
+
+@dataclass
+class Batch:
+    # Rows of nodes whose inventory changed, and (node_id -> watermark row) of the others.
+    nodes: dict[str, tuple[object, ...]] = field(default_factory=dict)
+    watermarks: dict[str, tuple[object, ...]] = field(default_factory=dict)
+    xids: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    events: list[tuple[int, int, str, bytes]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.nodes or self.watermarks or self.xids or self.events)
+
+
+def open_database(path: Path) -> sqlite3.Connection:
+    """Open (or create) the database; a corrupt file is moved aside and replaced."""
+    try:
+        return _connect(path)
+    except sqlite3.DatabaseError as exc:
+        if isinstance(exc, sqlite3.OperationalError) and "readonly" in str(exc):
+            raise StoreUnavailable(f"{path} is read-only: {exc}") from exc
+        if not path.exists():
+            raise StoreUnavailable(f"cannot create {path}: {exc}") from exc
+        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+        log.error("database %s is unreadable (%s): moved it to %s and starting a new one", path, exc, aside)
+        path.rename(aside)
+        for suffix in ("-wal", "-shm"):
+            Path(f"{path}{suffix}").unlink(missing_ok=True)
+        try:
+            return _connect(path)
+        except sqlite3.DatabaseError as again:
+            raise StoreUnavailable(f"cannot create {path}: {again}") from again
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        integrity = connection.execute("PRAGMA quick_check").fetchone()[0]
+        if integrity != "ok":
+            raise sqlite3.DatabaseError(f"integrity check: {integrity}")
+        connection.execute("PRAGMA journal_mode=WAL")
+        connection.execute("PRAGMA synchronous=NORMAL")
+        version = connection.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreUnavailable(f"{path} was written by a newer collector (schema {version})")
+        connection.executescript(SCHEMA)
+        connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except BaseException:
+        connection.close()
+        raise
+    return connection
+
+
+class Store:
+    """Keeps FleetState durable; `durable()` waits until everything changed so far is committed."""
+
+    def __init__(self, path: Path | None, state: FleetState, metrics: CollectorMetrics) -> None:
+        self.path = path
+        self._state = state
+        self._metrics = metrics
+        self._db: sqlite3.Connection | None = None
+        self._dirty: set[str] = set()
+        self._pending = Batch()
+        self._written_inventory: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        # Resolved by the next flush to start; what changed before it is in that flush.
+        self._next_commit: asyncio.Future[None] | None = None
+        self._flushing = False
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def up(self) -> bool:
+        return self._db is not None
+
+    def open(self) -> None:
+        """Open the database and restore the fleet it holds; failures leave the store down."""
+        if self.path is None:
+            log.info("no database configured: the fleet is kept in memory only")
+            self._metrics.store_up.set(0)
+            return
+        try:
+            self._db = open_database(self.path)
+            self._restore()
+        except (StoreUnavailable, sqlite3.Error, OSError) as exc:
+            self._down(f"cannot use database {self.path}: {exc}")
+            return
+        self._metrics.store_up.set(1)
+        self._state.add_listener(lambda node: self._dirty.add(node.node_id))
+        self._state.events.subscribe(self._event)
+
+    def _down(self, message: str) -> None:
+        log.error("%s; running from memory: nothing will survive a restart", message)
+        self._metrics.store_up.set(0)
+        self._metrics.store_errors.inc()
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+        self._db = None
+
+    def _restore(self) -> None:
+        assert self._db is not None
+        xids: dict[str, dict[int, dict[int, int]]] = {}
+        for node_id, gpu_index, xid, count in self._db.execute(
+            "SELECT node_id, gpu_index, xid, count FROM xid_totals"
+        ):
+            xids.setdefault(node_id, {}).setdefault(gpu_index, {})[xid] = count
+        rows = self._db.execute(
+            "SELECT node_id, name, interval_s, last_seen_unix_ns, last_sequence, inventory, missing_gpus "
+            "FROM nodes"
+        )
+        restored = 0
+        for node_id, name, interval_s, last_seen, last_sequence, inventory_blob, missing_blob in rows:
+            inventory = inventory_pb2.NodeInventory.FromString(inventory_blob)
+            node = NodeRecord(
+                node_id, name, inventory, interval_s, last_seen_unix_ns=last_seen, last_sequence=last_sequence
+            )
+            for gpu in inventory.gpus:
+                node.gpus[gpu.index] = GpuRecord(gpu)
+            for gpu in inventory_pb2.NodeInventory.FromString(missing_blob).gpus:
+                node.gpus[gpu.index] = GpuRecord(gpu, missing=True)
+            for gpu_index, totals in xids.get(node_id, {}).items():
+                if gpu_index in node.gpus:
+                    node.gpus[gpu_index].xid_totals = totals
+            self._state.restore(node)
+            self._written_inventory[node_id] = node.inventory_version
+            restored += 1
+        events = self._db.execute(
+            "SELECT event FROM (SELECT id, event FROM events ORDER BY id DESC LIMIT ?) ORDER BY id",
+            (EVENTS_KEPT,),
+        )
+        self._state.events.restore(events_pb2.Event.FromString(blob) for (blob,) in events)
+        log.info("restored %d nodes and the event log from %s", restored, self.path)
+
+    # -- collecting changes (on the event loop) ---------------------------------------------
+
+    def _event(self, event: events_pb2.Event) -> None:
+        batch = self._pending
+        batch.events.append((event.id, event.time_unix_nano, event.node_id, event.SerializeToString()))
+        if event.kind == "xid" and event.HasField("gpu_index"):
+            key = (event.node_id, event.gpu_index, int(event.attributes["xid"]))
+            batch.xids[key] = batch.xids.get(key, 0) + 1
+        self._wake.set()
+
+    async def durable(self) -> None:
+        """Return once every change made before this call is committed (or the store is down)."""
+        if self._db is None or not (self._dirty or self._pending or self._flushing):
+            return
+        if self._next_commit is None:
+            self._next_commit = asyncio.get_running_loop().create_future()
+        future = self._next_commit
+        self._wake.set()
+        await asyncio.shield(future)
+
+    # -- committing (a task, with the writes in a thread) -------------------------------------
+
+    def start(self) -> None:
+        if self._db is not None:
+            self._task = asyncio.create_task(self._run(), name="store-writer")
+
+    async def stop(self) -> None:
+        """Commit what is left, then close."""
+        if self._task is not None:
+            self._stopping = True
+            self._wake.set()
+            await self._task
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    async def _run(self) -> None:
+        while self._db is not None:
+            await self._wake.wait()
+            if not self._stopping:
+                await asyncio.sleep(COMMIT_DELAY_S)
+            await self._flush()
+            if self._stopping:
+                return
+
+    async def _flush(self) -> None:
+        self._wake.clear()
+        done, self._next_commit = self._next_commit, None
+        batch, self._pending = self._pending, Batch()
+        for node_id in self._dirty:
+            node = self._state.find(node_id)
+            if node is None:
+                continue
+            if self._written_inventory.get(node_id) != node.inventory_version:
+                batch.nodes[node_id] = _node_row(node)
+                self._written_inventory[node_id] = node.inventory_version
+            else:
+                batch.watermarks[node_id] = (
+                    node.interval_s,
+                    node.last_seen_unix_ns,
+                    node.last_sequence,
+                    node_id,
+                )
+        self._dirty.clear()
+        self._flushing = True
+        try:
+            if batch and self._db is not None:
+                started = time.perf_counter()
+                try:
+                    await asyncio.to_thread(_write, self._db, batch)
+                except sqlite3.Error as exc:
+                    self._down(f"writing to {self.path} failed: {exc}")
+                else:
+                    self._metrics.store_commit_seconds.observe(time.perf_counter() - started)
+        finally:
+            self._flushing = False
+            if done is not None and not done.done():
+                done.set_result(None)
+
+
+def _node_row(node: NodeRecord) -> tuple[object, ...]:
+    missing = inventory_pb2.NodeInventory(gpus=[g.inventory for g in node.gpus.values() if g.missing])
+    return (
+        node.node_id,
+        node.name,
+        node.interval_s,
+        node.last_seen_unix_ns,
+        node.last_sequence,
+        node.inventory.SerializeToString(),
+        missing.SerializeToString(),
+    )
+
+
+def _write(db: sqlite3.Connection, batch: Batch) -> None:
+    """One transaction for the whole batch."""
+    db.execute("BEGIN")
+    try:
+        db.executemany(
+            "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET "
+            "name=excluded.name, interval_s=excluded.interval_s, "
+            "last_seen_unix_ns=excluded.last_seen_unix_ns, last_sequence=excluded.last_sequence, "
+            "inventory=excluded.inventory, "
+            "missing_gpus=excluded.missing_gpus",
+            batch.nodes.values(),
+        )
+        db.executemany(
+            "UPDATE nodes SET interval_s = ?, last_seen_unix_ns = ?, last_sequence = ? WHERE node_id = ?",
+            batch.watermarks.values(),
+        )
+        db.executemany(
+            "INSERT INTO xid_totals VALUES (?, ?, ?, ?) ON CONFLICT (node_id, gpu_index, xid) "
+            "DO UPDATE SET count = count + excluded.count",
+            ((node_id, gpu, xid, count) for (node_id, gpu, xid), count in batch.xids.items()),
+        )
+        db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)", batch.events)
+        if batch.events:
+            db.execute("DELETE FROM events WHERE id <= ?", (batch.events[-1][0] - EVENTS_KEPT,))
+        db.execute("COMMIT")
+    except BaseException:
+        with contextlib.suppress(sqlite3.Error):
+            db.execute("ROLLBACK")
+        raise
