@@ -10,12 +10,14 @@ import logging
 import resource
 import signal
 from collections.abc import Sequence
+from pathlib import Path
 
 import gpufleet
 from agent import identity
-from agent.node import NodeAgent, NodeIdentity, Schedule, node_inventory
+from agent.node import Delivery, NodeAgent, NodeIdentity, Schedule, node_inventory
 from agent.sanity import drop_implausible
 from agent.sources.base import GpuSource, SourceUnavailable
+from agent.sources.faults import PRESETS, FaultModel
 from agent.sources.models import MODELS
 from gpufleet.client import message_dict
 from gpufleet.settings import add_flag, add_log_level, fail, labels_from_pairs, setup_logging
@@ -60,7 +62,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-buffered-reports",
         type=int,
         default=360,
-        help="reports kept while the collector is unreachable (oldest dropped first)",
+        help="reports kept while the collector is unreachable (oldest telemetry dropped first)",
+    )
+    add_flag(
+        parser,
+        "--spool-dir",
+        default="",
+        help="keep unacknowledged reports on disk here too, so an agent restart loses none",
+    )
+    add_flag(parser, "--keepalive", type=float, default=30.0, help="seconds between keepalive pings (min 5)")
+    add_flag(
+        parser,
+        "--inventory-interval",
+        type=float,
+        default=300.0,
+        help="seconds between inventory re-reads (GPU changes, driver upgrades)",
     )
     sim = parser.add_argument_group("simulation (--source sim)")
     add_flag(
@@ -74,6 +90,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(sim, "--model", default="H100", choices=sorted(MODELS), help="simulated GPU model")
     add_flag(sim, "--seed", type=int, default=0, help="simulation seed: the same seed gives the same fleet")
     add_flag(sim, "--clusters", type=int, default=1, help="split the simulated nodes into this many clusters")
+    add_flag(
+        sim,
+        "--faults",
+        default="none",
+        choices=sorted(PRESETS),
+        help="fault rates: healthy (a large training run's), bad-cluster, none",
+    )
+    add_flag(
+        sim,
+        "--fault-rate-multiplier",
+        type=float,
+        default=1.0,
+        help="compress time: multiply every fault rate by this",
+    )
     add_flag(
         sim,
         "--node-offset",
@@ -124,8 +154,14 @@ def open_source(args: argparse.Namespace, index: int) -> GpuSource:
     if args.source == "sim":
         from agent.sources.sim import SimulatedSource
 
+        faults = FaultModel(args.faults, args.fault_rate_multiplier, seed=args.seed * 1_000_003 + index + 1)
         return SimulatedSource(
-            args.model, args.gpus_per_node, seed=args.seed, node_index=index, interval_s=args.interval
+            args.model,
+            args.gpus_per_node,
+            seed=args.seed,
+            node_index=index,
+            interval_s=args.interval,
+            faults=faults,
         )
     from agent.sources.nvml import NvmlSource
 
@@ -205,6 +241,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             finally:
                 source.close()
             return
+        delivery = Delivery(
+            max_buffered_reports=args.max_buffered_reports,
+            spool_dir=Path(args.spool_dir) if args.spool_dir else None,
+            keepalive_s=args.keepalive,
+        )
         agents = []
         for index in range(args.node_offset, args.node_offset + args.nodes):
             node = sim_identity(args, index, labels) if args.source == "sim" else host_identity(args, labels)
@@ -216,9 +257,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                     open_source(args, index),
                     node,
                     collectors,
-                    Schedule(args.interval, args.process_interval, start_delay_s=spread),
+                    Schedule(
+                        args.interval,
+                        args.process_interval,
+                        start_delay_s=spread,
+                        inventory_interval_s=args.inventory_interval,
+                    ),
                     blocking_source=args.source == "nvml",
-                    max_buffered_reports=args.max_buffered_reports,
+                    delivery=delivery,
                 )
             )
     except SourceUnavailable as exc:

@@ -9,11 +9,13 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 import gpufleet
 from agent.sanity import drop_implausible
 from agent.sources.base import GpuSource
+from agent.spool import Spool
 from agent.uplink import Uplink
 from gpufleet.v1 import inventory_pb2, telemetry_pb2
 
@@ -40,6 +42,8 @@ class Schedule:
     process_interval_s: float = 30.0
     # Delay before the first sample, to spread many nodes over time.
     start_delay_s: float = 0.0
+    # How often the inventory is read again (GPUs added, removed, replaced; driver upgrades).
+    inventory_interval_s: float = 300.0
 
 
 def node_inventory(source: GpuSource, identity: NodeIdentity) -> inventory_pb2.NodeInventory:
@@ -56,6 +60,26 @@ def node_inventory(source: GpuSource, identity: NodeIdentity) -> inventory_pb2.N
     return inventory
 
 
+@dataclass(frozen=True)
+class Delivery:
+    """How reports reach the collector."""
+
+    max_buffered_reports: int = 360
+    spool_dir: Path | None = None
+    keepalive_s: float = 30.0
+
+
+# Fields whose change is an event worth keeping through a full buffer.
+EVENT_FIELDS = (
+    "ecc_uncorrected_volatile",
+    "ecc_uncorrected_aggregate",
+    "remapped_rows_uncorrectable",
+    "row_remap_pending",
+    "row_remap_failure",
+    "recovery_action",
+)
+
+
 class NodeAgent:
     """Samples one node's GPUs and streams them through an Uplink."""
 
@@ -67,15 +91,17 @@ class NodeAgent:
         schedule: Schedule,
         *,
         blocking_source: bool,
-        max_buffered_reports: int = 360,
+        delivery: Delivery | None = None,
     ) -> None:
         self.source = source
         self.identity = identity
         self.schedule = schedule
         self._blocking = blocking_source
         self._collectors = list(collectors)
-        self._max_buffered = max_buffered_reports
+        self._delivery = delivery or Delivery()
         self._invalid_values_dropped = 0
+        self._xids_seen = 0
+        self._memory_errors: dict[int, tuple[object, ...]] = {}
         self.uplink: Uplink | None = None
 
     async def _call(self, fn: Callable[[], T]) -> T:
@@ -86,37 +112,69 @@ class NodeAgent:
         gpus = await self._call(functools.partial(self.source.sample, with_processes=with_processes))
         for gpu in gpus:
             self._invalid_values_dropped += drop_implausible(gpu)
+            self._xids_seen += len(gpu.xid_events)
         return gpus
 
-    async def run(self, stop: asyncio.Event) -> None:
-        inventory = await self._call(functools.partial(node_inventory, self.source, self.identity))
-        self.uplink = uplink = Uplink(
+    def _memory_errors_changed(self, gpus: Sequence[telemetry_pb2.GpuSample]) -> bool:
+        """True if an ECC or row-remap counter moved since the previous sample (an event)."""
+        changed = False
+        for gpu in gpus:
+            values = tuple(getattr(gpu, name) if gpu.HasField(name) else None for name in EVENT_FIELDS)
+            previous = self._memory_errors.get(gpu.index)
+            changed |= previous is not None and previous != values
+            self._memory_errors[gpu.index] = values
+        return changed
+
+    def _uplink(self, inventory: inventory_pb2.NodeInventory) -> Uplink:
+        delivery = self._delivery
+        spool = None
+        if delivery.spool_dir is not None:
+            spool = Spool(delivery.spool_dir, self.identity.node_id, self.identity.boot_id)
+        return Uplink(
             self._collectors,
             inventory,
             report_interval_s=self.schedule.interval_s,
-            max_buffered_reports=self._max_buffered,
+            max_buffered_reports=delivery.max_buffered_reports,
+            spool=spool,
+            keepalive_s=delivery.keepalive_s,
         )
+
+    async def run(self, stop: asyncio.Event) -> None:
+        inventory = await self._call(functools.partial(node_inventory, self.source, self.identity))
+        self.uplink = uplink = self._uplink(inventory)
         uplink_task = asyncio.create_task(uplink.run(stop), name=f"uplink-{self.identity.hostname}")
         try:
-            await self._sample_loop(uplink, stop)
+            await self._sample_loop(uplink, inventory, stop)
         finally:
             stop.set()
             await uplink_task
 
-    async def _sample_loop(self, uplink: Uplink, stop: asyncio.Event) -> None:
+    async def _sample_loop(
+        self, uplink: Uplink, inventory: inventory_pb2.NodeInventory, stop: asyncio.Event
+    ) -> None:
         schedule = self.schedule
         if await _sleep_or_stop(stop, schedule.start_delay_s):
             return
         next_at = time.monotonic()
         next_processes_at = next_at
+        next_inventory_at = next_at + schedule.inventory_interval_s
         while not stop.is_set():
-            with_processes = time.monotonic() >= next_processes_at
+            now = time.monotonic()
+            with_processes = now >= next_processes_at
             if with_processes:
                 next_processes_at += schedule.process_interval_s
+            if now >= next_inventory_at:
+                next_inventory_at += schedule.inventory_interval_s
+                current = await self._call(functools.partial(node_inventory, self.source, self.identity))
+                if current != inventory:
+                    log.info("inventory of %s changed; telling the collector", self.identity.hostname)
+                    inventory = current
+                    uplink.update_inventory(current)
             gpus = await self.sample(with_processes)
             uplink.stats.invalid_values_dropped_total = self._invalid_values_dropped
             uplink.stats.nvml_errors_total = getattr(self.source, "errors_total", 0)
-            uplink.submit(gpus)
+            uplink.stats.xid_events_total = self._xids_seen
+            uplink.submit(gpus, carries_events=self._memory_errors_changed(gpus))
             next_at += schedule.interval_s
             if await _sleep_or_stop(stop, max(next_at - time.monotonic(), 0.0)):
                 return

@@ -1,10 +1,12 @@
 """One node's stream to the collector: hello, reports, acknowledgements, reconnection.
 
-Reports stay in a bounded buffer until the collector acknowledges them; after a
-reconnect the agent resends everything after the collector's last acknowledged
-sequence number. When the buffer is full the oldest report is dropped and counted.
-Reconnects back off exponentially with full jitter, rotating through the
-configured collector addresses.
+Reports stay in a bounded buffer (and, optionally, a spool directory) until the
+collector acknowledges them; after a reconnect the agent resends everything after
+the collector's last acknowledged sequence number. When the buffer is full the
+oldest plain-telemetry report is dropped first; reports that carry events (XIDs,
+lost GPUs, inventory changes) are dropped only past a hard cap. Every drop is
+counted. Reconnects back off exponentially with full jitter across the configured
+collector addresses, and honour the collector's retry-after hint.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ import contextlib
 import logging
 import random
 import time
-from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 
+from agent.spool import Spool
 from gpufleet import wire
 from gpufleet.v1 import ingest_pb2, ingest_pb2_grpc, inventory_pb2, telemetry_pb2
 
@@ -29,10 +32,18 @@ log = logging.getLogger(__name__)
 STABLE_CONNECTION_S = 60.0
 # On shutdown, how long to wait for the last acknowledgements.
 FLUSH_TIMEOUT_S = 3.0
+# Reports that carry events may fill this many times the buffer's size.
+EVENT_HARD_CAP_FACTOR = 4
 
 
 class CollectorRejected(Exception):
     """The collector closed the stream before acknowledging the hello."""
+
+
+@dataclass
+class Pending:
+    report: ingest_pb2.Report
+    carries_events: bool
 
 
 class Uplink:
@@ -45,6 +56,8 @@ class Uplink:
         *,
         report_interval_s: float = 10.0,
         max_buffered_reports: int = 360,
+        spool: Spool | None = None,
+        keepalive_s: float = wire.KEEPALIVE_TIME_MS / 1000,
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 30.0,
         rng: random.Random | None = None,
@@ -55,18 +68,28 @@ class Uplink:
         self._inventory = inventory
         self._inventory_changed = False
         self._report_interval_ms = int(report_interval_s * 1000)
-        self._buffer: deque[ingest_pb2.Report] = deque()
+        self._channel_options = wire.client_options(int(keepalive_s * 1000))
+        self._buffer: list[Pending] = []
         self._max_buffered = max_buffered_reports
-        self._next_sequence = 1
+        self._spool = spool
         self._last_sent = 0
-        self._first_hello = True
-        self._wakeup = asyncio.Event()
         self._rng = rng or random.Random()
         self._backoff_base = backoff_base_s
         self._backoff_cap = backoff_cap_s
+        self._wakeup = asyncio.Event()
+        self._first_hello = True
         self.stats = telemetry_pb2.AgentStats()
         self.connected = asyncio.Event()
         self.last_acked_sequence = 0
+        self._next_sequence = 1
+        if spool is not None:
+            self.stats.reports_dropped_total += spool.discard_other_boots()
+            self._buffer = [Pending(report, _carries_events(report)) for report in spool.load()]
+            if self._buffer:
+                self._next_sequence = self._buffer[-1].report.sequence + 1
+                log.info("resuming %d spooled reports", len(self._buffer))
+        # Reports numbered by this process start here (spooled ones keep their numbers).
+        self._first_new_sequence = self._next_sequence
 
     @property
     def buffered(self) -> int:
@@ -77,23 +100,32 @@ class Uplink:
         self._inventory = inventory
         self._inventory_changed = True
 
-    def submit(self, gpus: Sequence[telemetry_pb2.GpuSample], time_unix_nano: int | None = None) -> None:
+    def submit(self, gpus: Sequence[telemetry_pb2.GpuSample], *, carries_events: bool = False) -> None:
         """Queue a report of ``gpus``; it is sent as soon as the stream allows."""
-        report = ingest_pb2.Report(
-            sequence=self._next_sequence,
-            time_unix_nano=time_unix_nano or time.time_ns(),
-            gpus=gpus,
-        )
+        report = ingest_pb2.Report(sequence=self._next_sequence, time_unix_nano=time.time_ns(), gpus=gpus)
         report.agent_stats.CopyFrom(self.stats)
         if self._inventory_changed:
             report.inventory.CopyFrom(self._inventory)
             self._inventory_changed = False
         self._next_sequence += 1
-        self._buffer.append(report)
-        while len(self._buffer) > self._max_buffered:
-            self._buffer.popleft()
-            self.stats.reports_dropped_total += 1
+        self._buffer.append(Pending(report, carries_events or _carries_events(report)))
+        if self._spool is not None:
+            self._spool.write(report)
+        self._enforce_cap()
         self._wakeup.set()
+
+    def _enforce_cap(self) -> None:
+        while len(self._buffer) > self._max_buffered:
+            victim = next((i for i, p in enumerate(self._buffer) if not p.carries_events), None)
+            if victim is None:
+                if len(self._buffer) <= self._max_buffered * EVENT_HARD_CAP_FACTOR:
+                    return
+                victim = 0
+                self.stats.event_reports_dropped_total += 1
+            dropped = self._buffer.pop(victim)
+            self.stats.reports_dropped_total += 1
+            if self._spool is not None:
+                self._spool.remove(dropped.report.sequence)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep a stream open until ``stop`` is set, then flush what is buffered (briefly)."""
@@ -102,13 +134,15 @@ class Uplink:
         while True:
             target = self._targets[attempt % len(self._targets)]
             started = time.monotonic()
+            retry_after_s = None
             try:
                 await self._session(target, stop)
             except (grpc.aio.AioRpcError, CollectorRejected) as exc:
+                retry_after_s = _retry_after_s(exc)
                 error = _describe(exc)
-                if error != last_error:
+                if error != last_error and retry_after_s is None:
                     log.warning("collector %s: %s; retrying with backoff", target, error)
-                    last_error = error
+                last_error = error
             except Exception:
                 # A bug must not end delivery for good: log it and reconnect.
                 log.exception("uplink to %s failed; reconnecting", target)
@@ -118,8 +152,12 @@ class Uplink:
                 return
             if time.monotonic() - started >= STABLE_CONNECTION_S:
                 attempt = 0
-            delay = self._rng.uniform(0, min(self._backoff_cap, self._backoff_base * 2**attempt))
-            attempt += 1
+            if retry_after_s is not None:
+                # The collector said when: come back then, give or take a tenth.
+                delay = retry_after_s * self._rng.uniform(1.0, 1.1)
+            else:
+                delay = self._rng.uniform(0, min(self._backoff_cap, self._backoff_base * 2**attempt))
+                attempt += 1
             self.stats.reconnects_total += 1
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
@@ -127,7 +165,7 @@ class Uplink:
                 return
 
     async def _session(self, target: str, stop: asyncio.Event) -> None:
-        async with grpc.aio.insecure_channel(target, options=wire.CLIENT_OPTIONS) as channel:
+        async with grpc.aio.insecure_channel(target, options=self._channel_options) as channel:
             stub = ingest_pb2_grpc.IngestServiceStub(channel)
             call = stub.Connect()
             hello = ingest_pb2.Hello(
@@ -180,10 +218,7 @@ class Uplink:
                 waker.cancel()
 
     def _next_unsent(self) -> ingest_pb2.Report | None:
-        if not self._buffer:
-            return None
-        index = max(self._last_sent - self._buffer[0].sequence + 1, 0)
-        return self._buffer[index] if index < len(self._buffer) else None
+        return next((p.report for p in self._buffer if p.report.sequence > self._last_sent), None)
 
     async def _read_acks(self, call: grpc.aio.StreamStreamCall) -> None:
         while (message := await call.read()) is not grpc.aio.EOF:
@@ -191,22 +226,47 @@ class Uplink:
                 self._trim(message.report_ack.sequence)
 
     def _on_hello_ack(self, last_acked: int) -> None:
-        first_pending = self._buffer[0].sequence if self._buffer else self._next_sequence
-        if self._first_hello and last_acked >= first_pending:
+        if self._first_hello and last_acked >= self._first_new_sequence:
             # This process restarted within the same boot: continue the numbering
             # the collector knows, instead of having fresh reports taken as duplicates.
-            shift = last_acked + 1 - first_pending
-            for report in self._buffer:
+            shift = last_acked + 1 - self._first_new_sequence
+            renumbered = [p.report for p in self._buffer if p.report.sequence >= self._first_new_sequence]
+            for report in renumbered:
                 report.sequence += shift
+            if self._spool is not None:
+                self._spool.renumber(renumbered, shift)
             self._next_sequence += shift
+            self._first_new_sequence += shift
         self._first_hello = False
         self._trim(last_acked)
         self._last_sent = last_acked
 
     def _trim(self, acked: int) -> None:
         self.last_acked_sequence = max(self.last_acked_sequence, acked)
-        while self._buffer and self._buffer[0].sequence <= acked:
-            self._buffer.popleft()
+        keep = 0
+        while keep < len(self._buffer) and self._buffer[keep].report.sequence <= acked:
+            if self._spool is not None:
+                self._spool.remove(self._buffer[keep].report.sequence)
+            keep += 1
+        if keep:
+            del self._buffer[:keep]
+
+
+def _carries_events(report: ingest_pb2.Report) -> bool:
+    """Reports an operator must not lose: XIDs, lost GPUs, inventory changes."""
+    return report.HasField("inventory") or any(
+        gpu.xid_events or gpu.read_status == telemetry_pb2.GPU_READ_STATUS_LOST for gpu in report.gpus
+    )
+
+
+def _retry_after_s(exc: Exception) -> float | None:
+    if not isinstance(exc, grpc.aio.AioRpcError) or exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    for key, value in exc.trailing_metadata() or ():
+        if key == wire.RETRY_AFTER_KEY:
+            with contextlib.suppress(ValueError):
+                return max(int(value), 1) / 1000
+    return None
 
 
 def _describe(exc: Exception) -> str:

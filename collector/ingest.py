@@ -22,7 +22,6 @@ from gpufleet.v1 import ingest_pb2
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "gpufleet.v1.IngestService"
-RETRY_AFTER_KEY = "retry-after-ms"
 
 
 async def _nothing_to_wait_for() -> None:
@@ -140,7 +139,7 @@ class IngestServicer:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"too many agents connecting at once; retry in {wait_ms} ms",
-                ((RETRY_AFTER_KEY, str(wait_ms)),),
+                ((wire.RETRY_AFTER_KEY, str(wait_ms)),),
             )
         try:
             return self._state.hello(hello)

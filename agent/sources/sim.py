@@ -13,12 +13,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from agent.sources.faults import FAULT_KINDS, FaultModel, FaultState
 from agent.sources.models import MIB, MODELS, GpuModel
 from gpufleet.v1 import inventory_pb2, telemetry_pb2
 
 # Clock event reason bits (gpu-fleet-facts.md section 5).
 REASON_GPU_IDLE = 0x001
 REASON_SW_POWER_CAP = 0x004
+REASON_HW_THERMAL_SLOWDOWN = 0x040
 
 # PCI bus ids of the eight GPUs on an HGX H100 board.
 HGX_BUS_IDS = ("18", "2A", "3A", "5D", "9A", "AB", "BA", "DB")
@@ -44,6 +46,8 @@ class SimulatedGpu:
     throttle_power_cap_ns: int = 0
     pcie_replays: int = 0
     pending_xids: list[tuple[int, int]] = field(default_factory=list)
+    faults: FaultState = field(default_factory=FaultState)
+    throttle_hw_thermal_ns: int = 0
 
     def inventory(self) -> inventory_pb2.GpuInventory:
         m = self.model
@@ -72,6 +76,12 @@ class SimulatedGpu:
     def sample(
         self, workload: str, rng: random.Random, interval_s: float, with_processes: bool
     ) -> telemetry_pb2.GpuSample:
+        if self.faults.lost:
+            lost = telemetry_pb2.GpuSample(
+                index=self.index, read_status=telemetry_pb2.GPU_READ_STATUS_LOST, read_error="GPU is lost"
+            )
+            self._deliver_xids(lost)
+            return lost
         m = self.model
         usable_mib = m.memory_total_mib - m.memory_reserved_mib
         reasons = 0
@@ -104,6 +114,12 @@ class SimulatedGpu:
             reasons |= REASON_GPU_IDLE
             process = None
         used_mib = max(used_mib, 0)
+        if self.faults.thermal and workload != "idle":
+            # A failing thermal interface: at the slowdown point, clocks cut by a third or more.
+            temp = m.slowdown_temperature_c + rng.uniform(-1, 2)
+            sm_clock = int(sm_clock * rng.uniform(0.5, 0.7))
+            reasons |= REASON_HW_THERMAL_SLOWDOWN
+            self.throttle_hw_thermal_ns += int(interval_s * 1e9 * rng.uniform(0.6, 1.0))
         self.energy_mj += int(power_w * interval_s * 1000)
         memory_temp = max(temp + rng.uniform(4, 9), m.idle_memory_temperature_c)
         sample = telemetry_pb2.GpuSample(
@@ -126,29 +142,28 @@ class SimulatedGpu:
             clock_event_reasons=reasons,
             throttle_power_cap_nanoseconds=self.throttle_power_cap_ns,
             throttle_sw_thermal_nanoseconds=0,
-            throttle_hw_thermal_nanoseconds=0,
+            throttle_hw_thermal_nanoseconds=self.throttle_hw_thermal_ns,
             throttle_hw_power_brake_nanoseconds=0,
             pcie_tx_bytes_per_second=int(util * rng.uniform(0.5, 1.5) * 100_000_000),
             pcie_rx_bytes_per_second=int(util * rng.uniform(0.5, 1.5) * 100_000_000),
             pcie_replay_count=m.pcie_replays_baseline + self.pcie_replays,
             ecc_corrected_volatile=0,
-            ecc_uncorrected_volatile=0,
+            ecc_uncorrected_volatile=self.faults.dbe_volatile,
             ecc_corrected_aggregate=0,
-            ecc_uncorrected_aggregate=0,
+            ecc_uncorrected_aggregate=self.faults.dbe_aggregate,
             remapped_rows_correctable=0,
-            remapped_rows_uncorrectable=0,
-            row_remap_pending=False,
-            row_remap_failure=False,
-            recovery_action=0,
-            nvlink_crc_flit_errors=0,
+            remapped_rows_uncorrectable=self.faults.remapped_uncorrectable,
+            row_remap_pending=self.faults.remap_pending,
+            row_remap_failure=self.faults.remap_failure,
+            # A pending remap takes effect only after a GPU reset (facts section 4).
+            recovery_action=1 if self.faults.remap_pending else 0,
+            nvlink_crc_flit_errors=self.faults.nvlink_errors,
             nvlink_crc_data_errors=0,
             nvlink_replay_errors=0,
             nvlink_recovery_errors=0,
         )
         # SXM boards have no fans: fan_speed_percent stays absent, as NVML reports it.
-        for code, at_ns in self.pending_xids:
-            sample.xid_events.add(code=code, time_unix_nano=at_ns)
-        self.pending_xids.clear()
+        self._deliver_xids(sample)
         if with_processes:
             sample.processes.SetInParent()
             if process is not None:
@@ -157,6 +172,16 @@ class SimulatedGpu:
                     pid=10_000 + self.index, name=name, used_memory_bytes=max(memory_mib, 0) * MIB
                 )
         return sample
+
+    def _deliver_xids(self, sample: telemetry_pb2.GpuSample) -> None:
+        for code, at_ns in self.pending_xids:
+            sample.xid_events.add(code=code, time_unix_nano=at_ns)
+        self.pending_xids.clear()
+
+    def fail(self, kind: str, rng: random.Random) -> None:
+        """Suffer a fault: its XIDs go out with the next sample, its marks stay."""
+        now = time.time_ns()
+        self.pending_xids.extend((code, now) for code in self.faults.apply(kind, rng))
 
 
 class SimulatedSource:
@@ -170,10 +195,13 @@ class SimulatedSource:
         seed: int = 0,
         node_index: int = 0,
         interval_s: float = 10.0,
+        faults: FaultModel | None = None,
     ) -> None:
         if model not in MODELS:
             raise ValueError(f"unknown GPU model {model!r}; choose one of {', '.join(MODELS)}")
         self.interval_s = interval_s
+        # Faults draw from their own generator, so telemetry is the same with or without them.
+        self.faults = faults or FaultModel()
         self._rng = random.Random(seed * 1_000_003 + node_index)
         names, weights = zip(*WORKLOAD_WEIGHTS.items(), strict=True)
         self._workload_names = names
@@ -200,7 +228,17 @@ class SimulatedSource:
     def sample(self, *, with_processes: bool) -> list[telemetry_pb2.GpuSample]:
         if self._rng.random() < WORKLOAD_SWITCH_PROBABILITY:
             self.workload = self._rng.choices(self._workload_names, self._workload_weights)[0]
+        if self.faults.enabled:
+            for gpu in self.gpus:
+                for kind in self.faults.draw(self.interval_s):
+                    gpu.fail(kind, self.faults.rng)
         return [gpu.sample(self.workload, self._rng, self.interval_s, with_processes) for gpu in self.gpus]
+
+    def inject(self, gpu_index: int, kind: str) -> None:
+        """Make one GPU suffer a fault now (see faults.FAULT_KINDS)."""
+        if kind not in FAULT_KINDS:
+            raise ValueError(f"unknown fault {kind!r}; choose one of {', '.join(FAULT_KINDS)}")
+        self.gpus[gpu_index].fail(kind, self.faults.rng)
 
     def inject_xid(self, gpu_index: int, code: int) -> None:
         """Queue an XID for the next sample of one GPU."""

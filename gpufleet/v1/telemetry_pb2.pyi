@@ -129,15 +129,17 @@ class GpuProcess(_message.Message):
     def __init__(self, pid: _Optional[int] = ..., name: _Optional[str] = ..., used_memory_bytes: _Optional[int] = ...) -> None: ...
 
 class AgentStats(_message.Message):
-    __slots__ = ("invalid_values_dropped_total", "nvml_errors_total", "reports_dropped_total", "reconnects_total", "xid_events_total")
+    __slots__ = ("invalid_values_dropped_total", "nvml_errors_total", "reports_dropped_total", "reconnects_total", "xid_events_total", "event_reports_dropped_total")
     INVALID_VALUES_DROPPED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NVML_ERRORS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REPORTS_DROPPED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     RECONNECTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     XID_EVENTS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    EVENT_REPORTS_DROPPED_TOTAL_FIELD_NUMBER: _ClassVar[int]
     invalid_values_dropped_total: int
     nvml_errors_total: int
     reports_dropped_total: int
     reconnects_total: int
     xid_events_total: int
-    def __init__(self, invalid_values_dropped_total: _Optional[int] = ..., nvml_errors_total: _Optional[int] = ..., reports_dropped_total: _Optional[int] = ..., reconnects_total: _Optional[int] = ..., xid_events_total: _Optional[int] = ...) -> None: ...
+    event_reports_dropped_total: int
+    def __init__(self, invalid_values_dropped_total: _Optional[int] = ..., nvml_errors_total: _Optional[int] = ..., reports_dropped_total: _Optional[int] = ..., reconnects_total: _Optional[int] = ..., xid_events_total: _Optional[int] = ..., event_reports_dropped_total: _Optional[int] = ...) -> None: ...
