@@ -231,6 +231,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail("--nodes > 1 needs --source sim (a real host is one node)")
     if args.interval <= 0:
         fail("--interval must be positive")
+    if args.fault_rate_multiplier < 0:
+        fail("--fault-rate-multiplier cannot be negative")
     try:
         if args.once:
             index = args.node_offset

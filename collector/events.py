@@ -17,18 +17,6 @@ INFO = events_pb2.SEVERITY_INFO
 WARNING = events_pb2.SEVERITY_WARNING
 CRITICAL = events_pb2.SEVERITY_CRITICAL
 
-# Kinds that describe what a node is made of (`gpufleet history`).
-INVENTORY_KINDS = frozenset(
-    {
-        "node_registered",
-        "node_rebooted",
-        "gpu_added",
-        "gpu_removed",
-        "gpu_replaced",
-        "driver_upgraded",
-    }
-)
-
 Subscriber = Callable[[events_pb2.Event], None]
 
 

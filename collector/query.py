@@ -67,6 +67,8 @@ def node_view(node: NodeRecord, with_inventory: bool = False) -> query_pb2.NodeV
         state=node.state,
         last_seen_unix_nano=node.last_seen_unix_ns,
         gpu_count=len(node.gpus),
+        agent_stats=node.agent_stats,
+        last_sequence=node.last_sequence,
         unhealthy_gpu_count=sum(node.gpu_verdict(g).health != health.HEALTHY for g in node.gpus.values()),
     )
     view.inventory.CopyFrom(node.inventory)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 from collector import health
 from collector.events import CRITICAL, INFO, WARNING, EventLog
+from gpufleet import events as kinds
 from gpufleet.v1 import events_pb2, ingest_pb2, inventory_pb2, query_pb2, telemetry_pb2
 
 log = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ class FleetState:
             self._set_inventory(node, inventory, announce=False)
             self._emit(
                 node,
-                "node_registered",
+                kinds.NODE_REGISTERED,
                 INFO,
                 f"registered with {len(inventory.gpus)} GPUs",
                 hostname=inventory.hostname,
@@ -216,7 +217,7 @@ class FleetState:
             )
             self._emit(
                 node,
-                "node_id_conflict",
+                kinds.NODE_ID_CONFLICT,
                 WARNING,
                 reason,
                 action="fix the node ids",
@@ -229,7 +230,7 @@ class FleetState:
         for gpu in node.gpus.values():
             gpu.xids_this_boot.clear()
         if node.inventory.boot_id:
-            self._emit(node, "node_rebooted", INFO, "node rebooted (new boot id)", boot_id=boot_id)
+            self._emit(node, kinds.NODE_REBOOTED, INFO, "node rebooted (new boot id)", boot_id=boot_id)
 
     def disconnected(self, node: NodeRecord) -> None:
         node.streams = max(node.streams - 1, 0)
@@ -250,7 +251,7 @@ class FleetState:
         if announce and old_driver and old_driver != inventory.driver_version:
             self._emit(
                 node,
-                "driver_upgraded",
+                kinds.DRIVER_UPGRADED,
                 INFO,
                 f"driver {old_driver} -> {inventory.driver_version}",
                 old_driver=old_driver,
@@ -264,7 +265,7 @@ class FleetState:
                 if announce:
                     self._emit(
                         node,
-                        "gpu_added",
+                        kinds.GPU_ADDED,
                         INFO,
                         f"GPU {index} added ({gpu_inventory.name})",
                         gpu_index=index,
@@ -278,7 +279,7 @@ class FleetState:
                 record.verdict = health.HEALTHY_VERDICT
                 self._emit(
                     node,
-                    "gpu_replaced",
+                    kinds.GPU_REPLACED,
                     INFO,
                     f"GPU {index} replaced: serial {old.serial} -> {gpu_inventory.serial}",
                     gpu_index=index,
@@ -290,7 +291,7 @@ class FleetState:
             elif record.missing:
                 self._emit(
                     node,
-                    "gpu_added",
+                    kinds.GPU_ADDED,
                     INFO,
                     f"GPU {index} is visible again",
                     gpu_index=index,
@@ -304,7 +305,7 @@ class FleetState:
                 record.missing = True
                 self._emit(
                     node,
-                    "gpu_removed",
+                    kinds.GPU_REMOVED,
                     CRITICAL,
                     f"GPU {index} ({record.inventory.serial}) vanished from the node's inventory",
                     gpu_index=index,
@@ -341,7 +342,7 @@ class FleetState:
             rule = health.XID_RULES.get(code, health.UNKNOWN_XID)
             self._emit(
                 node,
-                "xid",
+                kinds.XID,
                 HEALTH_SEVERITY[rule.health],
                 f"XID {code}: {rule.meaning}",
                 gpu_index=sample.index,
@@ -357,7 +358,7 @@ class FleetState:
         if gpu.verdict.health != before.health:
             self._emit(
                 node,
-                "health_changed",
+                kinds.HEALTH_CHANGED,
                 HEALTH_SEVERITY[gpu.verdict.health],
                 f"GPU {sample.index} {before.name} -> {gpu.verdict.name}: "
                 + ("; ".join(gpu.verdict.reasons) or "no findings"),
@@ -382,7 +383,7 @@ class FleetState:
         node.state = state
         self._emit(
             node,
-            "node_state_changed",
+            kinds.NODE_STATE_CHANGED,
             NODE_STATE_SEVERITY[state],
             f"node {before} -> {NODE_STATE_NAMES[state]}",
             action="check the node and its agent" if state != UP else "",

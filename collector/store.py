@@ -23,6 +23,7 @@ from pathlib import Path
 
 from collector.selfmetrics import CollectorMetrics
 from collector.state import FleetState, GpuRecord, NodeRecord
+from gpufleet import events as kinds
 from gpufleet.v1 import events_pb2, inventory_pb2
 
 log = logging.getLogger(__name__)
@@ -200,7 +201,7 @@ class Store:
     def _event(self, event: events_pb2.Event) -> None:
         batch = self._pending
         batch.events.append((event.id, event.time_unix_nano, event.node_id, event.SerializeToString()))
-        if event.kind == "xid" and event.HasField("gpu_index"):
+        if event.kind == kinds.XID and event.HasField("gpu_index"):
             key = (event.node_id, event.gpu_index, int(event.attributes["xid"]))
             batch.xids[key] = batch.xids.get(key, 0) + 1
         self._wake.set()

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import json
+import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from typing import Any
 
 import gpufleet
+from gpufleet import events as kinds
 from gpufleet import output
-from gpufleet.client import GIB, CollectorUnavailable, FleetClient, gpu_row, node_row
+from gpufleet.client import GIB, CollectorUnavailable, FleetClient, event_row, gpu_row, node_row
 from gpufleet.settings import add_flag, fail
-from gpufleet.v1 import query_pb2
+from gpufleet.v1 import events_pb2, query_pb2
 
 HEALTH_CHOICES = ("healthy", "degraded", "unhealthy", "lost", "unreachable")
 NODE_STATE_CHOICES = ("up", "stale", "down")
@@ -155,6 +158,77 @@ def cmd_node(client: FleetClient, args: argparse.Namespace) -> str:
     return "\n".join(header + [body] + (["", *problems] if problems else []))
 
 
+EVENT_COLUMNS = [
+    ("time", "TIME"),
+    ("severity", "SEVERITY"),
+    ("node", "NODE"),
+    ("gpu", "GPU"),
+    ("kind", "KIND"),
+    ("reason", "REASON"),
+    ("action", "ACTION"),
+]
+SEVERITY_CHOICES = ("info", "warning", "critical")
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_since(value: str) -> int:
+    """``30s``, ``10m``, ``2h``, ``3d`` ago, or an ISO 8601 time -> Unix nanoseconds."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", value.strip())
+    if match:
+        seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
+        return int((datetime.now(timezone.utc).timestamp() - seconds) * 1e9)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a duration like 10m or an ISO time, got {value!r}"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=timezone.utc)
+    return int(moment.timestamp() * 1e9)
+
+
+def _event_filter(args: argparse.Namespace) -> query_pb2.EventFilter:
+    event_filter = query_pb2.EventFilter(node=args.node, kinds=args.kind or [])
+    if args.severity:
+        event_filter.min_severity = events_pb2.Severity.Value(f"SEVERITY_{args.severity.upper()}")  # type: ignore[assignment]
+    if args.since:
+        event_filter.since_unix_nano = args.since
+    return event_filter
+
+
+def _stream_rows(
+    rows: Iterator[dict[str, Any]], columns: Sequence[tuple[str, str]], fmt: str
+) -> Iterator[str]:
+    """Rows as they come: JSON lines, CSV, or a table with fixed column widths."""
+    widths = {"time": 25, "severity": 8, "node": 18, "gpu": 3, "kind": 18, "reason": 50}
+    if fmt == "table":
+        yield "  ".join(heading.ljust(widths.get(key, 0)) for key, heading in columns).rstrip()
+    for index, row in enumerate(rows):
+        if fmt == "json":
+            yield json.dumps(row)
+        elif fmt == "csv":
+            yield output.csv_lines([row], list(row), header=index == 0)
+        else:
+            yield "  ".join(
+                output.cell(row.get(key)).ljust(widths.get(key, 0)) for key, _ in columns
+            ).rstrip()
+
+
+def cmd_events(client: FleetClient, args: argparse.Namespace) -> str | Iterator[str]:
+    event_filter = _event_filter(args)
+    if args.follow:
+        return _stream_rows((event_row(e) for e in client.follow(event_filter)), EVENT_COLUMNS, args.output)
+    rows = [event_row(e) for e in client.events(event_filter, args.limit)]
+    return output.render(rows, EVENT_COLUMNS, args.output)
+
+
+def cmd_history(client: FleetClient, args: argparse.Namespace) -> str:
+    event_filter = query_pb2.EventFilter(node=args.name, kinds=kinds.INVENTORY_KINDS)
+    rows = [event_row(e) for e in client.events(event_filter)]
+    return output.render(rows, [c for c in EVENT_COLUMNS if c[0] not in ("node", "action")], args.output)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gpufleet", description="Ask a gpufleet collector about the GPU fleet."
@@ -192,6 +266,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="node name or id")
     p.set_defaults(run=cmd_node)
 
+    p = commands.add_parser(
+        "events", parents=[common], help="the fleet's event log (--follow: as it happens)"
+    )
+    p.add_argument("--node", default="", help="only this node (name or id)")
+    p.add_argument("--severity", choices=SEVERITY_CHOICES, help="only events at least this severe")
+    p.add_argument("--since", type=parse_since, help="only events since then: 10m, 2h, 3d or an ISO time")
+    p.add_argument("--kind", action="append", choices=kinds.ALL_KINDS, help="only this kind (repeatable)")
+    p.add_argument("--limit", type=int, default=1000, help="at most this many, the newest (max 1000)")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing events as they happen")
+    p.set_defaults(run=cmd_events)
+
+    p = commands.add_parser(
+        "history", parents=[common], help="a node's inventory history (GPU and driver changes)"
+    )
+    p.add_argument("name", help="node name or id")
+    p.set_defaults(run=cmd_history)
+
     p = commands.add_parser("demo", help="run a collector and a simulated 10,000-GPU fleet on this machine")
     p.add_argument("--nodes", type=int, default=1250, help="simulated nodes (8 GPUs each)")
     p.add_argument("--interval", type=float, default=10.0, help="report interval in seconds")
@@ -209,10 +300,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(run_demo(args.nodes, args.interval, args.grpc_port, args.http_port))
     try:
         with FleetClient(args.collector, args.timeout) as client:
-            print(args.run(client, args))
+            result = args.run(client, args)
+            for line in [result] if isinstance(result, str) else result:
+                print(line, flush=True)
     except CollectorUnavailable as exc:
         fail(str(exc), code=1)
-    except BrokenPipeError:
+    except (BrokenPipeError, KeyboardInterrupt):
         pass
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from typing import Any
 
 import grpc
 from google.protobuf import json_format
 
 from gpufleet import wire
-from gpufleet.v1 import query_pb2, query_pb2_grpc
+from gpufleet.v1 import events_pb2, query_pb2, query_pb2_grpc
 
 GIB = 1024**3
 
@@ -76,6 +77,17 @@ class FleetClient:
         answer: query_pb2.GetNodeResponse = self._call("GetNode", query_pb2.GetNodeRequest(node=name))
         return answer
 
+    def events(self, event_filter: query_pb2.EventFilter, limit: int = 1000) -> list[events_pb2.Event]:
+        answer = self._call("ListEvents", query_pb2.ListEventsRequest(filter=event_filter, limit=limit))
+        return list(answer.events)
+
+    def follow(self, event_filter: query_pb2.EventFilter) -> Iterator[events_pb2.Event]:
+        """Events as they happen, until interrupted; no deadline."""
+        try:
+            yield from self._stub.StreamEvents(query_pb2.StreamEventsRequest(filter=event_filter))
+        except grpc.RpcError as exc:
+            raise _explain(exc, self.target) from exc
+
 
 def health_name(value: int) -> str:
     return query_pb2.GpuHealth.Name(value).removeprefix("GPU_HEALTH_").lower()
@@ -129,6 +141,22 @@ def node_row(view: query_pb2.NodeView) -> dict[str, Any]:
         "unhealthy_gpus": view.unhealthy_gpu_count,
         "driver_version": inv.driver_version,
         "last_seen_unix": view.last_seen_unix_nano / 1e9,
+    }
+
+
+def event_row(event: events_pb2.Event) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "time": datetime.fromtimestamp(event.time_unix_nano / 1e9, timezone.utc).isoformat(
+            timespec="seconds"
+        ),
+        "severity": events_pb2.Severity.Name(event.severity).removeprefix("SEVERITY_").lower(),
+        "node": event.node_name,
+        "gpu": event.gpu_index if event.HasField("gpu_index") else None,
+        "kind": event.kind,
+        "reason": event.reason,
+        "action": event.action,
+        "attributes": dict(event.attributes),
     }
 
 

@@ -11,7 +11,7 @@ from typing import Any
 FORMATS = ("table", "json", "csv")
 
 
-def _cell(value: Any) -> str:
+def cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -23,7 +23,7 @@ def _cell(value: Any) -> str:
 
 def table(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]) -> str:
     """Align ``columns`` ((key, heading) pairs) of ``rows``; numbers right-aligned."""
-    cells = [[_cell(row.get(key)) for key, _ in columns] for row in rows]
+    cells = [[cell(row.get(key)) for key, _ in columns] for row in rows]
     headings = [heading for _, heading in columns]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headings)]
     numeric = [
@@ -43,11 +43,25 @@ def render(rows: Sequence[Mapping[str, Any]], columns: Sequence[tuple[str, str]]
     if output == "json":
         return json.dumps(list(rows), indent=2)
     if output == "csv":
-        buffer = io.StringIO()
         keys = list(rows[0]) if rows else [key for key, _ in columns]
-        writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: ("; ".join(v) if isinstance(v, list) else v) for k, v in row.items()})
-        return buffer.getvalue().rstrip("\n")
+        return csv_lines(rows, keys, header=True)
     return table(rows, columns)
+
+
+def _csv_value(value: Any) -> Any:
+    if isinstance(value, list):
+        return "; ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return "; ".join(f"{k}={v}" for k, v in value.items())
+    return value
+
+
+def csv_lines(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], *, header: bool) -> str:
+    """``rows`` as CSV (with a header line if asked), without the final newline."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys, lineterminator="\n")
+    if header:
+        writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_value(v) for k, v in row.items()})
+    return buffer.getvalue().rstrip("\n")

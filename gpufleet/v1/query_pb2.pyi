@@ -71,7 +71,7 @@ class GetFleetSummaryResponse(_message.Message):
     def __init__(self, nodes: _Optional[int] = ..., gpus: _Optional[int] = ..., nodes_by_state: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., gpus_by_health: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., gpus_by_model: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., gpus_by_cluster: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., idle_gpus: _Optional[int] = ..., mean_gpu_utilization_ratio: _Optional[float] = ..., power_draw_watts: _Optional[float] = ...) -> None: ...
 
 class NodeView(_message.Message):
-    __slots__ = ("node_id", "name", "state", "last_seen_unix_nano", "gpu_count", "unhealthy_gpu_count", "inventory")
+    __slots__ = ("node_id", "name", "state", "last_seen_unix_nano", "gpu_count", "unhealthy_gpu_count", "inventory", "agent_stats", "last_sequence")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,8 @@ class NodeView(_message.Message):
     GPU_COUNT_FIELD_NUMBER: _ClassVar[int]
     UNHEALTHY_GPU_COUNT_FIELD_NUMBER: _ClassVar[int]
     INVENTORY_FIELD_NUMBER: _ClassVar[int]
+    AGENT_STATS_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     name: str
     state: NodeState
@@ -86,7 +88,9 @@ class NodeView(_message.Message):
     gpu_count: int
     unhealthy_gpu_count: int
     inventory: _inventory_pb2.NodeInventory
-    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., last_seen_unix_nano: _Optional[int] = ..., gpu_count: _Optional[int] = ..., unhealthy_gpu_count: _Optional[int] = ..., inventory: _Optional[_Union[_inventory_pb2.NodeInventory, _Mapping]] = ...) -> None: ...
+    agent_stats: _telemetry_pb2.AgentStats
+    last_sequence: int
+    def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., last_seen_unix_nano: _Optional[int] = ..., gpu_count: _Optional[int] = ..., unhealthy_gpu_count: _Optional[int] = ..., inventory: _Optional[_Union[_inventory_pb2.NodeInventory, _Mapping]] = ..., agent_stats: _Optional[_Union[_telemetry_pb2.AgentStats, _Mapping]] = ..., last_sequence: _Optional[int] = ...) -> None: ...
 
 class GpuView(_message.Message):
     __slots__ = ("node_id", "node_name", "cluster", "inventory", "health", "reasons", "action", "sample", "idle")
