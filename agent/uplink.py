@@ -40,6 +40,10 @@ class CollectorRejected(Exception):
     """The collector closed the stream before acknowledging the hello."""
 
 
+class CollectorStalled(Exception):
+    """Reports went unacknowledged too long: the collector (or the path to it) hangs."""
+
+
 @dataclass
 class Pending:
     report: ingest_pb2.Report
@@ -69,6 +73,10 @@ class Uplink:
         self._inventory_changed = False
         self._report_interval_ms = int(report_interval_s * 1000)
         self._channel_options = wire.client_options(int(keepalive_s * 1000))
+        # gRPC skips keepalive pings while data is being written, and writes into a
+        # hung peer's socket succeed for a while: so the acknowledgements are watched too.
+        self._ack_timeout_s = keepalive_s + min(wire.KEEPALIVE_TIMEOUT_MS / 1000, keepalive_s)
+        self._waiting_for_ack_since: float | None = None
         self._buffer: list[Pending] = []
         self._max_buffered = max_buffered_reports
         self._spool = spool
@@ -137,7 +145,7 @@ class Uplink:
             retry_after_s = None
             try:
                 await self._session(target, stop)
-            except (grpc.aio.AioRpcError, CollectorRejected) as exc:
+            except (grpc.aio.AioRpcError, CollectorRejected, CollectorStalled) as exc:
                 retry_after_s = _retry_after_s(exc)
                 error = _describe(exc)
                 if error != last_error and retry_after_s is None:
@@ -204,18 +212,35 @@ class Uplink:
     async def _send_loop(
         self, call: grpc.aio.StreamStreamCall, reader: asyncio.Task[None], stopping: asyncio.Task[bool]
     ) -> None:
+        self._waiting_for_ack_since = None
         while True:
             self._wakeup.clear()
             while (report := self._next_unsent()) is not None:
-                await call.write(ingest_pb2.AgentMessage(report=report))
+                try:
+                    await asyncio.wait_for(
+                        call.write(ingest_pb2.AgentMessage(report=report)), self._ack_timeout_s
+                    )
+                except asyncio.TimeoutError:
+                    raise CollectorStalled(
+                        f"a report could not be written for {self._ack_timeout_s:.0f} s"
+                    ) from None
                 self._last_sent = report.sequence
+                if self._waiting_for_ack_since is None:
+                    self._waiting_for_ack_since = time.monotonic()
             if stopping.done() or reader.done():
                 return
             waker = asyncio.create_task(self._wakeup.wait(), name="uplink-wakeup")
             try:
-                await asyncio.wait((waker, reader, stopping), return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(
+                    (waker, reader, stopping),
+                    return_when=asyncio.FIRST_COMPLETED,
+                    timeout=self._ack_timeout_s,
+                )
             finally:
                 waker.cancel()
+            since = self._waiting_for_ack_since
+            if since is not None and time.monotonic() - since > self._ack_timeout_s:
+                raise CollectorStalled(f"no acknowledgement for {self._ack_timeout_s:.0f} s")
 
     def _next_unsent(self) -> ingest_pb2.Report | None:
         return next((p.report for p in self._buffer if p.report.sequence > self._last_sent), None)
@@ -242,6 +267,9 @@ class Uplink:
         self._last_sent = last_acked
 
     def _trim(self, acked: int) -> None:
+        if acked > self.last_acked_sequence:
+            # Progress: the clock restarts for whatever is still unacknowledged.
+            self._waiting_for_ack_since = time.monotonic() if acked < self._last_sent else None
         self.last_acked_sequence = max(self.last_acked_sequence, acked)
         keep = 0
         while keep < len(self._buffer) and self._buffer[keep].report.sequence <= acked:

@@ -89,11 +89,17 @@ class Processes:
         index = self.started.index(process)
         return "\n".join(p.read_text() for p in self._log_dir.glob(f"*-{index}.log"))
 
-    def collector(self, *extra: str) -> tuple[subprocess.Popen[bytes], str, str]:
-        """Start gpufleet-collector; return it, its gRPC target and its base URL once ready."""
-        grpc_port, http_port = free_port(), free_port()
+    def collector(
+        self, *extra: str, grpc_port: int | None = None, http_port: int | None = None
+    ) -> tuple[subprocess.Popen[bytes], str, str]:
+        """Start gpufleet-collector; return it, its gRPC target and its base URL once ready.
+
+        Its database is this test's collector.db unless ``extra`` names another, so a
+        collector started again (on the same ports) finds the fleet of the one before.
+        """
+        grpc_port, http_port = grpc_port or free_port(), http_port or free_port()
         if "--db" not in extra:
-            extra = ("--db", str(self._log_dir / f"collector-{len(self.started)}.db"), *extra)
+            extra = ("--db", str(self._log_dir / "collector.db"), *extra)
         process = self.start(
             "collector.main",
             "--grpc-listen",

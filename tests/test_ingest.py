@@ -8,6 +8,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from agent.sources.sim import SimulatedSource
+from collector.events import EventMatch
 from collector.service import Collector
 from gpufleet import wire
 from gpufleet.v1 import ingest_pb2
@@ -109,3 +110,32 @@ async def test_health_and_reflection_services(collector: Collector) -> None:
             names = {s.name for s in answer.list_services_response.service}
             assert {"gpufleet.v1.IngestService", "gpufleet.v1.QueryService"} <= names
             break
+
+
+async def test_a_sequence_going_backwards_on_a_stream_is_refused(collector: Collector) -> None:
+    _, code, details = await exchange(collector, hello(0), report(5), report(3))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "sequence 3 after 5" in details
+    assert collector.metrics.rejected.labels("sequence_backwards")._value.get() == 1
+    node = collector.state.find("node-0000")
+    assert node is not None and node.last_sequence == 5
+
+
+async def test_one_node_id_from_two_hosts_is_flagged_never_merged(collector: Collector) -> None:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{collector.grpc_port}") as channel:
+        call = channel.stream_stream(
+            METHOD, request_serializer=None, response_deserializer=ingest_pb2.CollectorMessage.FromString
+        )()
+        await call.write(hello(0))
+        assert (await call.read()).HasField("hello_ack")
+        impostor = ingest_pb2.AgentMessage.FromString(hello(0))
+        impostor.hello.inventory.hostname = "other-host"
+        impostor.hello.inventory.boot_id = "other-boot"
+        _, code, details = await exchange(collector, impostor.SerializeToString())
+        assert code == grpc.StatusCode.ALREADY_EXISTS and "--node-id" in details
+        await call.write(report(1))  # the first host keeps reporting
+        assert (await call.read()).report_ack.sequence == 1
+        await call.done_writing()
+    node = collector.state.find("node-0000")
+    assert node is not None and node.inventory.hostname == "node-0000"
+    conflicts = [e for e in collector.state.events.query(EventMatch(kinds=frozenset({"node_id_conflict"})))]
+    assert len(conflicts) == 1 and conflicts[0].attributes["other_hostname"] == "other-host"

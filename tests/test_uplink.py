@@ -6,15 +6,17 @@ import asyncio
 import contextlib
 import random
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from agent.sources.sim import SimulatedSource
-from agent.uplink import Uplink
+from agent.spool import Spool
+from agent.uplink import EVENT_HARD_CAP_FACTOR, Uplink
 from collector.service import Collector, CollectorConfig
 from tests.conftest import free_port
 from tests.fleet import inventory_for
 
 
-def make_uplink(target: str, **kwargs: int) -> tuple[Uplink, SimulatedSource]:
+def make_uplink(target: str, max_buffered_reports: int = 360) -> tuple[Uplink, SimulatedSource]:
     source = SimulatedSource("H100", 8, seed=0, node_index=0)
     uplink = Uplink(
         [target],
@@ -22,7 +24,7 @@ def make_uplink(target: str, **kwargs: int) -> tuple[Uplink, SimulatedSource]:
         backoff_base_s=0.05,
         backoff_cap_s=0.2,
         rng=random.Random(0),
-        **kwargs,
+        max_buffered_reports=max_buffered_reports,
     )
     return uplink, source
 
@@ -116,3 +118,66 @@ async def test_a_restarted_agent_continues_the_sequence_the_collector_knows(coll
         await until(lambda: after.last_acked_sequence == 4)
     assert collector.metrics.reports._value.get() == 4
     assert collector.metrics.duplicate_reports._value.get() == 0
+
+
+async def test_spooled_reports_survive_an_agent_restart(tmp_path: Path) -> None:
+    port = free_port()
+    source = SimulatedSource("H100", 8, seed=0)
+    inventory = inventory_for(source, 0)
+    spool = Spool(tmp_path, inventory.node_id, inventory.boot_id)
+    crashed = Uplink([f"127.0.0.1:{port}"], inventory, spool=spool)
+    source.inject(2, "fell_off_bus")
+    for _ in range(3):  # nobody listens: the reports stay in the spool
+        crashed.submit(source.sample(with_processes=False))
+    del crashed  # the agent dies without a word
+    restarted = Uplink(
+        [f"127.0.0.1:{port}"],
+        inventory,
+        spool=Spool(tmp_path, inventory.node_id, inventory.boot_id),
+        backoff_base_s=0.05,
+        backoff_cap_s=0.2,
+    )
+    assert restarted.buffered == 3
+    restarted.submit(source.sample(with_processes=False))
+    collector = await start_collector(port)
+    try:
+        async with running(restarted):
+            await until(lambda: restarted.last_acked_sequence == 4)
+        node = collector.state.find("node-0000")
+        assert node is not None and node.gpus[2].xid_totals == {79: 1}
+        assert not list((tmp_path / inventory.node_id / inventory.boot_id).glob("*.report"))
+    finally:
+        await collector.stop()
+
+
+async def test_spooled_reports_of_an_earlier_boot_are_discarded_and_counted(tmp_path: Path) -> None:
+    source = SimulatedSource("H100", 8, seed=0)
+    inventory = inventory_for(source, 0)
+    before = Uplink(["127.0.0.1:1"], inventory, spool=Spool(tmp_path, inventory.node_id, "boot-old"))
+    before.submit(source.sample(with_processes=False))
+    after = Uplink(["127.0.0.1:1"], inventory, spool=Spool(tmp_path, inventory.node_id, "boot-new"))
+    assert after.buffered == 0 and after.stats.reports_dropped_total == 1
+
+
+def test_a_full_buffer_drops_telemetry_before_events() -> None:
+    source = SimulatedSource("H100", 8, seed=0)
+    uplink = Uplink(["127.0.0.1:1"], inventory_for(source, 0), max_buffered_reports=4)
+    uplink.submit(source.sample(with_processes=False))
+    source.inject(0, "hbm")
+    uplink.submit(source.sample(with_processes=False))  # sequence 2 carries XIDs 48 and 63
+    for _ in range(6):
+        uplink.submit(source.sample(with_processes=False))
+    kept = [p.report.sequence for p in uplink._buffer]
+    assert 2 in kept and len(kept) == 4
+    assert uplink.stats.reports_dropped_total == 4 and uplink.stats.event_reports_dropped_total == 0
+    uplink.submit(source.sample(with_processes=False), carries_events=True)
+    assert uplink._buffer[0].report.sequence == 2  # events outlive newer telemetry
+
+
+def test_events_are_dropped_only_past_the_hard_cap() -> None:
+    source = SimulatedSource("H100", 8, seed=0)
+    uplink = Uplink(["127.0.0.1:1"], inventory_for(source, 0), max_buffered_reports=2)
+    for _ in range(2 * EVENT_HARD_CAP_FACTOR + 3):
+        uplink.submit(source.sample(with_processes=False), carries_events=True)
+    assert uplink.buffered == 2 * EVENT_HARD_CAP_FACTOR
+    assert uplink.stats.event_reports_dropped_total == 3

@@ -238,11 +238,28 @@ class SimulatedSource:
         """Make one GPU suffer a fault now (see faults.FAULT_KINDS)."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}; choose one of {', '.join(FAULT_KINDS)}")
-        self.gpus[gpu_index].fail(kind, self.faults.rng)
+        self._gpu(gpu_index).fail(kind, self.faults.rng)
+
+    def _gpu(self, gpu_index: int) -> SimulatedGpu:
+        return next(gpu for gpu in self.gpus if gpu.index == gpu_index)
+
+    def replace_gpu(self, gpu_index: int) -> None:
+        """A technician swapped the GPU in this slot: new UUID and serial, clean counters."""
+        old = self._gpu(gpu_index)
+        self.gpus[self.gpus.index(old)] = SimulatedGpu(
+            model=old.model,
+            index=gpu_index,
+            uuid=f"GPU-{uuid.UUID(int=self._rng.getrandbits(128))}",
+            serial=str(self._rng.randrange(10**12, 10**13)),
+        )
+
+    def remove_gpu(self, gpu_index: int) -> None:
+        """The GPU is gone from the node (NVML no longer lists it)."""
+        self.gpus = [gpu for gpu in self.gpus if gpu.index != gpu_index]
 
     def inject_xid(self, gpu_index: int, code: int) -> None:
         """Queue an XID for the next sample of one GPU."""
-        self.gpus[gpu_index].pending_xids.append((code, time.time_ns()))
+        self._gpu(gpu_index).pending_xids.append((code, time.time_ns()))
 
     def close(self) -> None:
         pass
