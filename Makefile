@@ -5,9 +5,10 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-# Debian packages the tests run for real: Prometheus (and promtool), Mosquitto, the Pushgateway.
-SYSTEM_PACKAGES := prometheus mosquitto prometheus-pushgateway
-SYSTEM_COMMANDS := promtool prometheus mosquitto prometheus-pushgateway
+# Debian packages the tests run for real: Prometheus (and promtool), Mosquitto, the Pushgateway,
+# systemd-analyze (systemd) for the units in deploy/systemd.
+SYSTEM_PACKAGES := prometheus mosquitto prometheus-pushgateway systemd
+SYSTEM_COMMANDS := promtool prometheus mosquitto prometheus-pushgateway systemd-analyze
 
 .PHONY: demo test lint bench proto system-deps clean
 

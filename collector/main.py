@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import gpufleet
+from collector.mqtt import MqttConfig
 from collector.service import Collector, CollectorConfig
 from collector.state import Liveness
 from gpufleet.settings import add_flag, add_log_level, fail, parse_host_port, setup_logging
@@ -65,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="new agent streams accepted per second before agents are told when to retry",
     )
     add_flag(parser, "--admission-burst", type=int, default=500, help="new agent streams accepted at once")
+    mqtt = parser.add_argument_group("MQTT events (off unless --mqtt-broker is set)")
+    add_flag(mqtt, "--mqtt-broker", default="", help="publish events to this broker, HOST:PORT")
+    add_flag(mqtt, "--mqtt-username", default="", help="broker user name")
+    add_flag(mqtt, "--mqtt-password-file", default="", help="file holding the broker password")
+    add_flag(mqtt, "--mqtt-tls", action="store_true", help="connect to the broker with TLS")
+    add_flag(mqtt, "--mqtt-ca-file", default="", help="CA certificate(s) to verify the broker with")
+    add_flag(mqtt, "--mqtt-topic-prefix", default="gpufleet/v1", help="first levels of every topic")
+    add_flag(
+        mqtt,
+        "--mqtt-queue-limit",
+        type=int,
+        default=100_000,
+        help="events kept while the broker is away (oldest dropped first)",
+    )
     add_log_level(parser)
     parser.add_argument("--version", action="version", version=f"%(prog)s {gpufleet.__version__}")
     return parser
@@ -96,6 +111,33 @@ async def serve(config: CollectorConfig) -> None:
     await collector.stop()
 
 
+def mqtt_config(args: argparse.Namespace) -> MqttConfig | None:
+    if not args.mqtt_broker:
+        return None
+    try:
+        host, port = parse_host_port(args.mqtt_broker)
+    except argparse.ArgumentTypeError as exc:
+        fail(f"--mqtt-broker: {exc}")
+    password = None
+    if args.mqtt_password_file:
+        try:
+            password = Path(args.mqtt_password_file).read_text().strip()
+        except OSError as exc:
+            fail(f"cannot read --mqtt-password-file: {exc}")
+    if args.mqtt_queue_limit < 1:
+        fail("--mqtt-queue-limit must be at least 1")
+    return MqttConfig(
+        host=host,
+        port=port,
+        username=args.mqtt_username or None,
+        password=password,
+        tls=args.mqtt_tls,
+        ca_file=Path(args.mqtt_ca_file) if args.mqtt_ca_file else None,
+        topic_prefix=args.mqtt_topic_prefix,
+        queue_limit=args.mqtt_queue_limit,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level)
@@ -113,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         db_path=None if args.db.lower() in ("", "none") else Path(args.db),
         admission_rate_per_s=args.admission_rate,
         admission_burst=args.admission_burst,
+        mqtt=mqtt_config(args),
     )
     with contextlib.suppress(asyncio.CancelledError):
         asyncio.run(serve(config))

@@ -59,6 +59,27 @@ class CollectorMetrics:
             "Agent streams asked to come back later because too many connected at once.",
             registry=r,
         )
+        self.mqtt_connected = Gauge(
+            "gpufleet_collector_mqtt_connected", "1 while connected to the MQTT broker.", registry=r
+        )
+        self.mqtt_published = Counter(
+            "gpufleet_collector_mqtt_events_published",
+            "Events the MQTT broker acknowledged (QoS 1).",
+            registry=r,
+        )
+        self.mqtt_queued = Gauge(
+            "gpufleet_collector_mqtt_events_queued", "Events waiting for the MQTT broker.", registry=r
+        )
+        self.mqtt_dropped = Counter(
+            "gpufleet_collector_mqtt_events_dropped",
+            "Events dropped because the MQTT queue was full.",
+            registry=r,
+        )
+        self.mqtt_errors = Counter(
+            "gpufleet_collector_mqtt_errors",
+            "Failed connections to (or lost connections with) the MQTT broker.",
+            registry=r,
+        )
         self.scrape_render_seconds = Gauge(
             "gpufleet_collector_last_render_seconds",
             "Time the latest /metrics answer took to build.",

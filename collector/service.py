@@ -7,18 +7,23 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from collector import dcgm
+from collector.admission import Admission
 from collector.exposition import CONTENT_TYPE, Exposition
 from collector.http import HttpServer, Request, Response
 from collector.ingest import SERVICE_NAME as INGEST_SERVICE
 from collector.ingest import IngestServicer, handler
+from collector.mqtt import MqttConfig, MqttPublisher
 from collector.query import QueryServicer
 from collector.selfmetrics import CollectorMetrics
 from collector.state import FleetState, Liveness
+from collector.store import Store
 from gpufleet import wire
 from gpufleet.v1 import ingest_pb2, query_pb2, query_pb2_grpc
 
@@ -38,6 +43,13 @@ class CollectorConfig:
     http_port: int = 9490
     liveness: Liveness = field(default_factory=Liveness)
     shutdown_grace_s: float = 5.0
+    # The SQLite database; None keeps everything in memory only.
+    db_path: Path | None = None
+    # New agent streams accepted per second (and at once) before agents are told to come back later.
+    admission_rate_per_s: float = 500.0
+    admission_burst: int = 500
+    # Where events are published; None: no MQTT.
+    mqtt: MqttConfig | None = None
 
 
 class Collector:
@@ -47,6 +59,8 @@ class Collector:
         self.config = config
         self.metrics = CollectorMetrics()
         self.state = FleetState(config.liveness)
+        self.store = Store(config.db_path, self.state, self.metrics)
+        self.mqtt = MqttPublisher(config.mqtt, self.state, self.metrics, self.store) if config.mqtt else None
         self.exposition = Exposition(self.state, self.metrics.render)
         self._grpc: grpc.aio.Server | None = None
         self._http = HttpServer(
@@ -55,6 +69,7 @@ class Collector:
                 "/metrics": self._metrics_all,
                 "/metrics/fleet": self._metrics_fleet,
                 "/metrics/nodes": self._metrics_nodes,
+                "/metrics/dcgm": self._metrics_dcgm,
                 "/healthz": self._healthz,
                 "/readyz": self._readyz,
             }
@@ -66,8 +81,14 @@ class Collector:
         self.http_port = config.http_port
 
     async def start(self) -> None:
+        self.store.open()
+        self.store.start()
+        if self.mqtt is not None:
+            self.mqtt.start()
         server = grpc.aio.server(options=wire.SERVER_OPTIONS)
-        server.add_generic_rpc_handlers((handler(IngestServicer(self.state, self.metrics)),))
+        admission = Admission(self.config.admission_rate_per_s, self.config.admission_burst)
+        ingest = IngestServicer(self.state, self.metrics, durable=self.store.durable, admission=admission)
+        server.add_generic_rpc_handlers((handler(ingest),))
         query_pb2_grpc.add_QueryServiceServicer_to_server(QueryServicer(self.state), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -110,6 +131,9 @@ class Collector:
         if self._grpc is not None:
             await self._grpc.stop(self.config.shutdown_grace_s)
         await self._http.stop()
+        if self.mqtt is not None:
+            await self.mqtt.stop()
+        await self.store.stop()
 
     async def wait(self) -> None:
         if self._grpc is not None:
@@ -141,6 +165,10 @@ class Collector:
         shard, shards = _shard_params(request)
         return Response(body=self.exposition.nodes(shard, shards), content_type=CONTENT_TYPE)
 
+    async def _metrics_dcgm(self, request: Request) -> Response:
+        """dcgm-exporter compatible names and labels, for its dashboards and alerts."""
+        return Response(body=dcgm.render(self.state), content_type=CONTENT_TYPE)
+
     async def _healthz(self, request: Request) -> Response:
         return Response(body=b"ok\n")
 
@@ -156,6 +184,7 @@ class Collector:
                 b"/metrics                      everything (fleet aggregates, every node and GPU)\n"
                 b"/metrics/fleet                fleet aggregates and the collector's own metrics\n"
                 b"/metrics/nodes?shard=I&shards=N  per-node and per-GPU series, one shard of N\n"
+                b"/metrics/dcgm                 dcgm-exporter compatible names and labels\n"
                 b"/healthz /readyz\n"
             )
         )

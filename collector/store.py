@@ -53,6 +53,10 @@ CREATE TABLE IF NOT EXISTS events (
     event BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_node ON events (node_id, id);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value INTEGER NOT NULL
+);
 """
 # How long a batch waits for more changes before it is committed.
 COMMIT_DELAY_S = 0.01
@@ -71,9 +75,10 @@ class Batch:
     watermarks: dict[str, tuple[object, ...]] = field(default_factory=dict)
     xids: dict[tuple[str, int, int], int] = field(default_factory=dict)
     events: list[tuple[int, int, str, bytes]] = field(default_factory=list)
+    meta: dict[str, int] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return bool(self.nodes or self.watermarks or self.xids or self.events)
+        return bool(self.nodes or self.watermarks or self.xids or self.events or self.meta)
 
 
 def open_database(path: Path) -> sqlite3.Connection:
@@ -126,6 +131,7 @@ class Store:
         self._dirty: set[str] = set()
         self._pending = Batch()
         self._written_inventory: dict[str, int] = {}
+        self._meta: dict[str, int] = {}
         self._wake = asyncio.Event()
         # Resolved by the next flush to start; what changed before it is in that flush.
         self._next_commit: asyncio.Future[None] | None = None
@@ -189,12 +195,23 @@ class Store:
             self._state.restore(node)
             self._written_inventory[node_id] = node.inventory_version
             restored += 1
+        self._meta = dict(self._db.execute("SELECT key, value FROM meta"))
         events = self._db.execute(
             "SELECT event FROM (SELECT id, event FROM events ORDER BY id DESC LIMIT ?) ORDER BY id",
             (EVENTS_KEPT,),
         )
         self._state.events.restore(events_pb2.Event.FromString(blob) for (blob,) in events)
         log.info("restored %d nodes and the event log from %s", restored, self.path)
+
+    def get_meta(self, key: str, default: int = 0) -> int:
+        """A small named number kept with the fleet (e.g. how far the MQTT publisher got)."""
+        return self._meta.get(key, default)
+
+    def set_meta(self, key: str, value: int) -> None:
+        self._meta[key] = value
+        if self._db is not None:
+            self._pending.meta[key] = value
+            self._wake.set()
 
     # -- collecting changes (on the event loop) ---------------------------------------------
 
@@ -313,6 +330,7 @@ def _write(db: sqlite3.Connection, batch: Batch) -> None:
         db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)", batch.events)
         if batch.events:
             db.execute("DELETE FROM events WHERE id <= ?", (batch.events[-1][0] - EVENTS_KEPT,))
+        db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", batch.meta.items())
         db.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):

@@ -13,7 +13,8 @@ from typing import Any
 import gpufleet
 from gpufleet import events as kinds
 from gpufleet import output
-from gpufleet.client import GIB, CollectorUnavailable, FleetClient, event_row, gpu_row, node_row
+from gpufleet.client import GIB, CollectorUnavailable, FleetClient, gpu_row, node_row
+from gpufleet.events import event_row
 from gpufleet.settings import add_flag, fail
 from gpufleet.v1 import events_pb2, query_pb2
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, timezone
 from typing import Any
 
 import grpc
@@ -141,22 +140,6 @@ def node_row(view: query_pb2.NodeView) -> dict[str, Any]:
         "unhealthy_gpus": view.unhealthy_gpu_count,
         "driver_version": inv.driver_version,
         "last_seen_unix": view.last_seen_unix_nano / 1e9,
-    }
-
-
-def event_row(event: events_pb2.Event) -> dict[str, Any]:
-    return {
-        "id": event.id,
-        "time": datetime.fromtimestamp(event.time_unix_nano / 1e9, timezone.utc).isoformat(
-            timespec="seconds"
-        ),
-        "severity": events_pb2.Severity.Name(event.severity).removeprefix("SEVERITY_").lower(),
-        "node": event.node_name,
-        "gpu": event.gpu_index if event.HasField("gpu_index") else None,
-        "kind": event.kind,
-        "reason": event.reason,
-        "action": event.action,
-        "attributes": dict(event.attributes),
     }
 
 

@@ -6,7 +6,7 @@ import json
 import shutil
 import subprocess
 import urllib.parse
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -30,13 +30,19 @@ class PrometheusServer:
 
 
 @contextmanager
-def prometheus(tmp_path: Path, scrape_configs: str) -> Iterator[PrometheusServer]:
+def prometheus(
+    tmp_path: Path, scrape_configs: str, rule_files: Sequence[Path] = ()
+) -> Iterator[PrometheusServer]:
+    """Prometheus scraping and evaluating every second, with these scrape jobs and rule files."""
     binary = shutil.which("prometheus")
     if binary is None:
         raise AssertionError("prometheus not found: run the tests with `make test`, which installs it")
     config = tmp_path / "prometheus.yml"
+    rules = "".join(f"  - {json.dumps(str(path))}\n" for path in rule_files)
     config.write_text(
-        f"global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n{scrape_configs}"
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        + (f"rule_files:\n{rules}" if rules else "")
+        + f"scrape_configs:\n{scrape_configs}"
     )
     port = free_port()
     log = (tmp_path / "prometheus.log").open("wb")

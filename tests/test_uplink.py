@@ -186,8 +186,13 @@ def test_events_are_dropped_only_past_the_hard_cap() -> None:
 async def test_failover_to_the_next_collector_address(collector: Collector) -> None:
     source = SimulatedSource("H100", 8, seed=0)
     dead = f"127.0.0.1:{free_port()}"
-    uplink = Uplink([dead, f"127.0.0.1:{collector.grpc_port}"], inventory_for(source, 0), backoff_base_s=0.05,
-                    backoff_cap_s=0.2, rng=random.Random(0))
+    uplink = Uplink(
+        [dead, f"127.0.0.1:{collector.grpc_port}"],
+        inventory_for(source, 0),
+        backoff_base_s=0.05,
+        backoff_cap_s=0.2,
+        rng=random.Random(0),
+    )
     async with running(uplink):
         uplink.submit(source.sample(with_processes=False))
         await until(lambda: uplink.last_acked_sequence == 1)
