@@ -61,6 +61,8 @@ XID_RULES: dict[int, XidRule] = {
     136: XidRule("NVLink link training failed", UNHEALTHY, "reset GPU"),
     140: XidRule("unrecovered ECC escape", UNHEALTHY, "reset GPU"),
     143: XidRule("GPU initialisation error", UNHEALTHY, "reset GPU"),
+    # The recovery action itself arrives as a field and is judged below.
+    154: XidRule("recovery action changed", HEALTHY, "follow the driver's recovery action"),
 }
 UNKNOWN_XID = XidRule("XID not in the catalog", DEGRADED, "look it up in NVIDIA's XID catalog")
 
@@ -89,12 +91,38 @@ class Verdict:
         return HEALTH_NAMES[self.health]
 
 
+# A busy GPU whose SM clock is below this share of its busy peers' median is a
+# straggler: in a synchronous job it holds every other GPU back (facts section 5).
+STRAGGLER_CLOCK_RATIO = 0.85
+BUSY_UTILIZATION_PERCENT = 80
+MIN_BUSY_PEERS = 3
+
+
+def _busy(sample: telemetry_pb2.GpuSample) -> bool:
+    return (
+        sample.read_status == telemetry_pb2.GPU_READ_STATUS_OK
+        and sample.gpu_utilization_percent >= BUSY_UTILIZATION_PERCENT
+        and sample.HasField("sm_clock_mhz")
+    )
+
+
+def peer_sm_clock_mhz(samples: list[telemetry_pb2.GpuSample]) -> float | None:
+    """The median SM clock of a node's busy GPUs (the same job, the same load), if there are enough."""
+    clocks = sorted(s.sm_clock_mhz for s in samples if _busy(s))
+    if len(clocks) < MIN_BUSY_PEERS:
+        return None
+    middle = len(clocks) // 2
+    return clocks[middle] if len(clocks) % 2 else (clocks[middle - 1] + clocks[middle]) / 2
+
+
 HEALTHY_VERDICT = Verdict(HEALTHY)
 UNREACHABLE_VERDICT = Verdict(UNREACHABLE, ("node stopped reporting",), "check the node and its agent")
 
 
-def judge(sample: telemetry_pb2.GpuSample, xids_this_boot: dict[int, int]) -> Verdict:
-    """The verdict for one GPU from its latest sample and its XID counts since boot."""
+def judge(
+    sample: telemetry_pb2.GpuSample, xids_this_boot: dict[int, int], peer_clock_mhz: float | None = None
+) -> Verdict:
+    """The verdict for one GPU from its latest sample, its XID counts since boot and its peers' clocks."""
     if sample.read_status == telemetry_pb2.GPU_READ_STATUS_LOST:
         return Verdict(LOST, ("GPU lost: NVML reports GPU_IS_LOST (fell off the bus)",), "reboot node")
     findings: list[tuple[query_pb2.GpuHealth, str, str]] = []
@@ -124,6 +152,14 @@ def judge(sample: telemetry_pb2.GpuSample, xids_this_boot: dict[int, int]) -> Ve
         findings.append((DEGRADED, "hardware slowdown", "check cooling and power delivery"))
     if reasons_mask & POWER_BRAKE:
         findings.append((DEGRADED, "power brake slowdown", "check power delivery"))
+    if peer_clock_mhz and _busy(sample) and sample.sm_clock_mhz < STRAGGLER_CLOCK_RATIO * peer_clock_mhz:
+        findings.append(
+            (
+                DEGRADED,
+                f"straggler: SM clock {sample.sm_clock_mhz} MHz, busy peers' median {peer_clock_mhz:.0f} MHz",
+                "check cooling and power; drain if it slows the job",
+            )
+        )
     for code, count in sorted(xids_this_boot.items()):
         rule = XID_RULES.get(code, UNKNOWN_XID)
         if rule.health != HEALTHY:

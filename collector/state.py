@@ -323,11 +323,16 @@ class FleetState:
         node.last_sequence = report.sequence
         if report.HasField("inventory"):
             self._set_inventory(node, report.inventory)
+        updated = []
         for sample in report.gpus:
             gpu = node.gpus.get(sample.index)
             if gpu is None:
                 gpu = node.gpus[sample.index] = GpuRecord(inventory_pb2.GpuInventory(index=sample.index))
             self._apply_sample(node, gpu, sample)
+            updated.append(gpu)
+        peer_clock = health.peer_sm_clock_mhz([gpu.sample for gpu in updated if gpu.sample is not None])
+        for gpu in updated:
+            self._judge(node, gpu, peer_clock)
         node.agent_stats = report.agent_stats
         node.last_seen_unix_ns = time.time_ns()
         self._mark_seen(node)
@@ -353,8 +358,12 @@ class FleetState:
         if sample.HasField("processes"):
             gpu.processes = len(sample.processes.processes)
         gpu.sample = sample
+
+    def _judge(self, node: NodeRecord, gpu: GpuRecord, peer_clock_mhz: float | None) -> None:
+        assert gpu.sample is not None
+        sample = gpu.sample
         before = gpu.verdict
-        gpu.verdict = health.judge(sample, gpu.xids_this_boot)
+        gpu.verdict = health.judge(sample, gpu.xids_this_boot, peer_clock_mhz)
         if gpu.verdict.health != before.health:
             self._emit(
                 node,

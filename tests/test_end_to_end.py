@@ -180,3 +180,57 @@ def test_killed_agents_become_stale_then_down(processes: Processes) -> None:
     assert body.count(b'state="unreachable"} 1') == 16
     listed = json.loads(cli("gpus", "--collector", target, "-o", "json").stdout)
     assert {row["health"] for row in listed} == {"unreachable"} and len(listed) == 16
+
+
+def test_events_listed_and_followed(processes: Processes) -> None:
+    _, target, _ = processes.collector()
+    processes.start(
+        "agent.main",
+        "--source",
+        "sim",
+        "--nodes",
+        "5",
+        "--interval",
+        "0.5",
+        "--collector",
+        target,
+        "--faults",
+        "healthy",
+        "--fault-rate-multiplier",
+        "1e7",
+    )
+    wait_until(
+        lambda: json.loads(cli("events", "--collector", target, "--kind", "xid", "-o", "json").stdout),
+        what="XID events",
+    )
+    table = cli("events", "--collector", target, "--since", "10m").stdout.splitlines()
+    assert table[0].split() == ["TIME", "SEVERITY", "NODE", "GPU", "KIND", "REASON", "ACTION"]
+    assert any("node_registered" in line for line in table)
+    follower = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "gpufleet.cli",
+            "events",
+            "--follow",
+            "--kind",
+            "xid",
+            "-o",
+            "json",
+            "--collector",
+            target,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert follower.stdout is not None
+        followed = [json.loads(follower.stdout.readline()) for _ in range(2)]
+        assert [event["kind"] for event in followed] == ["xid", "xid"]
+        assert followed[0]["id"] < followed[1]["id"]
+    finally:
+        follower.send_signal(signal.SIGINT)
+        _, errors = follower.communicate(timeout=10)
+    assert "Traceback" not in errors

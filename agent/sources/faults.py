@@ -24,9 +24,12 @@ LLAMA3_RATES: dict[str, float] = {
 }
 # "Bad cluster" (facts section 2): about 0.8 failures per 1,000 GPU-days instead of 0.47.
 PRESETS: dict[str, float] = {"none": 0.0, "healthy": 1.0, "bad-cluster": 0.8 / 0.474}
-FAULT_KINDS = (*LLAMA3_RATES, "hbm_remap_failed")
+# "hbm" is either of the last two, at random; they can also be injected on purpose.
+FAULT_KINDS = (*LLAMA3_RATES, "hbm_remapped", "hbm_remap_failed")
 
 SECONDS_PER_DAY = 86_400
+# Of HBM faults, the share whose row remap fails (an approximation: the facts file gives none).
+HBM_REMAP_FAILURE_SHARE = 0.3
 
 
 @dataclass
@@ -63,7 +66,7 @@ class FaultState:
         self.dbe_aggregate += 1
         if kind == "sram":
             return [48, 95]
-        if kind == "hbm_remap_failed" or (kind == "hbm" and rng.random() < 0.3):
+        if kind == "hbm_remap_failed" or (kind == "hbm" and rng.random() < HBM_REMAP_FAILURE_SHARE):
             self.remap_failure = True
             return [48, 64]
         self.remapped_uncorrectable += 1

@@ -196,6 +196,7 @@ class SimulatedSource:
         node_index: int = 0,
         interval_s: float = 10.0,
         faults: FaultModel | None = None,
+        workload: str | None = None,
     ) -> None:
         if model not in MODELS:
             raise ValueError(f"unknown GPU model {model!r}; choose one of {', '.join(MODELS)}")
@@ -207,6 +208,11 @@ class SimulatedSource:
         self._workload_names = names
         self._workload_weights = weights
         self.workload: str = self._rng.choices(names, weights)[0]
+        if workload is not None and workload not in WORKLOAD_WEIGHTS:
+            raise ValueError(f"unknown workload {workload!r}; choose one of {', '.join(WORKLOAD_WEIGHTS)}")
+        # A pinned workload never changes (for tests and demos).
+        self._pinned = workload
+        self.workload = workload or self.workload
         self.gpus = [
             SimulatedGpu(
                 model=MODELS[model],
@@ -226,7 +232,7 @@ class SimulatedSource:
         )
 
     def sample(self, *, with_processes: bool) -> list[telemetry_pb2.GpuSample]:
-        if self._rng.random() < WORKLOAD_SWITCH_PROBABILITY:
+        if self._rng.random() < WORKLOAD_SWITCH_PROBABILITY and self._pinned is None:
             self.workload = self._rng.choices(self._workload_names, self._workload_weights)[0]
         if self.faults.enabled:
             for gpu in self.gpus:
