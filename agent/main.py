@@ -15,11 +15,12 @@ from pathlib import Path
 import gpufleet
 from agent import identity
 from agent.node import Delivery, NodeAgent, NodeIdentity, Schedule, node_inventory
-from agent.sanity import drop_implausible
 from agent.sources.base import GpuSource, SourceUnavailable
 from agent.sources.faults import PRESETS, FaultModel
 from agent.sources.models import MODELS
 from gpufleet.client import message_dict
+from gpufleet.plausible import drop_implausible
+from gpufleet.security import SecuritySettingsError, add_client_security_flags, client_security
 from gpufleet.settings import add_flag, add_log_level, fail, labels_from_pairs, setup_logging
 
 log = logging.getLogger("agent")
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep unacknowledged reports on disk here too, so an agent restart loses none",
     )
     add_flag(parser, "--keepalive", type=float, default=30.0, help="seconds between keepalive pings (min 5)")
+    add_client_security_flags(parser.add_argument_group("security (docs/security.md)"))
     add_flag(
         parser,
         "--inventory-interval",
@@ -247,6 +249,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             max_buffered_reports=args.max_buffered_reports,
             spool_dir=Path(args.spool_dir) if args.spool_dir else None,
             keepalive_s=args.keepalive,
+            security=client_security(args),
         )
         agents = []
         for index in range(args.node_offset, args.node_offset + args.nodes):
@@ -269,7 +272,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     delivery=delivery,
                 )
             )
-    except SourceUnavailable as exc:
+    except (SourceUnavailable, SecuritySettingsError) as exc:
         fail(str(exc))
     raise_open_files_limit(len(agents))
     log.info("reporting %d node(s) to %s every %.1f s", len(agents), ",".join(collectors), args.interval)

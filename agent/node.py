@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import gpufleet
-from agent.sanity import drop_implausible
 from agent.sources.base import GpuSource
 from agent.spool import Spool
 from agent.uplink import Uplink
+from gpufleet.plausible import drop_implausible
+from gpufleet.security import ClientSecurity
 from gpufleet.v1 import inventory_pb2, telemetry_pb2
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class Delivery:
     max_buffered_reports: int = 360
     spool_dir: Path | None = None
     keepalive_s: float = 30.0
+    security: ClientSecurity = field(default_factory=ClientSecurity)
 
 
 # Fields whose change is an event worth keeping through a full buffer.
@@ -137,6 +139,7 @@ class NodeAgent:
             max_buffered_reports=delivery.max_buffered_reports,
             spool=spool,
             keepalive_s=delivery.keepalive_s,
+            security=delivery.security,
         )
 
     async def run(self, stop: asyncio.Event) -> None:

@@ -23,6 +23,7 @@ import grpc
 
 from agent.spool import Spool
 from gpufleet import wire
+from gpufleet.security import ClientSecurity
 from gpufleet.v1 import ingest_pb2, ingest_pb2_grpc, inventory_pb2, telemetry_pb2
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Uplink:
         max_buffered_reports: int = 360,
         spool: Spool | None = None,
         keepalive_s: float = wire.KEEPALIVE_TIME_MS / 1000,
+        security: ClientSecurity | None = None,
         backoff_base_s: float = 0.5,
         backoff_cap_s: float = 30.0,
         rng: random.Random | None = None,
@@ -73,6 +75,7 @@ class Uplink:
         self._inventory_changed = False
         self._report_interval_ms = int(report_interval_s * 1000)
         self._channel_options = wire.client_options(int(keepalive_s * 1000))
+        self._security = security or ClientSecurity()
         # gRPC skips keepalive pings while data is being written, and writes into a
         # hung peer's socket succeed for a while: so the acknowledgements are watched too.
         self._ack_timeout_s = keepalive_s + min(wire.KEEPALIVE_TIMEOUT_MS / 1000, keepalive_s)
@@ -173,9 +176,9 @@ class Uplink:
                 return
 
     async def _session(self, target: str, stop: asyncio.Event) -> None:
-        async with grpc.aio.insecure_channel(target, options=self._channel_options) as channel:
+        async with self._security.aio_channel(target, self._channel_options) as channel:
             stub = ingest_pb2_grpc.IngestServiceStub(channel)
-            call = stub.Connect()
+            call = stub.Connect(metadata=self._security.metadata())
             hello = ingest_pb2.Hello(
                 protocol_version=wire.PROTOCOL_VERSION,
                 inventory=self._inventory,

@@ -1,9 +1,10 @@
-"""Admission control for agent streams: a token bucket that hands out retry times.
+"""Admission control: a token bucket that tells whoever is over budget when to come back.
 
 When 1,250 agents reconnect at once (a collector restart), the ones over the
 budget are told when to come back (RESOURCE_EXHAUSTED with a retry-after-ms
 hint), each a slot further in the future, so the herd arrives at the rate the
-collector can take instead of stampeding and backing off at random.
+collector can take instead of stampeding and backing off at random. The same
+bucket, one per node, caps the reports per second a node may send.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 from collections.abc import Callable
 
 
-class Admission:
+class TokenBucket:
     def __init__(self, rate_per_s: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
         if rate_per_s <= 0 or burst < 1:
             raise ValueError("admission rate must be positive and burst at least 1")

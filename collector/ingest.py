@@ -2,18 +2,23 @@
 
 The handler takes raw bytes and parses them itself, so that a malformed message
 gets INVALID_ARGUMENT with a reason (and a counter) instead of a bare INTERNAL.
-A report is acknowledged only once the store has made it durable.
+Every message is checked against the collector's limits before it touches the
+fleet's state, and a report is acknowledged only once the store has made it durable.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 
 import grpc
 from google.protobuf.message import DecodeError
 
-from collector.admission import Admission
+from collector.admission import TokenBucket
+from collector.limits import LimitExceeded, Limits, check_inventory, check_report, clamp_report
 from collector.selfmetrics import CollectorMetrics
 from collector.state import FleetState, NodeIdConflict, NodeRecord
 from gpufleet import wire
@@ -22,10 +27,29 @@ from gpufleet.v1 import ingest_pb2
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = "gpufleet.v1.IngestService"
+# At most one log line per rejection reason in this many seconds (a flood must not flood the log).
+REJECTION_LOG_INTERVAL_S = 10.0
 
 
 async def _nothing_to_wait_for() -> None:
     return None
+
+
+@dataclass(frozen=True)
+class IngestPolicy:
+    limits: Limits = field(default_factory=Limits)
+    # New streams accepted per second and at once (reconnection storms).
+    admission_rate_per_s: float = 500.0
+    admission_burst: int = 500
+    # With mutual TLS: a node may only report under the identity in its certificate.
+    bind_node_id_to_certificate: bool = False
+
+
+def certificate_identities(context: grpc.aio.ServicerContext) -> set[str]:
+    """The common name and subject alternative names of the peer's verified certificate."""
+    auth = context.auth_context()
+    names = auth.get("x509_common_name", []) + auth.get("x509_subject_alternative_name", [])
+    return {name.decode() if isinstance(name, bytes) else str(name) for name in names}
 
 
 class IngestServicer:
@@ -35,12 +59,17 @@ class IngestServicer:
         metrics: CollectorMetrics,
         *,
         durable: Callable[[], Awaitable[None]] = _nothing_to_wait_for,
-        admission: Admission | None = None,
+        policy: IngestPolicy | None = None,
     ) -> None:
         self._state = state
         self._metrics = metrics
         self._durable = durable
-        self._admission = admission
+        self._policy = policy or IngestPolicy()
+        self._limits = self._policy.limits
+        self._admission = TokenBucket(self._policy.admission_rate_per_s, self._policy.admission_burst)
+        self._report_rates: dict[str, TokenBucket] = {}
+        self._open_streams = 0
+        self._last_logged: dict[str, float] = {}
 
     async def _reject(
         self,
@@ -51,8 +80,29 @@ class IngestServicer:
         trailing_metadata: tuple[tuple[str, str], ...] = (),
     ) -> None:
         self._metrics.rejected.labels(reason).inc()
-        log.warning("rejected agent stream from %s: %s", context.peer(), details)
+        now = time.monotonic()
+        if now - self._last_logged.get(reason, -REJECTION_LOG_INTERVAL_S) >= REJECTION_LOG_INTERVAL_S:
+            self._last_logged[reason] = now
+            log.warning(
+                "rejected agent stream from %s: %s (%s; logged at most every %.0f s)",
+                context.peer(),
+                details,
+                reason,
+                REJECTION_LOG_INTERVAL_S,
+            )
         await context.abort(code, details, trailing_metadata)
+
+    async def _retry_later(
+        self, context: grpc.aio.ServicerContext, reason: str, wait_s: float, why: str
+    ) -> None:
+        wait_ms = max(int(wait_s * 1000), 1)
+        await self._reject(
+            context,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            reason,
+            f"{why}; retry in {wait_ms} ms",
+            ((wire.RETRY_AFTER_KEY, str(wait_ms)),),
+        )
 
     async def _parse(self, raw: bytes, context: grpc.aio.ServicerContext) -> ingest_pb2.AgentMessage:
         message = ingest_pb2.AgentMessage()
@@ -67,37 +117,34 @@ class IngestServicer:
     async def Connect(  # noqa: N802 (gRPC method name)
         self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ingest_pb2.CollectorMessage]:
-        node: NodeRecord | None = None
-        stream_sequence = 0
+        if self._open_streams >= self._limits.max_streams:
+            await self._retry_later(context, "streams", 5.0, f"{self._open_streams} agent streams are open")
+        self._open_streams += 1
         self._metrics.streams.inc()
+        node: NodeRecord | None = None
         try:
-            async for raw in requests:
-                message = await self._parse(raw, context)
-                kind = message.WhichOneof("kind")
-                if node is None:
-                    node = await self._hello(message, kind, context)
-                    await self._durable()
-                    yield ingest_pb2.CollectorMessage(
-                        hello_ack=ingest_pb2.HelloAck(last_acked_sequence=node.last_sequence)
-                    )
-                    continue
-                if kind != "report":
-                    await self._reject(
-                        context,
-                        grpc.StatusCode.FAILED_PRECONDITION,
-                        "unexpected_hello",
-                        "Hello was already sent on this stream; open a new stream to re-register",
-                    )
-                sequence = message.report.sequence
-                if sequence <= stream_sequence:
-                    await self._reject(
-                        context,
-                        grpc.StatusCode.INVALID_ARGUMENT,
-                        "sequence_backwards",
-                        f"report sequence {sequence} after {stream_sequence} on the same stream",
-                    )
-                stream_sequence = sequence
-                if self._state.apply_report(node, message.report):
+            messages = requests.__aiter__()
+            try:
+                first = await asyncio.wait_for(messages.__anext__(), self._limits.hello_timeout_s)
+            except StopAsyncIteration:
+                return
+            except asyncio.TimeoutError:
+                await self._reject(
+                    context,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    "hello_timeout",
+                    f"no Hello within {self._limits.hello_timeout_s:.0f} s",
+                )
+            node = await self._hello(await self._parse(first, context), context)
+            await self._durable()
+            yield ingest_pb2.CollectorMessage(
+                hello_ack=ingest_pb2.HelloAck(last_acked_sequence=node.last_sequence)
+            )
+            stream_sequence = 0
+            async for raw in messages:
+                report = await self._report(await self._parse(raw, context), node, stream_sequence, context)
+                stream_sequence = report.sequence
+                if self._state.apply_report(node, report):
                     self._metrics.reports.inc()
                 else:
                     self._metrics.duplicate_reports.inc()
@@ -106,14 +153,13 @@ class IngestServicer:
                     report_ack=ingest_pb2.ReportAck(sequence=node.last_sequence)
                 )
         finally:
+            self._open_streams -= 1
             self._metrics.streams.dec()
             if node is not None:
                 self._state.disconnected(node)
 
-    async def _hello(
-        self, message: ingest_pb2.AgentMessage, kind: str | None, context: grpc.aio.ServicerContext
-    ) -> NodeRecord:
-        if kind != "hello":
+    async def _hello(self, message: ingest_pb2.AgentMessage, context: grpc.aio.ServicerContext) -> NodeRecord:
+        if message.WhichOneof("kind") != "hello":
             await self._reject(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -129,13 +175,28 @@ class IngestServicer:
                 f"protocol version {hello.protocol_version} is not supported "
                 f"(this collector speaks {wire.PROTOCOL_VERSION}); upgrade the agent or collector",
             )
-        if not hello.inventory.node_id:
+        inventory = hello.inventory
+        if not inventory.node_id:
             await self._reject(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "no_node_id", "Hello without a node_id"
             )
-        if self._admission is not None and (wait_s := self._admission.admit()):
-            wait_ms = max(int(wait_s * 1000), 1)
+        try:
+            check_inventory(inventory, self._limits)
+        except LimitExceeded as exc:
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, f"limit_{exc.reason}", str(exc))
+        if self._policy.bind_node_id_to_certificate:
+            identities = certificate_identities(context)
+            if inventory.node_id not in identities:
+                await self._reject(
+                    context,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "identity",
+                    f"node id {inventory.node_id!r} is not the identity of this client's "
+                    f"certificate ({', '.join(sorted(identities)) or 'none'})",
+                )
+        if wait_s := self._admission.admit():
             self._metrics.admission_rejections.inc()
+            wait_ms = max(int(wait_s * 1000), 1)
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
                 f"too many agents connecting at once; retry in {wait_ms} ms",
@@ -146,6 +207,48 @@ class IngestServicer:
         except NodeIdConflict as exc:
             await self._reject(context, grpc.StatusCode.ALREADY_EXISTS, "node_id_conflict", str(exc))
             raise  # not reached: abort raises
+
+    async def _report(
+        self,
+        message: ingest_pb2.AgentMessage,
+        node: NodeRecord,
+        stream_sequence: int,
+        context: grpc.aio.ServicerContext,
+    ) -> ingest_pb2.Report:
+        if message.WhichOneof("kind") != "report":
+            await self._reject(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "unexpected_hello",
+                "Hello was already sent on this stream; open a new stream to re-register",
+            )
+        report = message.report
+        if report.sequence <= stream_sequence:
+            await self._reject(
+                context,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "sequence_backwards",
+                f"report sequence {report.sequence} after {stream_sequence} on the same stream",
+            )
+        try:
+            check_report(report, self._limits)
+        except LimitExceeded as exc:
+            await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, f"limit_{exc.reason}", str(exc))
+        bucket = self._report_rates.get(node.node_id)
+        if bucket is None:
+            bucket = self._report_rates[node.node_id] = TokenBucket(
+                self._limits.reports_per_second, self._limits.report_burst
+            )
+        if wait_s := bucket.admit():
+            await self._retry_later(
+                context,
+                "report_rate",
+                wait_s,
+                f"more than {self._limits.reports_per_second:g} reports per second from node {node.name}",
+            )
+        if touched := clamp_report(report, time.time_ns(), self._limits):
+            self._metrics.implausible_values.inc(touched)
+        return report
 
 
 def handler(servicer: IngestServicer) -> grpc.GenericRpcHandler:

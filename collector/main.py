@@ -11,6 +11,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import gpufleet
+from collector.auth import BasicAuth, ServerSecurity, Tokens, TokensFileError
+from collector.ingest import IngestPolicy
+from collector.limits import Limits
 from collector.mqtt import MqttConfig
 from collector.service import Collector, CollectorConfig
 from collector.state import Liveness
@@ -66,6 +69,80 @@ def build_parser() -> argparse.ArgumentParser:
         help="new agent streams accepted per second before agents are told when to retry",
     )
     add_flag(parser, "--admission-burst", type=int, default=500, help="new agent streams accepted at once")
+    security = parser.add_argument_group("security (docs/security.md)")
+    add_flag(security, "--tls-cert", default="", help="serve gRPC and HTTP with TLS: certificate (PEM)")
+    add_flag(security, "--tls-key", default="", help="the certificate's private key (PEM)")
+    add_flag(
+        security,
+        "--tls-client-ca",
+        default="",
+        help="require gRPC clients to present a certificate signed by this CA (mutual TLS)",
+    )
+    add_flag(
+        security,
+        "--bind-node-id-to-cert",
+        action="store_true",
+        help="with --tls-client-ca: an agent may only report under its certificate's identity",
+    )
+    add_flag(
+        security,
+        "--tokens-file",
+        default="",
+        help="require scoped bearer tokens (lines of 'SCOPE NAME SECRET'; scopes agent, read, admin)",
+    )
+    add_flag(
+        security,
+        "--metrics-auth",
+        default="none",
+        choices=("none", "token", "basic"),
+        help="protect /metrics with a read token (from --tokens-file) or basic auth",
+    )
+    add_flag(
+        security,
+        "--metrics-basic-auth-file",
+        default="",
+        help="'user:password' lines for --metrics-auth basic",
+    )
+    limits = parser.add_argument_group("limits on what agents send")
+    defaults = Limits()
+    add_flag(
+        limits,
+        "--max-gpus-per-node",
+        type=int,
+        default=defaults.max_gpus_per_node,
+        help="GPUs a node may report",
+    )
+    add_flag(
+        limits,
+        "--max-labels-per-node",
+        type=int,
+        default=defaults.max_labels_per_node,
+        help="operator labels a node may carry",
+    )
+    add_flag(
+        limits,
+        "--reports-per-second",
+        type=float,
+        default=defaults.reports_per_second,
+        help="sustained reports per second per node (bursts of --report-burst allowed)",
+    )
+    add_flag(
+        limits,
+        "--report-burst",
+        type=int,
+        default=defaults.report_burst,
+        help="reports a node may send at once",
+    )
+    add_flag(
+        limits, "--max-streams", type=int, default=defaults.max_streams, help="agent streams open at once"
+    )
+    add_flag(
+        limits,
+        "--hello-timeout",
+        type=float,
+        default=defaults.hello_timeout_s,
+        help="seconds a new stream has to say hello",
+    )
     mqtt = parser.add_argument_group("MQTT events (off unless --mqtt-broker is set)")
     add_flag(mqtt, "--mqtt-broker", default="", help="publish events to this broker, HOST:PORT")
     add_flag(mqtt, "--mqtt-username", default="", help="broker user name")
@@ -111,6 +188,38 @@ async def serve(config: CollectorConfig) -> None:
     await collector.stop()
 
 
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        fail(f"cannot read {what} {path}: {exc.strerror}")
+        raise  # not reached
+
+
+def server_security(args: argparse.Namespace) -> ServerSecurity:
+    if bool(args.tls_cert) != bool(args.tls_key):
+        fail("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        fail("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+    if args.bind_node_id_to_cert and not args.tls_client_ca:
+        fail("--bind-node-id-to-cert needs --tls-client-ca (the identity comes from the client certificate)")
+    try:
+        tokens = Tokens.from_file(Path(args.tokens_file)) if args.tokens_file else None
+        basic = BasicAuth(Path(args.metrics_basic_auth_file)) if args.metrics_auth == "basic" else None
+    except TokensFileError as exc:
+        fail(str(exc))
+    if args.metrics_auth == "token" and tokens is None:
+        fail("--metrics-auth token needs --tokens-file")
+    return ServerSecurity(
+        tls_cert=_read(args.tls_cert, "certificate") if args.tls_cert else None,
+        tls_key=_read(args.tls_key, "private key") if args.tls_key else None,
+        client_ca=_read(args.tls_client_ca, "client CA") if args.tls_client_ca else None,
+        tokens=tokens,
+        metrics_token=args.metrics_auth == "token",
+        metrics_basic_auth=basic,
+    )
+
+
 def mqtt_config(args: argparse.Namespace) -> MqttConfig | None:
     if not args.mqtt_broker:
         return None
@@ -153,9 +262,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         http_port=http_port,
         liveness=Liveness(args.stale_after_intervals, args.down_after_intervals),
         db_path=None if args.db.lower() in ("", "none") else Path(args.db),
-        admission_rate_per_s=args.admission_rate,
-        admission_burst=args.admission_burst,
+        ingest=IngestPolicy(
+            limits=Limits(
+                max_gpus_per_node=args.max_gpus_per_node,
+                max_labels_per_node=args.max_labels_per_node,
+                reports_per_second=args.reports_per_second,
+                report_burst=args.report_burst,
+                max_streams=args.max_streams,
+                hello_timeout_s=args.hello_timeout,
+            ),
+            admission_rate_per_s=args.admission_rate,
+            admission_burst=args.admission_burst,
+            bind_node_id_to_certificate=args.bind_node_id_to_cert,
+        ),
         mqtt=mqtt_config(args),
+        security=server_security(args),
     )
     with contextlib.suppress(asyncio.CancelledError):
         asyncio.run(serve(config))

@@ -37,6 +37,17 @@ class CollectorMetrics:
             ["reason"],
             registry=r,
         )
+        self.implausible_values = Counter(
+            "gpufleet_collector_implausible_values",
+            "Values from agents outside physical ranges (dropped) or timestamps from the future (clamped).",
+            registry=r,
+        )
+        self.denied = Counter(
+            "gpufleet_collector_denied_calls",
+            "gRPC calls refused for a missing, unknown or too weak token, by the scope they needed.",
+            ["scope"],
+            registry=r,
+        )
         self.streams = Gauge("gpufleet_collector_agent_streams", "Agent streams open now.", registry=r)
         self.store_up = Gauge(
             "gpufleet_collector_store_up",

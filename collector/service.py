@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import time
 from dataclasses import dataclass, field
@@ -14,18 +15,19 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from collector import dcgm
-from collector.admission import Admission
+from collector.admin import AdminServicer
+from collector.auth import AuthInterceptor, ServerSecurity
 from collector.exposition import CONTENT_TYPE, Exposition
-from collector.http import HttpServer, Request, Response
+from collector.http import Handler, HttpServer, Request, Response
 from collector.ingest import SERVICE_NAME as INGEST_SERVICE
-from collector.ingest import IngestServicer, handler
+from collector.ingest import IngestPolicy, IngestServicer, handler
 from collector.mqtt import MqttConfig, MqttPublisher
 from collector.query import QueryServicer
 from collector.selfmetrics import CollectorMetrics
 from collector.state import FleetState, Liveness
 from collector.store import Store
 from gpufleet import wire
-from gpufleet.v1 import ingest_pb2, query_pb2, query_pb2_grpc
+from gpufleet.v1 import admin_pb2, admin_pb2_grpc, ingest_pb2, query_pb2, query_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +47,10 @@ class CollectorConfig:
     shutdown_grace_s: float = 5.0
     # The SQLite database; None keeps everything in memory only.
     db_path: Path | None = None
-    # New agent streams accepted per second (and at once) before agents are told to come back later.
-    admission_rate_per_s: float = 500.0
-    admission_burst: int = 500
+    ingest: IngestPolicy = field(default_factory=IngestPolicy)
     # Where events are published; None: no MQTT.
     mqtt: MqttConfig | None = None
+    security: ServerSecurity = field(default_factory=ServerSecurity)
 
 
 class Collector:
@@ -66,10 +67,10 @@ class Collector:
         self._http = HttpServer(
             {
                 "/": self._index,
-                "/metrics": self._metrics_all,
-                "/metrics/fleet": self._metrics_fleet,
-                "/metrics/nodes": self._metrics_nodes,
-                "/metrics/dcgm": self._metrics_dcgm,
+                "/metrics": self._protected(self._metrics_all),
+                "/metrics/fleet": self._protected(self._metrics_fleet),
+                "/metrics/nodes": self._protected(self._metrics_nodes),
+                "/metrics/dcgm": self._protected(self._metrics_dcgm),
                 "/healthz": self._healthz,
                 "/readyz": self._readyz,
             }
@@ -85,24 +86,37 @@ class Collector:
         self.store.start()
         if self.mqtt is not None:
             self.mqtt.start()
-        server = grpc.aio.server(options=wire.SERVER_OPTIONS)
-        admission = Admission(self.config.admission_rate_per_s, self.config.admission_burst)
-        ingest = IngestServicer(self.state, self.metrics, durable=self.store.durable, admission=admission)
+        security = self.config.security
+        interceptors = []
+        if security.tokens is not None:
+            interceptors.append(
+                AuthInterceptor(security.tokens, lambda scope: self.metrics.denied.labels(scope).inc())
+            )
+        server = grpc.aio.server(options=wire.SERVER_OPTIONS, interceptors=interceptors)
+        ingest = IngestServicer(
+            self.state, self.metrics, durable=self.store.durable, policy=self.config.ingest
+        )
         server.add_generic_rpc_handlers((handler(ingest),))
         query_pb2_grpc.add_QueryServiceServicer_to_server(QueryServicer(self.state), server)
+        admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.state), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             (
                 ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name,
                 QUERY_SERVICE,
+                admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name,
                 health.SERVICE_NAME,
                 reflection.SERVICE_NAME,
             ),
             server,
         )
         address = f"{self.config.grpc_host}:{self.config.grpc_port}"
+        credentials = security.grpc_credentials()
         try:
-            self.grpc_port = server.add_insecure_port(address)
+            if credentials is None:
+                self.grpc_port = server.add_insecure_port(address)
+            else:
+                self.grpc_port = server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise OSError(f"cannot listen for gRPC on {address}: is the port in use?") from exc
         await server.start()
@@ -112,6 +126,7 @@ class Collector:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         self._housekeeping = asyncio.create_task(self._housekeep(), name="collector-housekeeping")
         self._ready = True
+        self._warn_if_open()
         log.info(
             "collector listening: gRPC %s:%d, HTTP http://%s:%d/metrics",
             self.config.grpc_host,
@@ -119,6 +134,21 @@ class Collector:
             self.config.http_host,
             self.http_port,
         )
+
+    def _warn_if_open(self) -> None:
+        """One clear warning when anyone on the network could report as any node or read the fleet."""
+        security = self.config.security
+        if security.tls or security.tokens is not None:
+            return
+        exposed = [
+            address for address in (self.config.grpc_host, self.config.http_host) if not _is_loopback(address)
+        ]
+        if exposed:
+            log.warning(
+                "listening on %s without TLS or tokens: anyone who can reach these ports can report as any "
+                "node and read the whole fleet; see docs/security.md (--tls-cert, --tokens-file)",
+                " and ".join(sorted(set(exposed))),
+            )
 
     async def stop(self) -> None:
         """Stop accepting, let streams finish within the grace period, then close."""
@@ -149,6 +179,20 @@ class Collector:
                 log.exception("housekeeping failed; retrying in %.0f s", HOUSEKEEPING_INTERVAL_S)
 
     # -- HTTP ------------------------------------------------------------------------
+
+    def _protected(self, handler: Handler) -> Handler:
+        """``handler`` behind the /metrics authentication, if any is configured."""
+
+        async def guarded(request: Request) -> Response:
+            if not self.config.security.http_allows(request.headers.get("authorization")):
+                return Response(
+                    401,
+                    b"authentication required\n",
+                    headers={"WWW-Authenticate": 'Bearer realm="gpufleet", Basic realm="gpufleet"'},
+                )
+            return await handler(request)
+
+        return guarded
 
     async def _metrics_all(self, request: Request) -> Response:
         if "shard" in request.query or "shards" in request.query:
@@ -199,3 +243,10 @@ def _shard_params(request: Request) -> tuple[int, int]:
     if not 1 <= shards <= MAX_SHARDS or not 0 <= shard < shards:
         raise ValueError(f"need 0 <= shard < shards <= {MAX_SHARDS}")
     return shard, shards
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

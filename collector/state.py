@@ -412,6 +412,13 @@ class FleetState:
                 self._changed(node)
         return changed
 
+    def forget(self, node: NodeRecord) -> None:
+        """An operator said the node is gone for good: drop it (an event records it)."""
+        self._emit(node, kinds.NODE_FORGOTTEN, INFO, f"node {node.name} forgotten by an operator")
+        del self._nodes[node.node_id]
+        self._ids_by_name.pop(node.name, None)
+        self._changed(node)
+
     # -- persistence -----------------------------------------------------------------------
 
     def restore(self, node: NodeRecord) -> None:

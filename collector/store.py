@@ -76,9 +76,10 @@ class Batch:
     xids: dict[tuple[str, int, int], int] = field(default_factory=dict)
     events: list[tuple[int, int, str, bytes]] = field(default_factory=list)
     meta: dict[str, int] = field(default_factory=dict)
+    forgotten: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.nodes or self.watermarks or self.xids or self.events or self.meta)
+        return bool(self.nodes or self.watermarks or self.xids or self.events or self.meta or self.forgotten)
 
 
 def open_database(path: Path) -> sqlite3.Connection:
@@ -218,6 +219,9 @@ class Store:
     def _event(self, event: events_pb2.Event) -> None:
         batch = self._pending
         batch.events.append((event.id, event.time_unix_nano, event.node_id, event.SerializeToString()))
+        if event.kind == kinds.NODE_FORGOTTEN:
+            batch.forgotten.append(event.node_id)
+            self._written_inventory.pop(event.node_id, None)
         if event.kind == kinds.XID and event.HasField("gpu_index"):
             key = (event.node_id, event.gpu_index, int(event.attributes["xid"]))
             batch.xids[key] = batch.xids.get(key, 0) + 1
@@ -331,6 +335,8 @@ def _write(db: sqlite3.Connection, batch: Batch) -> None:
         if batch.events:
             db.execute("DELETE FROM events WHERE id <= ?", (batch.events[-1][0] - EVENTS_KEPT,))
         db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", batch.meta.items())
+        for table in ("nodes", "xid_totals"):
+            db.executemany(f"DELETE FROM {table} WHERE node_id = ?", ((n,) for n in batch.forgotten))
         db.execute("COMMIT")
     except BaseException:
         with contextlib.suppress(sqlite3.Error):

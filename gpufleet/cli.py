@@ -8,6 +8,7 @@ import re
 import sys
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import gpufleet
@@ -15,6 +16,7 @@ from gpufleet import events as kinds
 from gpufleet import output
 from gpufleet.client import GIB, CollectorUnavailable, FleetClient, gpu_row, node_row
 from gpufleet.events import event_row
+from gpufleet.security import SecuritySettingsError, add_client_security_flags, client_security
 from gpufleet.settings import add_flag, fail
 from gpufleet.v1 import events_pb2, query_pb2
 
@@ -224,6 +226,11 @@ def cmd_events(client: FleetClient, args: argparse.Namespace) -> str | Iterator[
     return output.render(rows, EVENT_COLUMNS, args.output)
 
 
+def cmd_forget(client: FleetClient, args: argparse.Namespace) -> str:
+    answer = client.forget(args.name)
+    return f"forgot node {args.name} ({answer.node_id})"
+
+
 def cmd_history(client: FleetClient, args: argparse.Namespace) -> str:
     event_filter = query_pb2.EventFilter(node=args.name, kinds=kinds.INVENTORY_KINDS)
     rows = [event_row(e) for e in client.events(event_filter)]
@@ -239,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(common, "--collector", default="127.0.0.1:50051", help="collector gRPC address HOST:PORT")
     add_flag(common, "--output", "-o", default="table", choices=output.FORMATS, help="output format")
     add_flag(common, "--timeout", type=float, default=10.0, help="seconds to wait for each answer")
+    add_client_security_flags(common)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("summary", parents=[common], help="the fleet at a glance")
@@ -284,6 +292,54 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="node name or id")
     p.set_defaults(run=cmd_history)
 
+    p = commands.add_parser(
+        "forget", parents=[common], help="forget a decommissioned node (needs an admin token)"
+    )
+    p.add_argument("name", help="node name or id")
+    p.set_defaults(run=cmd_forget)
+
+    p = commands.add_parser("certs", help="create a development CA and certificates for mutual TLS")
+    p.add_argument("directory", type=Path, help="where to write the PEM files")
+    p.add_argument(
+        "--server-name",
+        action="append",
+        default=[],
+        help="DNS name of the collector (repeatable; default: localhost)",
+    )
+    p.add_argument(
+        "--server-ip",
+        action="append",
+        default=[],
+        help="IP address of the collector (repeatable; default: 127.0.0.1)",
+    )
+    p.add_argument(
+        "--agent",
+        action="append",
+        default=[],
+        metavar="NODE_ID",
+        help="issue an agent certificate whose identity is this node id (repeatable)",
+    )
+    p.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="issue a client certificate, e.g. for the CLI (repeatable)",
+    )
+    p.add_argument("--days", type=int, default=365, help="validity of the certificates")
+    p.set_defaults(run=None)
+
+    p = commands.add_parser("token", help="add a scoped token to a collector's tokens file")
+    p.add_argument("scope", choices=("agent", "read", "admin"), help="what the token may do")
+    p.add_argument("name", help="who holds it (shown in logs, never the secret)")
+    p.add_argument(
+        "--tokens-file", type=Path, required=True, help="the collector's tokens file (appended to)"
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, help="write the secret here, for the holder's --token-file"
+    )
+    p.set_defaults(run=None)
+
     p = commands.add_parser("demo", help="run a collector and a simulated 10,000-GPU fleet on this machine")
     p.add_argument("--nodes", type=int, default=1250, help="simulated nodes (8 GPUs each)")
     p.add_argument("--interval", type=float, default=10.0, help="report interval in seconds")
@@ -299,8 +355,22 @@ def main(argv: Sequence[str] | None = None) -> None:
         from gpufleet.demo import run_demo
 
         sys.exit(run_demo(args.nodes, args.interval, args.grpc_port, args.http_port))
+    if args.command in ("certs", "token"):
+        from gpufleet import certs
+
+        try:
+            print(certs.run(args))
+        except OSError as exc:
+            fail(f"{exc.filename or ''}: {exc.strerror or exc}")
+        except ValueError as exc:
+            fail(str(exc))
+        return
     try:
-        with FleetClient(args.collector, args.timeout) as client:
+        security = client_security(args)
+    except SecuritySettingsError as exc:
+        fail(str(exc))
+    try:
+        with FleetClient(args.collector, args.timeout, security) as client:
             result = args.run(client, args)
             for line in [result] if isinstance(result, str) else result:
                 print(line, flush=True)

@@ -9,9 +9,11 @@ import grpc
 from google.protobuf import json_format
 
 from gpufleet import wire
-from gpufleet.v1 import events_pb2, query_pb2, query_pb2_grpc
+from gpufleet.security import ClientSecurity
+from gpufleet.v1 import admin_pb2, admin_pb2_grpc, events_pb2, query_pb2, query_pb2_grpc
 
 GIB = 1024**3
+ADMIN_METHODS = frozenset({"ForgetNode"})
 
 
 class CollectorUnavailable(Exception):
@@ -26,15 +28,24 @@ def _explain(exc: grpc.RpcError, target: str) -> CollectorUnavailable:
             f"cannot reach the collector at {target} ({details}); is it running? "
             "Set --collector HOST:PORT or GPUFLEET_COLLECTOR"
         )
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return CollectorUnavailable(
+            f"the collector at {target} refused: {details}; pass --token-file (or GPUFLEET_TOKEN_FILE)"
+        )
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return CollectorUnavailable(f"the collector at {target} refused: {details}")
     return CollectorUnavailable(f"collector at {target}: {details}")
 
 
 class FleetClient:
-    def __init__(self, target: str, timeout_s: float = 10.0) -> None:
+    def __init__(self, target: str, timeout_s: float = 10.0, security: ClientSecurity | None = None) -> None:
         self.target = target
         self._timeout = timeout_s
-        self._channel = grpc.insecure_channel(target, options=wire.CLIENT_OPTIONS)
+        security = security or ClientSecurity()
+        self._metadata = security.metadata()
+        self._channel = security.channel(target, wire.CLIENT_OPTIONS)
         self._stub = query_pb2_grpc.QueryServiceStub(self._channel)
+        self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
 
     def close(self) -> None:
         self._channel.close()
@@ -47,7 +58,8 @@ class FleetClient:
 
     def _call(self, method: str, request: Any) -> Any:
         try:
-            return getattr(self._stub, method)(request, timeout=self._timeout)
+            stub = self._admin if method in ADMIN_METHODS else self._stub
+            return getattr(stub, method)(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _explain(exc, self.target) from exc
 
@@ -72,6 +84,12 @@ class FleetClient:
                 return
             request.page_token = page.next_page_token
 
+    def forget(self, name: str) -> admin_pb2.ForgetNodeResponse:
+        answer: admin_pb2.ForgetNodeResponse = self._call(
+            "ForgetNode", admin_pb2.ForgetNodeRequest(node=name)
+        )
+        return answer
+
     def node(self, name: str) -> query_pb2.GetNodeResponse:
         answer: query_pb2.GetNodeResponse = self._call("GetNode", query_pb2.GetNodeRequest(node=name))
         return answer
@@ -83,7 +101,9 @@ class FleetClient:
     def follow(self, event_filter: query_pb2.EventFilter) -> Iterator[events_pb2.Event]:
         """Events as they happen, until interrupted; no deadline."""
         try:
-            yield from self._stub.StreamEvents(query_pb2.StreamEventsRequest(filter=event_filter))
+            yield from self._stub.StreamEvents(
+                query_pb2.StreamEventsRequest(filter=event_filter), metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise _explain(exc, self.target) from exc
 

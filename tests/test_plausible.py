@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from agent.sanity import drop_implausible
+from gpufleet.plausible import drop_implausible
 from gpufleet.v1 import telemetry_pb2
 
 

@@ -1,8 +1,9 @@
-"""Drop values no GPU can have before they leave the host.
+"""Values no GPU can have: dropped by the agent before they leave the host, and again by the collector.
 
 Drivers sometimes return sentinel garbage (temperatures of 644245923, utilization
 of 808334905); such a value is removed from the sample (absent, not zero) and
-counted, so it never reaches a dashboard.
+counted, so it never reaches a dashboard. The collector applies the same ranges to
+whatever an agent sends: it does not trust agents to have done so.
 """
 
 from __future__ import annotations

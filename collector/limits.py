@@ -1,0 +1,136 @@
+"""Limits on everything an agent sends, checked before anything reaches the fleet's state.
+
+A message over a limit is refused with a precise reason (the ingest path turns it
+into INVALID_ARGUMENT and counts it); values outside physical ranges are dropped
+(absent, as the agent would have done) and timestamps from the future are clamped
+to now, both counted. Nothing an agent sends reaches /metrics or MQTT unescaped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gpufleet.plausible import drop_implausible
+from gpufleet.v1 import ingest_pb2, inventory_pb2
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_gpus_per_node: int = 64
+    max_labels_per_node: int = 32
+    max_label_key_length: int = 64
+    max_label_value_length: int = 256
+    # Identity, version and other strings (hostname, UUID, serial, model name...).
+    max_string_length: int = 256
+    max_processes_per_gpu: int = 1024
+    max_xids_per_gpu_report: int = 256
+    # A report stamped further ahead than this is taken as stamped now.
+    max_clock_skew_s: float = 300.0
+    # Sustained reports per second per node, and the burst a reconnect's resend may use.
+    reports_per_second: float = 10.0
+    report_burst: int = 2000
+    # Agent streams open at once, and how long a new one may take to say hello.
+    max_streams: int = 50_000
+    hello_timeout_s: float = 10.0
+
+
+class LimitExceeded(Exception):
+    """A message over a limit; ``reason`` names the limit (a metric label)."""
+
+    def __init__(self, reason: str, details: str) -> None:
+        super().__init__(details)
+        self.reason = reason
+
+
+INVENTORY_STRINGS = (
+    "node_id",
+    "hostname",
+    "boot_id",
+    "datacenter",
+    "cluster",
+    "rack",
+    "agent_version",
+    "driver_version",
+    "cuda_version",
+    "nvml_version",
+)
+GPU_STRINGS = ("uuid", "serial", "name", "architecture", "compute_capability", "pci_bus_id", "vbios_version")
+
+
+def _check_strings(message: object, fields: tuple[str, ...], limit: int, where: str) -> None:
+    for name in fields:
+        value = getattr(message, name)
+        if len(value) > limit:
+            raise LimitExceeded(
+                "string_length", f"{where}{name} is {len(value)} characters; the limit is {limit}"
+            )
+
+
+def check_inventory(inventory: inventory_pb2.NodeInventory, limits: Limits) -> None:
+    _check_strings(inventory, INVENTORY_STRINGS, limits.max_string_length, "")
+    if len(inventory.labels) > limits.max_labels_per_node:
+        raise LimitExceeded(
+            "labels", f"{len(inventory.labels)} labels; the limit is {limits.max_labels_per_node}"
+        )
+    for key, value in inventory.labels.items():
+        if len(key) > limits.max_label_key_length or len(value) > limits.max_label_value_length:
+            raise LimitExceeded(
+                "label_length",
+                f"label {key[:32]!r}... is longer than {limits.max_label_key_length} "
+                f"(key) or {limits.max_label_value_length} (value) characters",
+            )
+    if len(inventory.gpus) > limits.max_gpus_per_node:
+        raise LimitExceeded("gpus", f"{len(inventory.gpus)} GPUs; the limit is {limits.max_gpus_per_node}")
+    for gpu in inventory.gpus:
+        if gpu.index >= limits.max_gpus_per_node:
+            raise LimitExceeded(
+                "gpu_index", f"GPU index {gpu.index}; the limit is {limits.max_gpus_per_node - 1}"
+            )
+        _check_strings(gpu, GPU_STRINGS, limits.max_string_length, f"GPU {gpu.index} ")
+
+
+def check_report(report: ingest_pb2.Report, limits: Limits) -> None:
+    if report.HasField("inventory"):
+        check_inventory(report.inventory, limits)
+    if len(report.gpus) > limits.max_gpus_per_node:
+        raise LimitExceeded(
+            "gpus", f"{len(report.gpus)} GPU samples; the limit is {limits.max_gpus_per_node}"
+        )
+    for gpu in report.gpus:
+        if gpu.index >= limits.max_gpus_per_node:
+            raise LimitExceeded(
+                "gpu_index", f"GPU index {gpu.index}; the limit is {limits.max_gpus_per_node - 1}"
+            )
+        if len(gpu.xid_events) > limits.max_xids_per_gpu_report:
+            raise LimitExceeded(
+                "xids",
+                f"{len(gpu.xid_events)} XIDs for GPU {gpu.index} in one report; "
+                f"the limit is {limits.max_xids_per_gpu_report}",
+            )
+        processes = gpu.processes.processes
+        if len(processes) > limits.max_processes_per_gpu:
+            raise LimitExceeded(
+                "processes",
+                f"{len(processes)} processes on GPU {gpu.index}; the limit is {limits.max_processes_per_gpu}",
+            )
+        if len(gpu.read_error) > limits.max_string_length or any(
+            len(p.name) > limits.max_string_length for p in processes
+        ):
+            raise LimitExceeded(
+                "string_length", f"a string of GPU {gpu.index} is over {limits.max_string_length} characters"
+            )
+
+
+def clamp_report(report: ingest_pb2.Report, now_ns: int, limits: Limits) -> int:
+    """Drop implausible values and clamp future timestamps; return how many values were touched."""
+    touched = sum(drop_implausible(gpu) for gpu in report.gpus)
+    latest = now_ns + int(limits.max_clock_skew_s * 1e9)
+    if report.time_unix_nano > latest:
+        report.time_unix_nano = now_ns
+        touched += 1
+    for gpu in report.gpus:
+        for event in gpu.xid_events:
+            if event.time_unix_nano > latest:
+                event.time_unix_nano = now_ns
+                touched += 1
+    return touched
