@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
 def sim_identity(args: argparse.Namespace, index: int, labels: dict[str, str]) -> NodeIdentity:
     """A distinct, stable identity for simulated node ``index``."""
     node_id = hashlib.sha256(f"gpufleet-sim:{args.seed}:{index}".encode()).hexdigest()[:32]
+    if args.node_id and args.nodes == 1:
+        node_id = args.node_id  # one simulated node may take a given identity (e.g. its certificate's)
     prefix = args.hostname or "sim-node"
     cluster = args.cluster or "sim"
     if args.clusters > 1:

@@ -227,6 +227,9 @@ class Uplink:
                     raise CollectorStalled(
                         f"a report could not be written for {self._ack_timeout_s:.0f} s"
                     ) from None
+                except asyncio.InvalidStateError:
+                    await call  # the collector ended the stream: raises its status
+                    raise CollectorRejected("the collector closed the stream") from None
                 self._last_sent = report.sequence
                 if self._waiting_for_ack_since is None:
                     self._waiting_for_ack_since = time.monotonic()

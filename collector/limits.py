@@ -76,7 +76,7 @@ def check_inventory(inventory: inventory_pb2.NodeInventory, limits: Limits) -> N
         if len(key) > limits.max_label_key_length or len(value) > limits.max_label_value_length:
             raise LimitExceeded(
                 "label_length",
-                f"label {key[:32]!r}... is longer than {limits.max_label_key_length} "
+                f"label {key[:32]!r} is over the limit of {limits.max_label_key_length} "
                 f"(key) or {limits.max_label_value_length} (value) characters",
             )
     if len(inventory.gpus) > limits.max_gpus_per_node:
