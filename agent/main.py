@@ -8,7 +8,6 @@ import hashlib
 import json
 import logging
 import resource
-import signal
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from gpufleet.client import message_dict
 from gpufleet.plausible import drop_implausible
 from gpufleet.security import SecuritySettingsError, add_client_security_flags, client_security
 from gpufleet.settings import add_flag, add_log_level, fail, labels_from_pairs, setup_logging
+from gpufleet.signals import stop_on_signals
 
 log = logging.getLogger("agent")
 
@@ -201,21 +201,7 @@ def raise_open_files_limit(connections: int) -> None:
 
 async def run_agents(agents: Sequence[NodeAgent]) -> None:
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = 0
-
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            log.info("stopping: flushing reports (signal again to exit at once)")
-            stop.set()
-        else:
-            for task in tasks:
-                task.cancel()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+    stop_on_signals(stop, "stopping: flushing reports")
     tasks = [asyncio.create_task(agent.run(stop), name=f"node-{agent.identity.hostname}") for agent in agents]
     results = await asyncio.gather(*tasks, return_exceptions=True)
     for result in results:

@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,6 +17,7 @@ from collector.mqtt import MqttConfig
 from collector.service import Collector, CollectorConfig
 from collector.state import Liveness
 from gpufleet.settings import add_flag, add_log_level, fail, parse_host_port, setup_logging
+from gpufleet.signals import stop_on_signals
 
 log = logging.getLogger("collector")
 
@@ -168,22 +168,8 @@ async def serve(config: CollectorConfig) -> None:
         await collector.start()
     except OSError as exc:
         fail(str(exc))
-    loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    signals = 0
-
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            log.info("shutting down (signal again to exit at once)")
-            stopping.set()
-        else:
-            for task in asyncio.all_tasks(loop):
-                task.cancel()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
+    stop_on_signals(stopping, "shutting down")
     await stopping.wait()
     await collector.stop()
 

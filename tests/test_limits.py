@@ -25,10 +25,24 @@ from tests.test_ingest import METHOD, exchange, hello, report
 
 @pytest.fixture
 async def limited() -> AsyncIterator[Collector]:
-    limits = Limits(max_gpus_per_node=16, max_labels_per_node=4, reports_per_second=1, report_burst=3,
-                    max_streams=40, hello_timeout_s=0.5)
-    collector = Collector(CollectorConfig(grpc_host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=0,
-                                          shutdown_grace_s=0.1, ingest=IngestPolicy(limits=limits)))
+    limits = Limits(
+        max_gpus_per_node=16,
+        max_labels_per_node=4,
+        reports_per_second=1,
+        report_burst=3,
+        max_streams=40,
+        hello_timeout_s=0.5,
+    )
+    collector = Collector(
+        CollectorConfig(
+            grpc_host="127.0.0.1",
+            grpc_port=0,
+            http_host="127.0.0.1",
+            http_port=0,
+            shutdown_grace_s=0.1,
+            ingest=IngestPolicy(limits=limits),
+        )
+    )
     await collector.start()
     yield collector
     await collector.stop()
@@ -78,10 +92,18 @@ def long_serial(h: ingest_pb2.Hello) -> None:
 
 @pytest.mark.parametrize(
     ("change", "reason"),
-    [(many_labels, "labels"), (long_label, "label_length"), (long_hostname, "string_length"),
-     (many_gpus, "gpus"), (huge_gpu_index, "gpu_index"), (long_serial, "string_length")],
+    [
+        (many_labels, "labels"),
+        (long_label, "label_length"),
+        (long_hostname, "string_length"),
+        (many_gpus, "gpus"),
+        (huge_gpu_index, "gpu_index"),
+        (long_serial, "string_length"),
+    ],
 )
-async def test_hello_limits(limited: Collector, change: Callable[[ingest_pb2.Hello], None], reason: str) -> None:
+async def test_hello_limits(
+    limited: Collector, change: Callable[[ingest_pb2.Hello], None], reason: str
+) -> None:
     _, code, details = await exchange(limited, hello_with(change))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "limit" in details
     assert limited.metrics.rejected.labels(f"limit_{reason}")._value.get() == 1
@@ -109,10 +131,16 @@ def many_processes(r: ingest_pb2.Report) -> None:
 
 @pytest.mark.parametrize(
     ("change", "reason"),
-    [(many_xids, "xids"), (gpu_out_of_range, "gpu_index"), (long_process_name, "string_length"),
-     (many_processes, "processes")],
+    [
+        (many_xids, "xids"),
+        (gpu_out_of_range, "gpu_index"),
+        (long_process_name, "string_length"),
+        (many_processes, "processes"),
+    ],
 )
-async def test_report_limits(limited: Collector, change: Callable[[ingest_pb2.Report], None], reason: str) -> None:
+async def test_report_limits(
+    limited: Collector, change: Callable[[ingest_pb2.Report], None], reason: str
+) -> None:
     _, code, details = await exchange(limited, hello(0), report_with(change))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
     assert limited.metrics.rejected.labels(f"limit_{reason}")._value.get() == 1
@@ -146,9 +174,9 @@ async def test_impossible_values_are_dropped_and_future_times_clamped(limited: C
 
 async def test_reports_per_second_per_node(limited: Collector) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{limited.grpc_port}") as channel:
-        call = channel.stream_stream(METHOD, request_serializer=None,
-                                     response_deserializer=ingest_pb2.CollectorMessage.FromString)(
-            iter([hello(0), *(report(s) for s in range(1, 8))]))
+        call = channel.stream_stream(
+            METHOD, request_serializer=None, response_deserializer=ingest_pb2.CollectorMessage.FromString
+        )(iter([hello(0), *(report(s) for s in range(1, 8))]))
         acks = []
         with pytest.raises(grpc.aio.AioRpcError) as error:
             async for answer in call:
@@ -162,8 +190,9 @@ async def test_reports_per_second_per_node(limited: Collector) -> None:
 
 async def test_streams_that_never_say_hello_are_closed(limited: Collector) -> None:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{limited.grpc_port}") as channel:
-        call = channel.stream_stream(METHOD, request_serializer=None,
-                                     response_deserializer=ingest_pb2.CollectorMessage.FromString)()
+        call = channel.stream_stream(
+            METHOD, request_serializer=None, response_deserializer=ingest_pb2.CollectorMessage.FromString
+        )()
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await call.read()
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -171,7 +200,9 @@ async def test_streams_that_never_say_hello_are_closed(limited: Collector) -> No
 
 
 async def test_the_stream_limit_sends_agents_away_with_a_retry_hint(limited: Collector) -> None:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{limited.grpc_port}", options=wire.client_options()) as channel:
+    async with grpc.aio.insecure_channel(
+        f"127.0.0.1:{limited.grpc_port}", options=wire.client_options()
+    ) as channel:
         calls = [channel.stream_stream(METHOD, request_serializer=None)() for _ in range(45)]
         await asyncio.sleep(0.3)
         _, code, details = await exchange(limited, hello(1))
@@ -184,9 +215,16 @@ async def test_the_stream_limit_sends_agents_away_with_a_retry_hint(limited: Col
 async def test_a_flood_of_connections_does_not_starve_the_fleet() -> None:
     """300 connections that never say hello, while one agent reports: every report still goes
     through, each acknowledged within a second."""
-    collector = Collector(CollectorConfig(grpc_host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=0,
-                                          shutdown_grace_s=0.1,
-                                          ingest=IngestPolicy(limits=Limits(hello_timeout_s=3))))
+    collector = Collector(
+        CollectorConfig(
+            grpc_host="127.0.0.1",
+            grpc_port=0,
+            http_host="127.0.0.1",
+            http_port=0,
+            shutdown_grace_s=0.1,
+            ingest=IngestPolicy(limits=Limits(hello_timeout_s=3)),
+        )
+    )
     await collector.start()
     target = f"127.0.0.1:{collector.grpc_port}"
     flood_channels = [grpc.aio.insecure_channel(target, options=wire.client_options()) for _ in range(300)]

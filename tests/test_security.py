@@ -25,17 +25,28 @@ from gpufleet.v1 import query_pb2, query_pb2_grpc
 from tests.conftest import ROOT, http_get
 from tests.fleet import inventory_for
 
-SECRETS = {"agent": "agent-secret-0123456789", "read": "read-secret-0123456789", "admin": "admin-secret-0123456789"}
+SECRETS = {
+    "agent": "agent-secret-0123456789",
+    "read": "read-secret-0123456789",
+    "admin": "admin-secret-0123456789",
+}
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("pki")
     node_id = inventory_for(SimulatedSource("H100", 8), 0).node_id
-    certs.issue(directory, server_names=["localhost"], server_ips=["127.0.0.1"], agents=[node_id],
-                clients=["operator"], days=1)
-    certs.issue(directory / "other", server_names=["localhost"], server_ips=[], agents=[node_id], clients=[],
-                days=1)
+    certs.issue(
+        directory,
+        server_names=["localhost"],
+        server_ips=["127.0.0.1"],
+        agents=[node_id],
+        clients=["operator"],
+        days=1,
+    )
+    certs.issue(
+        directory / "other", server_names=["localhost"], server_ips=[], agents=[node_id], clients=[], days=1
+    )
     return directory
 
 
@@ -46,20 +57,35 @@ def tokens_file(tmp_path: Path) -> Path:
 
 
 async def start(security: ServerSecurity, bind: bool = False) -> Collector:
-    collector = Collector(CollectorConfig(grpc_host="127.0.0.1", grpc_port=0, http_host="127.0.0.1", http_port=0,
-                                          shutdown_grace_s=0.1, security=security,
-                                          ingest=IngestPolicy(bind_node_id_to_certificate=bind)))
+    collector = Collector(
+        CollectorConfig(
+            grpc_host="127.0.0.1",
+            grpc_port=0,
+            http_host="127.0.0.1",
+            http_port=0,
+            shutdown_grace_s=0.1,
+            security=security,
+            ingest=IngestPolicy(bind_node_id_to_certificate=bind),
+        )
+    )
     await collector.start()
     return collector
 
 
-async def report_once(collector: Collector, security: ClientSecurity, node_index: int = 0,
-                      timeout: float = 5.0) -> str:
+async def report_once(
+    collector: Collector, security: ClientSecurity, node_index: int = 0, timeout: float = 5.0
+) -> str:
     """Try to deliver one report; 'ok' or the error the uplink met."""
     source = SimulatedSource("H100", 8, node_index=node_index)
     inventory = inventory_for(source, node_index)
-    uplink = Uplink([f"localhost:{collector.grpc_port}"], inventory, security=security, backoff_base_s=0.05,
-                    backoff_cap_s=0.1, rng=random.Random(0))
+    uplink = Uplink(
+        [f"localhost:{collector.grpc_port}"],
+        inventory,
+        security=security,
+        backoff_base_s=0.05,
+        backoff_cap_s=0.1,
+        rng=random.Random(0),
+    )
     uplink.submit(source.sample(with_processes=False))
     stop = asyncio.Event()
     errors: list[str] = []
@@ -84,17 +110,24 @@ async def report_once(collector: Collector, security: ClientSecurity, node_index
 
 def client(pki: Path, name: str | None, ca: Path | None = None, token: str | None = None) -> ClientSecurity:
     return ClientSecurity(
-        tls=True, ca=(ca or pki / "ca.pem").read_bytes(),
+        tls=True,
+        ca=(ca or pki / "ca.pem").read_bytes(),
         cert=(pki / f"{name}.pem").read_bytes() if name else None,
-        key=(pki / f"{name}.key").read_bytes() if name else None, token=token,
+        key=(pki / f"{name}.key").read_bytes() if name else None,
+        token=token,
     )
 
 
 @pytest.fixture
 async def mtls(pki: Path) -> AsyncIterator[Collector]:
-    collector = await start(ServerSecurity(tls_cert=(pki / "server.pem").read_bytes(),
-                                           tls_key=(pki / "server.key").read_bytes(),
-                                           client_ca=(pki / "ca.pem").read_bytes()), bind=True)
+    collector = await start(
+        ServerSecurity(
+            tls_cert=(pki / "server.pem").read_bytes(),
+            tls_key=(pki / "server.key").read_bytes(),
+            client_ca=(pki / "ca.pem").read_bytes(),
+        ),
+        bind=True,
+    )
     yield collector
     await collector.stop()
 
@@ -122,7 +155,9 @@ async def with_tokens(tmp_path: Path) -> AsyncIterator[Collector]:
     tokens = Tokens.from_file(tokens_file(tmp_path))
     basic = tmp_path / "basic"
     basic.write_text("prometheus:scrape-password\n")
-    collector = await start(ServerSecurity(tokens=tokens, metrics_token=True, metrics_basic_auth=BasicAuth(basic)))
+    collector = await start(
+        ServerSecurity(tokens=tokens, metrics_token=True, metrics_basic_auth=BasicAuth(basic))
+    )
     yield collector
     await collector.stop()
 
@@ -134,22 +169,27 @@ async def test_tokens_are_scoped(with_tokens: Collector) -> None:
     assert await report_once(with_tokens, ClientSecurity(token=SECRETS["agent"])) == "ok"
     async with grpc.aio.insecure_channel(f"127.0.0.1:{with_tokens.grpc_port}") as channel:
         stub = query_pb2_grpc.QueryServiceStub(channel)
-        for secret, expected in ((SECRETS["agent"], grpc.StatusCode.PERMISSION_DENIED),
-                                 (None, grpc.StatusCode.UNAUTHENTICATED)):
+        for secret, expected in (
+            (SECRETS["agent"], grpc.StatusCode.PERMISSION_DENIED),
+            (None, grpc.StatusCode.UNAUTHENTICATED),
+        ):
             metadata = (("authorization", f"Bearer {secret}"),) if secret else ()
             with pytest.raises(grpc.aio.AioRpcError) as error:
                 await stub.GetFleetSummary(query_pb2.GetFleetSummaryRequest(), metadata=metadata)
             assert error.value.code() == expected
         for scope in ("read", "admin"):
-            summary = await stub.GetFleetSummary(query_pb2.GetFleetSummaryRequest(),
-                                                 metadata=(("authorization", f"Bearer {SECRETS[scope]}"),))
+            summary = await stub.GetFleetSummary(
+                query_pb2.GetFleetSummaryRequest(), metadata=(("authorization", f"Bearer {SECRETS[scope]}"),)
+            )
             assert summary.nodes == 1
         status = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
         assert status.status == health_pb2.HealthCheckResponse.SERVING  # load balancers need no token
     assert with_tokens.metrics.denied.labels("agent")._value.get() >= 3
 
 
-async def test_only_admin_tokens_change_state_and_the_cli_says_why(with_tokens: Collector, tmp_path: Path) -> None:
+async def test_only_admin_tokens_change_state_and_the_cli_says_why(
+    with_tokens: Collector, tmp_path: Path
+) -> None:
     assert await report_once(with_tokens, ClientSecurity(token=SECRETS["agent"])) == "ok"
     await asyncio.sleep(0.2)  # the agent's stream closes
 
@@ -157,9 +197,18 @@ async def test_only_admin_tokens_change_state_and_the_cli_says_why(with_tokens: 
         token_file = tmp_path / f"token-{token[:5]}"
         token_file.write_text(token)
         process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "gpufleet.cli", *args, "--collector", f"127.0.0.1:{with_tokens.grpc_port}",
-            "--token-file", str(token_file), cwd=ROOT, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE)
+            sys.executable,
+            "-m",
+            "gpufleet.cli",
+            *args,
+            "--collector",
+            f"127.0.0.1:{with_tokens.grpc_port}",
+            "--token-file",
+            str(token_file),
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
         out, err = await process.communicate()
         return process.returncode or 0, out.decode(), err.decode()
 
@@ -193,8 +242,11 @@ async def test_metrics_need_a_read_token_or_basic_auth(with_tokens: Collector) -
 
 async def test_an_open_collector_on_a_public_address_warns_once(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="collector.service")
-    collector = Collector(CollectorConfig(grpc_host="0.0.0.0", grpc_port=0, http_host="127.0.0.1", http_port=0,
-                                          shutdown_grace_s=0.1))
+    collector = Collector(
+        CollectorConfig(
+            grpc_host="0.0.0.0", grpc_port=0, http_host="127.0.0.1", http_port=0, shutdown_grace_s=0.1
+        )
+    )
     await collector.start()
     await collector.stop()
     warnings = [r for r in caplog.records if "without TLS or tokens" in r.getMessage()]
