@@ -285,7 +285,7 @@ class DcgmExposition:
         if self._dirty:
             dirty, self._dirty = self._dirty, set()
             for node_id in dirty:
-                node = state.find(node_id)
+                node = state.get(node_id)
                 if node is None:
                     self._chunks.pop(node_id, None)
                     self._last_xids.pop(node_id, None)

@@ -218,7 +218,7 @@ class MqttPublisher:
                 self._store.set_meta(PUBLISHED_KEY, event.id)
             while self._dirty_nodes and not self._queue:
                 node_id = next(iter(self._dirty_nodes))
-                node = self._state.find(node_id)
+                node = self._state.get(node_id)
                 if node is not None:
                     inventory = node.inventory
                     topic = "/".join(

@@ -169,12 +169,14 @@ class FleetState:
     def nodes(self) -> Iterator[NodeRecord]:
         return iter(self._nodes.values())
 
+    def get(self, node_id: str) -> NodeRecord | None:
+        """A node by id (what the collector's own parts use)."""
+        return self._nodes.get(node_id)
+
     def find(self, key: str) -> NodeRecord | None:
-        """A node by id or by name."""
-        node = self._nodes.get(key)
-        if node is None and key in self._ids_by_name:
-            node = self._nodes.get(self._ids_by_name[key])
-        return node
+        """A node by name (what operators see), else by id; for what operators type."""
+        node_id = self._ids_by_name.get(key)
+        return self._nodes.get(key if node_id is None else node_id)
 
     # -- registration ------------------------------------------------------------------
 
@@ -236,10 +238,20 @@ class FleetState:
         node.streams = max(node.streams - 1, 0)
 
     def _unique_name(self, inventory: inventory_pb2.NodeInventory) -> str:
-        name = inventory.hostname or inventory.node_id
-        if name in self._ids_by_name:
-            name = f"{name}~{inventory.node_id[:8]}"
-        return name
+        """The hostname, unless another node has it (as a name or as an id): then made unique."""
+        node_id = inventory.node_id
+        base = inventory.hostname or node_id
+        candidates = (base, f"{base}~{node_id[:8]}", f"{base}~{node_id}")
+        for name in candidates:
+            if self._name_is_free(name, node_id):
+                return name
+        suffix = 2
+        while not self._name_is_free(f"{candidates[-1]}~{suffix}", node_id):
+            suffix += 1
+        return f"{candidates[-1]}~{suffix}"
+
+    def _name_is_free(self, name: str, node_id: str) -> bool:
+        return name not in self._ids_by_name and (name == node_id or name not in self._nodes)
 
     def _set_inventory(
         self, node: NodeRecord, inventory: inventory_pb2.NodeInventory, announce: bool = True
@@ -426,7 +438,8 @@ class FleetState:
         silent_s = max(time.time_ns() - node.last_seen_unix_ns, 0) / 1e9
         node.last_seen_monotonic = self._clock() - silent_s
         node.state = self.liveness.state_after(silent_s / node.interval_s)
-        node.name = self._unique_name(node.inventory) if node.name in self._ids_by_name else node.name
+        if not self._name_is_free(node.name, node.node_id):
+            node.name = self._unique_name(node.inventory)
         self._nodes[node.node_id] = node
         self._ids_by_name[node.name] = node.node_id
         self._changed(node)

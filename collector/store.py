@@ -267,7 +267,7 @@ class Store:
         done, self._next_commit = self._next_commit, None
         batch, self._pending = self._pending, Batch()
         for node_id in self._dirty:
-            node = self._state.find(node_id)
+            node = self._state.get(node_id)
             if node is None:
                 continue
             if self._written_inventory.get(node_id) != node.inventory_version:
