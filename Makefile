@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 SYSTEM_PACKAGES := prometheus mosquitto prometheus-pushgateway systemd
 SYSTEM_COMMANDS := promtool prometheus mosquitto prometheus-pushgateway systemd-analyze
 
-.PHONY: demo test lint bench proto system-deps clean
+.PHONY: demo test lint bench fuzz proto system-deps clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ test: $(BIN)/.installed system-deps lint
 
 bench: $(BIN)/.installed system-deps
 	$(BIN)/python -m bench
+
+# Ten minutes of coverage-guided fuzzing of the ingest path (the test suite runs 20 s of it).
+fuzz: $(BIN)/.installed
+	$(BIN)/python fuzz/ingest_fuzz.py -max_total_time=600
 
 proto: $(BIN)/.installed
 	$(BIN)/python tools/generate_proto.py
