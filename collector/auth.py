@@ -11,6 +11,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,10 +174,10 @@ class BasicAuth:
 class ServerSecurity:
     """TLS for gRPC and HTTP, client certificates, tokens; each optional (docs/security.md)."""
 
-    tls_cert: bytes | None = None
-    tls_key: bytes | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
     # Require client certificates signed by this CA (gRPC).
-    client_ca: bytes | None = None
+    client_ca: Path | None = None
     tokens: Tokens | None = None
     # /metrics requires a read (or admin) token, or basic auth.
     metrics_token: bool = False
@@ -190,10 +191,18 @@ class ServerSecurity:
         if self.tls_cert is None or self.tls_key is None:
             return None
         return grpc.ssl_server_credentials(
-            [(self.tls_key, self.tls_cert)],
-            root_certificates=self.client_ca,
+            [(self.tls_key.read_bytes(), self.tls_cert.read_bytes())],
+            root_certificates=self.client_ca.read_bytes() if self.client_ca else None,
             require_client_auth=self.client_ca is not None,
         )
+
+    def http_ssl_context(self) -> ssl.SSLContext | None:
+        """TLS for the HTTP endpoints, with the same certificate as gRPC."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(self.tls_cert, self.tls_key)
+        return context
 
     def http_allows(self, authorization: str | None) -> bool:
         """Whether a /metrics request may be answered."""

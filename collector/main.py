@@ -174,9 +174,11 @@ async def serve(config: CollectorConfig) -> None:
     await collector.stop()
 
 
-def _read(path: str, what: str) -> bytes:
+def _readable(path: str, what: str) -> Path:
+    """``path``, once it is known to be readable (so a typo is said at start, in one line)."""
     try:
-        return Path(path).read_bytes()
+        Path(path).read_bytes()
+        return Path(path)
     except OSError as exc:
         fail(f"cannot read {what} {path}: {exc.strerror}")
         raise  # not reached
@@ -197,9 +199,9 @@ def server_security(args: argparse.Namespace) -> ServerSecurity:
     if args.metrics_auth == "token" and tokens is None:
         fail("--metrics-auth token needs --tokens-file")
     return ServerSecurity(
-        tls_cert=_read(args.tls_cert, "certificate") if args.tls_cert else None,
-        tls_key=_read(args.tls_key, "private key") if args.tls_key else None,
-        client_ca=_read(args.tls_client_ca, "client CA") if args.tls_client_ca else None,
+        tls_cert=_readable(args.tls_cert, "certificate") if args.tls_cert else None,
+        tls_key=_readable(args.tls_key, "private key") if args.tls_key else None,
+        client_ca=_readable(args.tls_client_ca, "client CA") if args.tls_client_ca else None,
         tokens=tokens,
         metrics_token=args.metrics_auth == "token",
         metrics_basic_auth=basic,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -26,11 +27,12 @@ def free_port() -> int:
 
 
 def http_get(
-    url: str, headers: dict[str, str] | None = None, timeout: float = 10.0
+    url: str, headers: dict[str, str] | None = None, timeout: float = 10.0, ca: Path | None = None
 ) -> tuple[int, bytes, dict[str, str]]:
     request = urllib.request.Request(url, headers=headers or {})
+    context = ssl.create_default_context(cafile=str(ca)) if ca else None
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
             return response.status, response.read(), dict(response.headers)
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read(), dict(exc.headers)
@@ -90,7 +92,11 @@ class Processes:
         return "\n".join(p.read_text() for p in self._log_dir.glob(f"*-{index}.log"))
 
     def collector(
-        self, *extra: str, grpc_port: int | None = None, http_port: int | None = None
+        self,
+        *extra: str,
+        grpc_port: int | None = None,
+        http_port: int | None = None,
+        tls_ca: Path | None = None,
     ) -> tuple[subprocess.Popen[bytes], str, str]:
         """Start gpufleet-collector; return it, its gRPC target and its base URL once ready.
 
@@ -108,8 +114,8 @@ class Processes:
             f"127.0.0.1:{http_port}",
             *extra,
         )
-        base = f"http://127.0.0.1:{http_port}"
-        wait_until(lambda: http_get(f"{base}/readyz", timeout=1)[0] == 200, what="collector ready")
+        base = f"https://localhost:{http_port}" if tls_ca else f"http://127.0.0.1:{http_port}"
+        wait_until(lambda: http_get(f"{base}/readyz", timeout=1, ca=tls_ca)[0] == 200, what="collector ready")
         return process, f"127.0.0.1:{grpc_port}", base
 
     def stop_all(self) -> None:

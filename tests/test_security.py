@@ -121,11 +121,7 @@ def client(pki: Path, name: str | None, ca: Path | None = None, token: str | Non
 @pytest.fixture
 async def mtls(pki: Path) -> AsyncIterator[Collector]:
     collector = await start(
-        ServerSecurity(
-            tls_cert=(pki / "server.pem").read_bytes(),
-            tls_key=(pki / "server.key").read_bytes(),
-            client_ca=(pki / "ca.pem").read_bytes(),
-        ),
+        ServerSecurity(tls_cert=pki / "server.pem", tls_key=pki / "server.key", client_ca=pki / "ca.pem"),
         bind=True,
     )
     yield collector
@@ -251,3 +247,18 @@ async def test_an_open_collector_on_a_public_address_warns_once(caplog: pytest.L
     await collector.stop()
     warnings = [r for r in caplog.records if "without TLS or tokens" in r.getMessage()]
     assert len(warnings) == 1 and "0.0.0.0" in warnings[0].getMessage()
+
+
+async def test_the_http_endpoints_speak_tls_with_the_same_certificate(pki: Path, mtls: Collector) -> None:
+    import ssl
+    import urllib.request
+
+    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
+
+    def fetch() -> bytes:
+        with urllib.request.urlopen(
+            f"https://localhost:{mtls.http_port}/healthz", context=context, timeout=5
+        ) as response:
+            return response.read()
+
+    assert await asyncio.to_thread(fetch) == b"ok\n"

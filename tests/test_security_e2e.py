@@ -56,6 +56,7 @@ def test_the_documented_mutual_tls_setup_works(tmp_path: Path, processes: Proces
         "--tokens-file",
         str(tokens),
         grpc_port=grpc_port,
+        tls_ca=pki / "ca.pem",
     )
     target = f"localhost:{grpc_port}"
     processes.start(
