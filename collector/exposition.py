@@ -2,24 +2,45 @@
 
 Like kube-state-metrics, each node's lines are rendered once when the node
 changes and kept, one chunk per metric family; a scrape writes each family's
-HELP/TYPE once, followed by every node's chunk for it. Fleet aggregates are
-summed from per-node contributions, so a fleet-wide dashboard reads a few dozen
-series instead of 250,000.
+HELP/TYPE once, followed by every node's chunk for it. A report's values are
+formatted by one %-operation on a template shared by nodes of the same shape.
+Each shard view keeps, per family, references to its nodes' chunks and gzip
+members of them, made again only for families that changed (docs/benchmarks.md
+has the measurements). Fleet aggregates are running totals of per-node shares,
+so a fleet-wide dashboard reads a few dozen series instead of 250,000.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
+import functools
+import itertools
+import logging
 import math
+import operator
 import zlib
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from collector import health
-from collector.state import NODE_STATE_NAMES, UP, FleetState, GpuRecord, NodeRecord
+from collector.state import (
+    IDLE_UTILIZATION_PERCENT,
+    NODE_STATE_NAMES,
+    UP,
+    FleetState,
+    GpuRecord,
+    NodeRecord,
+)
 from gpufleet.v1 import telemetry_pb2
 
+log = logging.getLogger(__name__)
+
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# ~300 MB/s per core; level 6 costs 2x for a few percent less.
+GZIP_LEVEL = 1
 
 
 def escape_label_value(value: str) -> str:
@@ -95,36 +116,25 @@ GPU_HEALTH = _family("gpufleet_gpu_health", "gauge", "1 for the GPU's current he
 GPU_XIDS = _family("gpufleet_gpu_xid_errors_total", "counter", "XID errors seen on the GPU, per XID code.")
 GPU_MEMORY_TOTAL = _family("gpufleet_gpu_memory_total_bytes", "gauge", "Framebuffer size.")
 GPU_POWER_LIMIT = _family("gpufleet_gpu_power_limit_watts", "gauge", "Enforced power limit.")
-
-
-Convert = Callable[[int], float | int]
-
-
-def _percent(value: int) -> float:
-    return value / 100
-
-
-def _milli(value: int) -> float:
-    return value / 1000
-
-
-def _nano(value: int) -> float:
-    return value / 1e9
-
-
-def _mega(value: int) -> int:
-    return value * 1_000_000
+# How a sample field's integer becomes the exported value in base units: the
+# integer with a decimal exponent, exact and without float formatting
+# (95 percent is written 95e-2, 700000 mW 700000e-3 W).
+AS_IS = "%d"
+PERCENT = "%de-2"
+MILLI = "%de-3"
+NANO = "%de-9"
+MEGA = "%de6"
 
 
 @dataclass(frozen=True)
 class SampleGauge:
     family: int
     field: str
-    convert: Convert | None  # to the base unit; None: the value as it is
+    value_format: str  # the integer in base units: AS_IS, PERCENT, MILLI, NANO or MEGA
 
 
-def _gauge(name: str, type_: str, help_: str, field_name: str, convert: Convert | None = None) -> SampleGauge:
-    return SampleGauge(_family(name, type_, help_), field_name, convert)
+def _gauge(name: str, type_: str, help_: str, field_name: str, value_format: str = AS_IS) -> SampleGauge:
+    return SampleGauge(_family(name, type_, help_), field_name, value_format)
 
 
 # Telemetry fields exported one series per GPU, converted to base units.
@@ -134,28 +144,28 @@ SAMPLE_GAUGES: list[SampleGauge] = [
         "gauge",
         "Fraction of time a kernel ran (0-1).",
         "gpu_utilization_percent",
-        _percent,
+        PERCENT,
     ),
     _gauge(
         "gpufleet_gpu_memory_copy_utilization_ratio",
         "gauge",
         "Fraction of time device memory was read or written (0-1).",
         "memory_copy_utilization_percent",
-        _percent,
+        PERCENT,
     ),
     _gauge(
         "gpufleet_gpu_encoder_utilization_ratio",
         "gauge",
         "Video encoder utilization (0-1).",
         "encoder_utilization_percent",
-        _percent,
+        PERCENT,
     ),
     _gauge(
         "gpufleet_gpu_decoder_utilization_ratio",
         "gauge",
         "Video decoder utilization (0-1).",
         "decoder_utilization_percent",
-        _percent,
+        PERCENT,
     ),
     _gauge("gpufleet_gpu_memory_used_bytes", "gauge", "Framebuffer memory in use.", "memory_used_bytes"),
     _gauge("gpufleet_gpu_memory_free_bytes", "gauge", "Framebuffer memory free.", "memory_free_bytes"),
@@ -169,22 +179,22 @@ SAMPLE_GAUGES: list[SampleGauge] = [
     _gauge(
         "gpufleet_gpu_memory_temperature_celsius", "gauge", "HBM temperature.", "memory_temperature_celsius"
     ),
-    _gauge("gpufleet_gpu_power_watts", "gauge", "Power draw.", "power_draw_milliwatts", _milli),
+    _gauge("gpufleet_gpu_power_watts", "gauge", "Power draw.", "power_draw_milliwatts", MILLI),
     _gauge(
         "gpufleet_gpu_energy_joules_total",
         "counter",
         "Energy used since the driver loaded.",
         "energy_millijoules",
-        _milli,
+        MILLI,
     ),
-    _gauge("gpufleet_gpu_sm_clock_hertz", "gauge", "SM clock.", "sm_clock_mhz", _mega),
-    _gauge("gpufleet_gpu_memory_clock_hertz", "gauge", "Memory clock.", "memory_clock_mhz", _mega),
+    _gauge("gpufleet_gpu_sm_clock_hertz", "gauge", "SM clock.", "sm_clock_mhz", MEGA),
+    _gauge("gpufleet_gpu_memory_clock_hertz", "gauge", "Memory clock.", "memory_clock_mhz", MEGA),
     _gauge(
         "gpufleet_gpu_fan_speed_ratio",
         "gauge",
         "Fan speed (0-1); absent on fanless boards.",
         "fan_speed_percent",
-        _percent,
+        PERCENT,
     ),
     _gauge(
         "gpufleet_gpu_performance_state",
@@ -232,14 +242,14 @@ SAMPLE_GAUGES: list[SampleGauge] = [
 ]
 
 # Telemetry fields exported as one family, told apart by labels.
-LABELLED_GAUGES: list[tuple[int, list[tuple[str, str, Convert | None]]]] = [
+LABELLED_GAUGES: list[tuple[int, list[tuple[str, str, str]]]] = [
     (
         _family("gpufleet_gpu_throttle_seconds_total", "counter", "Time clocks were held down, per reason."),
         [
-            ('reason="power_cap"', "throttle_power_cap_nanoseconds", _nano),
-            ('reason="sw_thermal"', "throttle_sw_thermal_nanoseconds", _nano),
-            ('reason="hw_thermal"', "throttle_hw_thermal_nanoseconds", _nano),
-            ('reason="hw_power_brake"', "throttle_hw_power_brake_nanoseconds", _nano),
+            ('reason="power_cap"', "throttle_power_cap_nanoseconds", NANO),
+            ('reason="sw_thermal"', "throttle_sw_thermal_nanoseconds", NANO),
+            ('reason="hw_thermal"', "throttle_hw_thermal_nanoseconds", NANO),
+            ('reason="hw_power_brake"', "throttle_hw_power_brake_nanoseconds", NANO),
         ],
     ),
     (
@@ -249,10 +259,10 @@ LABELLED_GAUGES: list[tuple[int, list[tuple[str, str, Convert | None]]]] = [
             "ECC errors, corrected (single-bit) and uncorrected (double-bit); volatile: since driver load.",
         ),
         [
-            ('type="corrected",scope="volatile"', "ecc_corrected_volatile", None),
-            ('type="uncorrected",scope="volatile"', "ecc_uncorrected_volatile", None),
-            ('type="corrected",scope="aggregate"', "ecc_corrected_aggregate", None),
-            ('type="uncorrected",scope="aggregate"', "ecc_uncorrected_aggregate", None),
+            ('type="corrected",scope="volatile"', "ecc_corrected_volatile", AS_IS),
+            ('type="uncorrected",scope="volatile"', "ecc_uncorrected_volatile", AS_IS),
+            ('type="corrected",scope="aggregate"', "ecc_corrected_aggregate", AS_IS),
+            ('type="uncorrected",scope="aggregate"', "ecc_uncorrected_aggregate", AS_IS),
         ],
     ),
     (
@@ -262,17 +272,17 @@ LABELLED_GAUGES: list[tuple[int, list[tuple[str, str, Convert | None]]]] = [
             "Memory rows remapped, by the error that caused it.",
         ),
         [
-            ('type="correctable"', "remapped_rows_correctable", None),
-            ('type="uncorrectable"', "remapped_rows_uncorrectable", None),
+            ('type="correctable"', "remapped_rows_correctable", AS_IS),
+            ('type="uncorrectable"', "remapped_rows_uncorrectable", AS_IS),
         ],
     ),
     (
         _family("gpufleet_gpu_nvlink_errors_total", "counter", "NVLink errors summed over the GPU's links."),
         [
-            ('type="crc_flit"', "nvlink_crc_flit_errors", None),
-            ('type="crc_data"', "nvlink_crc_data_errors", None),
-            ('type="replay"', "nvlink_replay_errors", None),
-            ('type="recovery"', "nvlink_recovery_errors", None),
+            ('type="crc_flit"', "nvlink_crc_flit_errors", AS_IS),
+            ('type="crc_data"', "nvlink_crc_data_errors", AS_IS),
+            ('type="replay"', "nvlink_replay_errors", AS_IS),
+            ('type="recovery"', "nvlink_recovery_errors", AS_IS),
         ],
     ),
 ]
@@ -294,181 +304,42 @@ FLEET_IDLE = Family(
 )
 FLEET_POWER = Family("gpufleet_fleet_power_watts", "gauge", "Power drawn by reachable GPUs, by cluster.")
 
-
-@dataclass
-class Contribution:
-    """What one node adds to the fleet aggregates."""
-
-    gpus: Counter[tuple[str, str, str]] = field(default_factory=Counter)
-    nodes: Counter[tuple[str, str]] = field(default_factory=Counter)
-    utilization: dict[tuple[str, str], list[float]] = field(
-        default_factory=lambda: defaultdict(lambda: [0.0, 0])
-    )
-    idle: Counter[tuple[str, str]] = field(default_factory=Counter)
-    power_watts: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+# What one node adds to the fleet aggregates, as integers so that running totals
+# can subtract a node's old share exactly: ("gpus", cluster, model, health) -> GPUs,
+# ("nodes", cluster, state) -> 1, ("util", cluster, model) -> percent summed,
+# ("util_n", cluster, model) -> GPUs in that sum, ("idle", cluster, model) -> GPUs,
+# ("power", cluster) -> milliwatts, ("power_n", cluster) -> GPUs in that sum.
+Contribution = dict[tuple[str, ...], int]
 
 
 def _line(name: str, labels: str, value: float | int) -> str:
     return f"{name}{{{labels}}} {format_value(value)}\n"
 
 
-def _converted(sample: telemetry_pb2.GpuSample, field_name: str, convert: Convert | None) -> float | int:
-    value = int(getattr(sample, field_name))  # bools become 0/1
-    return value if convert is None else convert(value)
-
-
-def render_node(node: NodeRecord) -> tuple[list[str], Contribution]:
-    """The node's lines, one string per node family, and its share of the aggregates."""
-    lines: list[list[str]] = [[] for _ in range(NODE_FAMILY_COUNT)]
-    inv = node.inventory
-    node_label = f'node="{escape_label_value(node.name)}"'
-    up = node.state == UP
-    lines[NODE_INFO].append(
-        _line(
-            "gpufleet_node_info",
-            ",".join(
-                (
-                    node_label,
-                    f'node_id="{escape_label_value(node.node_id)}"',
-                    f'hostname="{escape_label_value(inv.hostname)}"',
-                    f'datacenter="{escape_label_value(inv.datacenter)}"',
-                    f'cluster="{escape_label_value(inv.cluster)}"',
-                    f'rack="{escape_label_value(inv.rack)}"',
-                    f'driver_version="{escape_label_value(inv.driver_version)}"',
-                    f'cuda_version="{escape_label_value(inv.cuda_version)}"',
-                    f'agent_version="{escape_label_value(inv.agent_version)}"',
-                )
-            ),
-            1,
-        )
-    )
-    for state, state_name in NODE_STATE_NAMES.items():
-        lines[NODE_STATE].append(
-            _line("gpufleet_node_state", f'{node_label},state="{state_name}"', int(node.state == state))
-        )
-    lines[NODE_LAST_SEEN].append(
-        _line("gpufleet_node_last_seen_timestamp_seconds", node_label, node.last_seen_unix_ns / 1e9)
-    )
-    lines[NODE_GPUS].append(_line("gpufleet_node_gpus", node_label, len(node.gpus)))
-    stats = node.agent_stats
-    lines[NODE_AGENT_INVALID].append(
-        _line(
-            "gpufleet_node_agent_invalid_values_dropped_total", node_label, stats.invalid_values_dropped_total
-        )
-    )
-    lines[NODE_AGENT_REPORTS_DROPPED].append(
-        _line("gpufleet_node_agent_reports_dropped_total", node_label, stats.reports_dropped_total)
-    )
-    lines[NODE_AGENT_RECONNECTS].append(
-        _line("gpufleet_node_agent_reconnects_total", node_label, stats.reconnects_total)
-    )
-    contribution = Contribution()
-    cluster = inv.cluster
-    contribution.nodes[(cluster, NODE_STATE_NAMES[node.state])] += 1
-    driver = escape_label_value(inv.driver_version)
-    for index in sorted(node.gpus):
-        _render_gpu(lines, node, node.gpus[index], f'{node_label},gpu="{index}"', driver, up, contribution)
-    return ["".join(family_lines) for family_lines in lines], contribution
-
-
-def _render_gpu(
-    lines: list[list[str]],
-    node: NodeRecord,
-    gpu: GpuRecord,
-    labels: str,
-    driver: str,
-    up: bool,
-    contribution: Contribution,
-) -> None:
-    inv = gpu.inventory
-    model = gpu.model
-    lines[GPU_INFO].append(
-        _line(
-            "gpufleet_gpu_info",
-            (
-                f'{labels},uuid="{escape_label_value(inv.uuid)}",model="{escape_label_value(model)}",'
-                f'serial="{escape_label_value(inv.serial)}",pci_bus_id="{escape_label_value(inv.pci_bus_id)}",'
-                f'driver_version="{driver}"'
-            ),
-            1,
-        )
-    )
-    verdict = node.gpu_verdict(gpu)
-    for state, state_name in health.HEALTH_NAMES.items():
-        lines[GPU_HEALTH].append(
-            _line("gpufleet_gpu_health", f'{labels},state="{state_name}"', int(verdict.health == state))
-        )
-    for code in sorted(gpu.xid_totals):
-        lines[GPU_XIDS].append(
-            _line("gpufleet_gpu_xid_errors_total", f'{labels},xid="{code}"', gpu.xid_totals[code])
-        )
-    if inv.HasField("memory_total_bytes"):
-        lines[GPU_MEMORY_TOTAL].append(
-            _line("gpufleet_gpu_memory_total_bytes", labels, inv.memory_total_bytes)
-        )
-    if inv.HasField("power_limit_enforced_milliwatts"):
-        lines[GPU_POWER_LIMIT].append(
-            _line("gpufleet_gpu_power_limit_watts", labels, _milli(inv.power_limit_enforced_milliwatts))
-        )
-    contribution.gpus[(node.cluster, model, verdict.name)] += 1
-    sample = gpu.sample
-    reading = up and sample is not None and sample.read_status == telemetry_pb2.GPU_READ_STATUS_OK
-    lines[GPU_UP].append(_line("gpufleet_gpu_up", labels, int(reading)))
-    if not reading or sample is None:
-        return
-    for gauge in SAMPLE_GAUGES:
-        if sample.HasField(gauge.field):
-            name = FAMILIES[gauge.family].name
-            lines[gauge.family].append(_line(name, labels, _converted(sample, gauge.field, gauge.convert)))
-    for family, members in LABELLED_GAUGES:
-        name = FAMILIES[family].name
-        for member_labels, field_name, convert in members:
-            if sample.HasField(field_name):
-                lines[family].append(
-                    _line(name, f"{labels},{member_labels}", _converted(sample, field_name, convert))
-                )
-    if gpu.processes is not None:
-        lines[GPU_PROCESSES].append(_line("gpufleet_gpu_processes", labels, gpu.processes))
-    key = (node.cluster, model)
-    if sample.HasField("gpu_utilization_percent"):
-        total = contribution.utilization[key]
-        total[0] += sample.gpu_utilization_percent / 100
-        total[1] += 1
-        if gpu.is_idle():
-            contribution.idle[key] += 1
-    if sample.HasField("power_draw_milliwatts"):
-        contribution.power_watts[node.cluster] += sample.power_draw_milliwatts / 1000
-
-
-def render_aggregates(contributions: Iterable[Contribution]) -> str:
-    gpus: Counter[tuple[str, str, str]] = Counter()
-    nodes: Counter[tuple[str, str]] = Counter()
-    utilization: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
-    idle: Counter[tuple[str, str]] = Counter()
-    power: dict[str, float] = defaultdict(float)
-    for c in contributions:
-        gpus.update(c.gpus)
-        nodes.update(c.nodes)
-        idle.update(c.idle)
-        for key, (total, count) in c.utilization.items():
-            utilization[key][0] += total
-            utilization[key][1] += count
-        for cluster, watts in c.power_watts.items():
-            power[cluster] += watts
+def render_aggregates(totals: Contribution) -> str:
+    """The fleet aggregates from the running totals of every node's contribution."""
+    rows: dict[str, list[tuple[tuple[str, ...], int]]] = defaultdict(list)
+    for key, value in totals.items():
+        if value:
+            rows[key[0]].append((key[1:], value))
     out = [FLEET_GPUS.header()]
-    for (cluster, model, state), count in sorted(gpus.items()):
+    for (cluster, model, state), count in sorted(rows["gpus"]):
         out.append(_line(FLEET_GPUS.name, _cluster_model(cluster, model) + f',health="{state}"', count))
     out.append(FLEET_NODES.header())
-    for (cluster, state), count in sorted(nodes.items()):
+    for (cluster, state), count in sorted(rows["nodes"]):
         out.append(_line(FLEET_NODES.name, f'cluster="{escape_label_value(cluster)}",state="{state}"', count))
+    measured = sorted(rows["util_n"])
     out.append(FLEET_UTILIZATION.header())
-    for key, (total, count) in sorted(utilization.items()):
-        out.append(_line(FLEET_UTILIZATION.name, _cluster_model(*key), total / count if count else 0.0))
+    for (cluster, model), count in measured:
+        mean = totals.get(("util", cluster, model), 0) / 100 / count
+        out.append(_line(FLEET_UTILIZATION.name, _cluster_model(cluster, model), mean))
     out.append(FLEET_IDLE.header())
-    for key in sorted(utilization):
-        out.append(_line(FLEET_IDLE.name, _cluster_model(*key), idle.get(key, 0)))
+    for (cluster, model), _ in measured:
+        idle = totals.get(("idle", cluster, model), 0)
+        out.append(_line(FLEET_IDLE.name, _cluster_model(cluster, model), idle))
     out.append(FLEET_POWER.header())
-    for cluster, watts in sorted(power.items()):
+    for (cluster,), _ in sorted(rows["power_n"]):
+        watts = totals.get(("power", cluster), 0) / 1000
         out.append(_line(FLEET_POWER.name, f'cluster="{escape_label_value(cluster)}"', watts))
     return "".join(out)
 
@@ -482,61 +353,558 @@ def shard_of(node_id: str, shards: int) -> int:
     return zlib.crc32(node_id.encode()) % shards
 
 
+# -- one node's lines ------------------------------------------------------------------
+
+
+# A value slot of a GPU: one series of one family, filled from one sample field.
+@dataclass(frozen=True)
+class _Slot:
+    family: int
+    field: str
+    labels: str  # extra labels after node and gpu, with a leading comma, or ""
+    value_format: str
+
+
+SLOTS: list[_Slot] = [_Slot(g.family, g.field, "", g.value_format) for g in SAMPLE_GAUGES] + [
+    _Slot(family, field_name, f",{labels}", value_format)
+    for family, members in LABELLED_GAUGES
+    for labels, field_name, value_format in members
+]
+SLOT_FIELDS = tuple(slot.field for slot in SLOTS)
+_slot_values = operator.attrgetter(*SLOT_FIELDS)
+# The families a node's template fills, in exposition order: everything that
+# changes with a report. The others change rarely and are rendered on change.
+NODE_VALUE_FAMILIES = (NODE_LAST_SEEN, NODE_AGENT_INVALID, NODE_AGENT_REPORTS_DROPPED, NODE_AGENT_RECONNECTS)
+TEMPLATE_FAMILIES = sorted({*NODE_VALUE_FAMILIES, *(slot.family for slot in SLOTS), GPU_PROCESSES})
+_SLOTS_BY_FAMILY: dict[int, list[int]] = defaultdict(list)
+for _position, _slot in enumerate(SLOTS):
+    _SLOTS_BY_FAMILY[_slot.family].append(_position)
+# A node's flat value list: these node values first (its label as a value, so
+# that one template serves every node of the same shape), then per reading GPU
+# its slot values and its process count.
+_LABEL = 0
+_NODE_VALUES = 1 + len(NODE_VALUE_FAMILIES)
+_GPU_VALUES = len(SLOTS) + 1
+_SEPARATOR = b"\x00"
+_UTILIZATION = SLOT_FIELDS.index("gpu_utilization_percent")
+_POWER = SLOT_FIELDS.index("power_draw_milliwatts")
+_HEALTH_NAMES = {int(value): name for value, name in health.HEALTH_NAMES.items()}
+_HEALTH_STATES = max(_HEALTH_NAMES) + 1
+_OK = telemetry_pb2.GPU_READ_STATUS_OK
+# (GPU index, fields present, process count present) of each GPU that reads.
+Shape = tuple[tuple[int, tuple[bool, ...], bool], ...]
+
+
+@dataclass(frozen=True)
+class _Template:
+    """How every node of one shape is formatted, with one %-operation."""
+
+    joined: bytes  # every template family, separated by NUL bytes
+    parts: tuple[bytes, ...]  # the same, one per family (for label values that hold NUL)
+    counts: tuple[int, ...]  # placeholders per family
+    pick: Callable[[list[Any]], tuple[Any, ...]]  # flat values -> placeholder order
+
+
+@functools.lru_cache(maxsize=4096)
+def _template(shape: Shape) -> _Template:
+    parts: list[bytes] = []
+    counts: list[int] = []
+    positions: list[int] = []
+    for family in TEMPLATE_FAMILIES:
+        name = FAMILIES[family].name.encode()
+        lines: list[bytes] = []
+        if family in NODE_VALUE_FAMILIES:
+            value = b"%b" if family == NODE_LAST_SEEN else b"%d"
+            lines.append(name + b"{%b} " + value + b"\n")
+            positions += (_LABEL, 1 + NODE_VALUE_FAMILIES.index(family))
+        for gpu_position, (index, present, has_processes) in enumerate(shape):
+            base = _NODE_VALUES + gpu_position * _GPU_VALUES
+            labels = name + b'{%b,gpu="' + str(index).encode() + b'"'
+            if family == GPU_PROCESSES:
+                if has_processes:
+                    lines.append(labels + b"} %d\n")
+                    positions += (_LABEL, base + len(SLOTS))
+                continue
+            for slot_position in _SLOTS_BY_FAMILY.get(family, ()):
+                if present[slot_position]:
+                    slot = SLOTS[slot_position]
+                    lines.append(labels + slot.labels.encode() + b"} " + slot.value_format.encode() + b"\n")
+                    positions += (_LABEL, base + slot_position)
+        parts.append(b"".join(lines))
+        counts.append(2 * len(lines))
+    getter = operator.itemgetter(*positions)
+    return _Template(_SEPARATOR.join(parts), tuple(parts), tuple(counts), getter)
+
+
+class _NodeLines:
+    """One node's rendered lines, one bytes chunk per family, and its share of the aggregates.
+
+    A report changes values only: they are formatted by one %-operation on the
+    template of the node's shape. Inventory, liveness, health and XID lines are
+    rendered again only when they change. (Slots and tuples: at 100,000 GPUs,
+    fewer objects for Python's garbage collector to walk.)
+    """
+
+    __slots__ = (
+        "_health_key",
+        "_inventory_key",
+        "_label",
+        "_label_bytes",
+        "_name",
+        "_state_key",
+        "_up_key",
+        "_xid_key",
+        "chunks",
+        "contribution",
+        "crc",
+    )
+
+    def __init__(self, node_id: str) -> None:
+        self.crc = zlib.crc32(node_id.encode())
+        self.chunks: tuple[bytes, ...] = (b"",) * NODE_FAMILY_COUNT
+        self.contribution: Contribution = {}
+        self._forget("")
+
+    def _forget(self, name: str) -> None:
+        self._name = name
+        self._label = f'node="{escape_label_value(name)}"'
+        self._label_bytes = self._label.encode()
+        self._inventory_key: tuple[object, ...] = ()
+        self._state_key: int | None = None
+        self._health_key: tuple[int, ...] | None = None
+        self._up_key: tuple[bool, ...] | None = None
+        self._xid_key: tuple[object, ...] = ()
+
+    def render(self, node: NodeRecord) -> list[int]:
+        """Bring the chunks up to date with ``node``; return the families whose lines changed."""
+        if node.name != self._name:
+            self._forget(node.name)
+        old = self.chunks
+        new = list(old)
+        gpus = [node.gpus[index] for index in sorted(node.gpus)]
+        inventory_key = (node.inventory, *[gpu.inventory for gpu in gpus])
+        if inventory_key != self._inventory_key:
+            self._inventory_key = inventory_key
+            self._render_inventory(node, gpus, new)
+        state = node.state
+        if state != self._state_key:
+            self._state_key = state
+            new[NODE_STATE] = self._lines(
+                ("gpufleet_node_state", f',state="{name}"', int(state == known))
+                for known, name in NODE_STATE_NAMES.items()
+            )
+        up = state == UP
+        stats = node.agent_stats
+        values: list[Any] = [
+            self._label_bytes,
+            repr(node.last_seen_unix_ns / 1e9).encode(),
+            stats.invalid_values_dropped_total,
+            stats.reports_dropped_total,
+            stats.reconnects_total,
+        ]
+        shape = []
+        verdicts = []
+        oks = []
+        # Per model: GPUs by health, utilization summed, GPUs in it, idle GPUs, power summed, GPUs in it.
+        by_model: dict[str, list[Any]] = {}
+        for gpu in gpus:
+            health_now = node.gpu_verdict(gpu).health
+            verdicts.append(health_now)
+            model = gpu.model
+            totals = by_model.get(model)
+            if totals is None:
+                totals = by_model[model] = [[0] * _HEALTH_STATES, 0, 0, 0, 0, 0]
+            totals[0][health_now] += 1
+            sample = gpu.sample
+            if not (up and sample is not None and not gpu.missing and sample.read_status == _OK):
+                oks.append(False)
+                continue
+            oks.append(True)
+            present = tuple(map(sample.HasField, SLOT_FIELDS))
+            slot_values = _slot_values(sample)
+            shape.append((gpu.inventory.index, present, gpu.processes is not None))
+            values += slot_values
+            values.append(gpu.processes)
+            if present[_UTILIZATION]:
+                utilization = slot_values[_UTILIZATION]
+                totals[1] += utilization
+                totals[2] += 1
+                totals[3] += utilization < IDLE_UTILIZATION_PERCENT
+            if present[_POWER]:
+                totals[4] += slot_values[_POWER]
+                totals[5] += 1
+        health_key = tuple(verdicts)
+        if health_key != self._health_key:
+            self._health_key = health_key
+            new[GPU_HEALTH] = self._lines(
+                ("gpufleet_gpu_health", f',gpu="{gpu.inventory.index}",state="{name}"', int(now == known))
+                for gpu, now in zip(gpus, health_key, strict=True)
+                for known, name in health.HEALTH_NAMES.items()
+            )
+        up_key = tuple(oks)
+        if up_key != self._up_key:
+            self._up_key = up_key
+            new[GPU_UP] = self._lines(
+                ("gpufleet_gpu_up", f',gpu="{gpu.inventory.index}"', int(ok))
+                for gpu, ok in zip(gpus, oks, strict=True)
+            )
+        if self._xid_key or any(gpu.xid_totals for gpu in gpus):
+            self._render_xids(gpus, new)
+        self._fill(_template(tuple(shape)), values, new)
+        self.contribution = _contribution(node.inventory.cluster, NODE_STATE_NAMES[state], by_model)
+        self.chunks = tuple(new)
+        return [family for family in range(NODE_FAMILY_COUNT) if new[family] != old[family]]
+
+    def _lines(self, lines: Iterable[tuple[str, str, float | int]]) -> bytes:
+        """Lines of this node from (metric, labels after the node label, value)."""
+        label = self._label
+        return "".join(_line(name, label + labels, value) for name, labels, value in lines).encode()
+
+    def _render_inventory(self, node: NodeRecord, gpus: list[GpuRecord], new: list[bytes]) -> None:
+        inv = node.inventory
+        node_labels = "".join(
+            f',{key}="{escape_label_value(value)}"'
+            for key, value in (
+                ("node_id", node.node_id),
+                ("hostname", inv.hostname),
+                ("datacenter", inv.datacenter),
+                ("cluster", inv.cluster),
+                ("rack", inv.rack),
+                ("driver_version", inv.driver_version),
+                ("cuda_version", inv.cuda_version),
+                ("agent_version", inv.agent_version),
+            )
+        )
+        new[NODE_INFO] = self._lines([("gpufleet_node_info", node_labels, 1)])
+        new[NODE_GPUS] = self._lines([("gpufleet_node_gpus", "", len(node.gpus))])
+        driver = escape_label_value(inv.driver_version)
+        info, memory, power = [], [], []
+        for gpu in gpus:
+            gpu_inv = gpu.inventory
+            labels = f',gpu="{gpu_inv.index}"'
+            info.append(
+                (
+                    "gpufleet_gpu_info",
+                    f'{labels},uuid="{escape_label_value(gpu_inv.uuid)}",'
+                    f'model="{escape_label_value(gpu.model)}",'
+                    f'serial="{escape_label_value(gpu_inv.serial)}",'
+                    f'pci_bus_id="{escape_label_value(gpu_inv.pci_bus_id)}",'
+                    f'driver_version="{driver}"',
+                    1,
+                )
+            )
+            if gpu_inv.HasField("memory_total_bytes"):
+                memory.append(("gpufleet_gpu_memory_total_bytes", labels, gpu_inv.memory_total_bytes))
+            if gpu_inv.HasField("power_limit_enforced_milliwatts"):
+                watts = gpu_inv.power_limit_enforced_milliwatts / 1000
+                power.append(("gpufleet_gpu_power_limit_watts", labels, watts))
+        new[GPU_INFO] = self._lines(info)
+        new[GPU_MEMORY_TOTAL] = self._lines(memory)
+        new[GPU_POWER_LIMIT] = self._lines(power)
+
+    def _render_xids(self, gpus: list[GpuRecord], new: list[bytes]) -> None:
+        key = tuple((gpu.inventory.index, tuple(sorted(gpu.xid_totals.items()))) for gpu in gpus)
+        if key == self._xid_key:
+            return
+        self._xid_key = key if any(totals for _, totals in key) else ()
+        new[GPU_XIDS] = self._lines(
+            ("gpufleet_gpu_xid_errors_total", f',gpu="{index}",xid="{code}"', count)
+            for index, totals in key
+            for code, count in totals
+        )
+
+    @staticmethod
+    def _fill(template: _Template, values: list[Any], new: list[bytes]) -> None:
+        ordered = template.pick(values)
+        chunks = (template.joined % ordered).split(_SEPARATOR)
+        if len(chunks) != len(TEMPLATE_FAMILIES):  # a label value holds a NUL byte
+            chunks, start = [], 0
+            for part, count in zip(template.parts, template.counts, strict=True):
+                chunks.append(part % ordered[start : start + count])
+                start += count
+        for family, chunk in zip(TEMPLATE_FAMILIES, chunks, strict=True):
+            new[family] = chunk
+
+
+def _contribution(cluster: str, state: str, by_model: dict[str, list[Any]]) -> Contribution:
+    share: Contribution = {("nodes", cluster, state): 1}
+    for model, (healths, utilization, measured, idle, milliwatts, powered) in by_model.items():
+        for verdict, count in enumerate(healths):
+            if count:
+                share[("gpus", cluster, model, _HEALTH_NAMES[verdict])] = count
+        if measured:
+            share[("util", cluster, model)] = utilization
+            share[("util_n", cluster, model)] = measured
+            share[("idle", cluster, model)] = idle
+        if powered:
+            key = ("power", cluster)
+            share[key] = share.get(key, 0) + milliwatts
+            key = ("power_n", cluster)
+            share[key] = share.get(key, 0) + powered
+    return share
+
+
+# -- scrapes -----------------------------------------------------------------------------
+
+# Text is written and compressed in blocks of about this size: never one large
+# buffer for a whole scrape, and a gzip member per block.
+BLOCK_BYTES = 512 * 1024
+
+
+def gzip_member(data: bytes) -> bytes:
+    """``data`` as one complete gzip member."""
+    compressor = zlib.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)
+    return compressor.compress(data) + compressor.flush()
+
+
+class _Segment:
+    """One family's lines in one view: its header and every node's chunk (references, not a copy).
+
+    The text is joined block by block when written; each block's gzip member is
+    made once and kept as long as the segment (until the family's lines change).
+    """
+
+    __slots__ = ("_bounds", "_members", "_pieces", "length")
+
+    def __init__(self, header: bytes, chunks: list[bytes]) -> None:
+        pieces = [header, *chunks]
+        ends = list(itertools.accumulate(map(len, pieces)))
+        bounds = [0]
+        start = 0  # where the current block starts, in bytes
+        while True:
+            # The block ends after the piece that takes it to BLOCK_BYTES.
+            cut = bisect.bisect_left(ends, start + BLOCK_BYTES) + 1
+            if cut >= len(pieces):
+                break
+            bounds.append(cut)
+            start = ends[cut - 1]
+        bounds.append(len(pieces))
+        self._pieces = pieces
+        self._bounds = bounds
+        self._members: list[bytes | None] = [None] * (len(bounds) - 1)
+        self.length = ends[-1]
+
+    def blocks(self) -> Iterator[bytes]:
+        pieces = self._pieces
+        for start, end in itertools.pairwise(self._bounds):
+            yield b"".join(pieces[start:end])
+
+    def pending(self) -> int:
+        """Bytes not compressed yet."""
+        if all(member is not None for member in self._members):
+            return 0
+        ends = [0, *itertools.accumulate(map(len, self._pieces))]
+        return sum(
+            ends[end] - ends[start]
+            for (start, end), member in zip(itertools.pairwise(self._bounds), self._members, strict=True)
+            if member is None
+        )
+
+    def members(self) -> list[bytes]:
+        """The gzip member of every block, compressing those not made yet."""
+        members = self._members
+        for block, member in enumerate(members):
+            if member is None:
+                start, end = self._bounds[block], self._bounds[block + 1]
+                members[block] = gzip_member(b"".join(self._pieces[start:end]))
+        return [member for member in members if member is not None]
+
+
+class Body:
+    """A scrape's exposition text, in pieces: one segment per metric family, then a tail.
+
+    Written block by block, never joined into one large buffer. The gzip form is
+    a gzip member per block (Prometheus, like every HTTP client, accepts several
+    members in a row), kept until the family's lines change: a scrape compresses
+    only what changed since the previous one. ``bytes(body)`` gives the whole text.
+    """
+
+    __slots__ = ("_length", "_segments", "_tail")
+
+    def __init__(self, segments: Sequence[_Segment], tail: bytes = b"") -> None:
+        # Segments are never changed once made (a change makes new ones): a body
+        # can be written or compressed while the event loop renders newer lines.
+        self._segments = tuple(segments)
+        self._tail = tail
+        self._length = sum(segment.length for segment in self._segments) + len(tail)
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.chunks())
+
+    def chunks(self) -> Iterator[bytes]:
+        """The text, block by block."""
+        for segment in self._segments:
+            yield from segment.blocks()
+        if self._tail:
+            yield self._tail
+
+    def gzip_pending(self) -> int:
+        """How many bytes ``gzip_chunks`` has yet to compress."""
+        return sum(segment.pending() for segment in self._segments) + len(self._tail)
+
+    def gzip_chunks(self) -> list[bytes]:
+        """The gzip form, member by member, compressing what is not yet (safe in another thread)."""
+        members = [member for segment in self._segments for member in segment.members()]
+        if self._tail or not members:
+            members.append(gzip_member(self._tail))
+        return members
+
+    def gzip(self) -> bytes:
+        return b"".join(self.gzip_chunks())
+
+
+class _View:
+    """The nodes of one shard and their lines, one segment per family, built on demand."""
+
+    def __init__(self, members: list[_NodeLines]) -> None:
+        self.members = members
+        self.segments: list[_Segment | None] = [None] * NODE_FAMILY_COUNT
+        self.built = [False] * NODE_FAMILY_COUNT
+        self.body: Body | None = None
+
+    def invalidate(self, families: Iterable[int]) -> None:
+        built = self.built
+        for family in families:
+            built[family] = False
+        self.body = None
+
+    def build(self, headers: Sequence[bytes]) -> list[_Segment]:
+        """The view's segments, those of families that changed made again."""
+        segments = self.segments
+        for family, built in enumerate(self.built):
+            if not built:
+                chunks = list(filter(None, [lines.chunks[family] for lines in self.members]))
+                segments[family] = _Segment(headers[family], chunks) if chunks else None
+                self.built[family] = True
+        return [segment for segment in segments if segment is not None]
+
+
 class Exposition:
-    """Keeps every node's rendered lines current and joins them on scrape."""
+    """Keeps every node's rendered lines current and joins them on scrape.
+
+    Nodes that changed are rendered in small batches, REFRESH_DELAY_S after the
+    first change (when an event loop runs), so that a scrape finds little left to
+    render; a scrape renders what is left first.
+    """
+
+    # Shard views kept (least recently scraped dropped first).
+    MAX_VIEWS = 64
+    REFRESH_DELAY_S = 0.05
 
     def __init__(self, state: FleetState, extra: Callable[[], bytes] = lambda: b"") -> None:
         self._state = state
         self._extra = extra
-        self._chunks: dict[str, list[str]] = {}
-        self._contributions: dict[str, Contribution] = {}
+        self._nodes: dict[str, _NodeLines] = {}
         self._dirty: set[str] = {node.node_id for node in state.nodes()}
-        self._aggregates = render_aggregates(())
-        self._headers = [family.header() for family in FAMILIES]
-        self._cache: dict[tuple[int, int], bytes] = {}
+        self._totals: Contribution = {}
+        self._aggregates = render_aggregates({}).encode()
+        self._headers = [family.header().encode() for family in FAMILIES]
+        self._views: dict[tuple[int, int], _View] = {}
+        # How many views there are for each shard count.
+        self._shard_counts: Counter[int] = Counter()
+        self._refresh_scheduled = False
         state.add_listener(self._node_changed)
 
     def _node_changed(self, node: NodeRecord) -> None:
         self._dirty.add(node.node_id)
+        if not self._refresh_scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop: refreshed on the next scrape
+                return
+            self._refresh_scheduled = True
+            loop.call_later(self.REFRESH_DELAY_S, self._scheduled_refresh)
+
+    def _scheduled_refresh(self) -> None:
+        self._refresh_scheduled = False
+        try:
+            self.refresh()
+        except Exception:
+            log.exception("rendering the exposition failed; retrying with the next change")
 
     def refresh(self) -> int:
         """Re-render the nodes that changed since the last refresh; return how many."""
         if not self._dirty:
             return 0
         dirty, self._dirty = self._dirty, set()
+        totals = self._totals
+        shares_changed = False
         for node_id in dirty:
-            node = self._state.find(node_id)
+            node = self._state.get(node_id)
+            lines = self._nodes.get(node_id)
             if node is None:
-                self._chunks.pop(node_id, None)
-                self._contributions.pop(node_id, None)
+                if lines is not None:
+                    del self._nodes[node_id]
+                    _account(totals, lines.contribution, -1)
+                    shares_changed = True
+                    for view in self._views_of(lines):
+                        view.members.remove(lines)
+                        view.invalidate(f for f, chunk in enumerate(lines.chunks) if chunk)
                 continue
-            self._chunks[node_id], self._contributions[node_id] = render_node(node)
-        self._aggregates = render_aggregates(self._contributions.values())
-        self._cache.clear()
+            added = lines is None
+            if lines is None:
+                lines = self._nodes[node_id] = _NodeLines(node_id)
+            share = lines.contribution
+            changed = lines.render(node)
+            for view in self._views_of(lines):
+                if added:
+                    view.members.append(lines)
+                view.invalidate(changed)
+            if lines.contribution != share:
+                _account(totals, share, -1)
+                _account(totals, lines.contribution, 1)
+                shares_changed = True
+        if shares_changed:
+            self._aggregates = render_aggregates(totals).encode()
         return len(dirty)
+
+    def _views_of(self, lines: _NodeLines) -> Iterator[_View]:
+        for shards in self._shard_counts:
+            view = self._views.get((lines.crc % shards, shards))
+            if view is not None:
+                yield view
+
+    def _view(self, shard: int, shards: int) -> _View:
+        key = (shard, shards)
+        view = self._views.pop(key, None)
+        if view is None:
+            view = _View([lines for lines in self._nodes.values() if lines.crc % shards == shard])
+            self._shard_counts[shards] += 1
+            if len(self._views) >= self.MAX_VIEWS:
+                oldest = next(iter(self._views))
+                del self._views[oldest]
+                self._shard_counts[oldest[1]] -= 1
+                if not self._shard_counts[oldest[1]]:
+                    del self._shard_counts[oldest[1]]
+        self._views[key] = view
+        return view
 
     def fleet(self) -> bytes:
         """The small view: fleet aggregates and the collector's own metrics."""
         self.refresh()
-        return self._aggregates.encode() + self._extra()
+        return self._aggregates + self._extra()
 
-    def nodes(self, shard: int = 0, shards: int = 1) -> bytes:
+    def nodes(self, shard: int = 0, shards: int = 1) -> Body:
         """Every per-node and per-GPU series, or one shard of them."""
         self.refresh()
-        key = (shard, shards)
-        body = self._cache.get(key)
-        if body is None:
-            chunks = [
-                c for node_id, c in self._chunks.items() if shards == 1 or shard_of(node_id, shards) == shard
-            ]
-            parts: list[str] = []
-            for family, header in enumerate(self._headers):
-                family_parts = [node_chunks[family] for node_chunks in chunks if node_chunks[family]]
-                if family_parts:
-                    parts.append(header)
-                    parts.extend(family_parts)
-            body = self._cache[key] = "".join(parts).encode()
-        return body
+        view = self._view(shard, shards)
+        if view.body is None:
+            view.body = Body(view.build(self._headers))
+        return view.body
 
-    def everything(self) -> bytes:
-        return self.nodes() + self.fleet()
+    def everything(self) -> Body:
+        """Every node's and GPU's series, then the fleet aggregates and the collector's own metrics."""
+        self.refresh()
+        return Body(self._view(0, 1).build(self._headers), self.fleet())
+
+
+def _account(totals: Contribution, share: Contribution, sign: int) -> None:
+    for key, value in share.items():
+        total = totals.get(key, 0) + sign * value
+        if total:
+            totals[key] = total
+        else:
+            totals.pop(key, None)

@@ -44,7 +44,7 @@ class NodeIdConflict(Exception):
     """Another host already reports under this node id."""
 
 
-@dataclass
+@dataclass(slots=True)
 class GpuRecord:
     inventory: inventory_pb2.GpuInventory
     sample: telemetry_pb2.GpuSample | None = None
@@ -72,7 +72,7 @@ class GpuRecord:
         )
 
 
-@dataclass
+@dataclass(slots=True)
 class NodeRecord:
     node_id: str
     name: str

@@ -250,15 +250,6 @@ async def test_an_open_collector_on_a_public_address_warns_once(caplog: pytest.L
 
 
 async def test_the_http_endpoints_speak_tls_with_the_same_certificate(pki: Path, mtls: Collector) -> None:
-    import ssl
-    import urllib.request
-
-    context = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-
-    def fetch() -> bytes:
-        with urllib.request.urlopen(
-            f"https://localhost:{mtls.http_port}/healthz", context=context, timeout=5
-        ) as response:
-            return response.read()
-
-    assert await asyncio.to_thread(fetch) == b"ok\n"
+    url = f"https://localhost:{mtls.http_port}/healthz"
+    status, body, _ = await asyncio.to_thread(http_get, url, None, 5.0, pki / "ca.pem")
+    assert (status, body) == (200, b"ok\n")
