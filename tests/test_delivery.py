@@ -91,7 +91,7 @@ def test_a_hung_collector_is_noticed_and_everything_arrives_after(processes: Pro
     )
     wait_until(lambda: b'state="up"} 10' in http_get(f"{base}/metrics/fleet")[1], timeout=30, what="10 nodes")
     collector.send_signal(signal.SIGSTOP)  # hung, not dead
-    time.sleep(12)  # longer than the keepalive interval and timeout
+    time.sleep(20)  # well past the 10 s the agents give an unacknowledged report (keepalive 5 s + 5 s)
     collector.send_signal(signal.SIGCONT)
     wait_until(
         lambda: "connected to collector" in processes.log(agents).split("retrying")[-1],
