@@ -48,6 +48,7 @@ STATE_KINDS = frozenset(
 )
 BACKOFF_BASE_S = 0.5
 BACKOFF_CAP_S = 30.0
+STOP_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True)
@@ -127,11 +128,13 @@ class MqttPublisher:
         self._wake.set()
 
     async def stop(self) -> None:
+        """Stop publishing; a broker that does not answer holds the shutdown up for seconds at most."""
         self._state.events.unsubscribe(self._enqueue)
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            done, _ = await asyncio.wait({self._task}, timeout=STOP_TIMEOUT_S)
+            if not done:
+                log.warning("MQTT: the broker connection did not close in %.0f s; leaving it", STOP_TIMEOUT_S)
 
     # -- publishing ------------------------------------------------------------------------------
 
