@@ -20,7 +20,21 @@ from agent.sources.models import MODELS
 from gpufleet.client import message_dict
 from gpufleet.plausible import drop_implausible
 from gpufleet.security import SecuritySettingsError, add_client_security_flags, client_security
-from gpufleet.settings import add_flag, add_log_level, fail, labels_from_pairs, setup_logging
+from gpufleet.settings import (
+    Parser,
+    add_flag,
+    add_log_level,
+    at_least,
+    fail,
+    host_ports,
+    label_pair,
+    labels_from_pairs,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    setup_logging,
+    warn_unknown_variables,
+)
 from gpufleet.signals import stop_on_signals
 
 log = logging.getLogger("agent")
@@ -31,7 +45,7 @@ SIM_NODES_PER_RACK = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gpufleet-agent",
         description="Read GPUs through NVML (or simulated ones) and report to a gpufleet collector.",
     )
@@ -39,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser,
         "--collector",
         default=DEFAULT_COLLECTOR,
+        type=host_ports,
         help="collector address HOST:PORT; several, comma-separated, for failover",
     )
     add_flag(parser, "--source", default="nvml", choices=("nvml", "sim"), help="where GPU readings come from")
@@ -48,20 +63,31 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the node's inventory and one sample as JSON, then exit",
     )
-    add_flag(parser, "--interval", type=float, default=10.0, help="seconds between reports")
+    add_flag(parser, "--interval", type=positive_float, default=10.0, help="seconds between reports")
     add_flag(
-        parser, "--process-interval", type=float, default=30.0, help="seconds between process-list polls"
+        parser,
+        "--process-interval",
+        type=positive_float,
+        default=30.0,
+        help="seconds between process-list polls",
     )
     add_flag(parser, "--node-id", default="", help="stable node id (default: /etc/machine-id)")
     add_flag(parser, "--hostname", default="", help="node name shown to operators (default: the hostname)")
     add_flag(parser, "--datacenter", default="", help="topology: datacenter")
     add_flag(parser, "--cluster", default="", help="topology: cluster")
     add_flag(parser, "--rack", default="", help="topology: rack")
-    add_flag(parser, "--label", action="append", default=[], help="extra KEY=VALUE label (repeatable)")
+    add_flag(
+        parser,
+        "--label",
+        action="append",
+        type=label_pair,
+        default=[],
+        help="extra KEY=VALUE label (repeatable)",
+    )
     add_flag(
         parser,
         "--max-buffered-reports",
-        type=int,
+        type=positive_int,
         default=360,
         help="reports kept while the collector is unreachable (oldest telemetry dropped first)",
     )
@@ -71,12 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="keep unacknowledged reports on disk here too, so an agent restart loses none",
     )
-    add_flag(parser, "--keepalive", type=float, default=30.0, help="seconds between keepalive pings (min 5)")
+    add_flag(
+        parser, "--keepalive", type=at_least(5), default=30.0, help="seconds between keepalive pings (min 5)"
+    )
     add_client_security_flags(parser.add_argument_group("security (docs/security.md)"))
     add_flag(
         parser,
         "--inventory-interval",
-        type=float,
+        type=positive_float,
         default=300.0,
         help="seconds between inventory re-reads (GPU changes, driver upgrades)",
     )
@@ -84,14 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         sim,
         "--nodes",
-        type=int,
+        type=positive_int,
         default=1,
         help="simulated nodes in this process, each with its own connection",
     )
-    add_flag(sim, "--gpus-per-node", type=int, default=8, help="GPUs per simulated node")
+    add_flag(sim, "--gpus-per-node", type=positive_int, default=8, help="GPUs per simulated node")
     add_flag(sim, "--model", default="H100", choices=sorted(MODELS), help="simulated GPU model")
     add_flag(sim, "--seed", type=int, default=0, help="simulation seed: the same seed gives the same fleet")
-    add_flag(sim, "--clusters", type=int, default=1, help="split the simulated nodes into this many clusters")
+    add_flag(
+        sim,
+        "--clusters",
+        type=positive_int,
+        default=1,
+        help="split the simulated nodes into this many clusters",
+    )
     add_flag(
         sim,
         "--faults",
@@ -102,14 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         sim,
         "--fault-rate-multiplier",
-        type=float,
+        type=at_least(0),
         default=1.0,
         help="compress time: multiply every fault rate by this",
     )
     add_flag(
         sim,
         "--node-offset",
-        type=int,
+        type=non_negative_int,
         default=0,
         help="index of the first simulated node (to run one fleet from several processes)",
     )
@@ -210,19 +244,17 @@ async def run_agents(agents: Sequence[NodeAgent]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup_logging(args.log_level)
+    warn_unknown_variables(parser)
     try:
         labels = labels_from_pairs(args.label)
     except argparse.ArgumentTypeError as exc:
         fail(str(exc))
-    collectors = [c.strip() for c in args.collector.split(",") if c.strip()]
+    collectors: list[str] = args.collector
     if args.nodes < 1 or (args.nodes > 1 and args.source != "sim"):
         fail("--nodes > 1 needs --source sim (a real host is one node)")
-    if args.interval <= 0:
-        fail("--interval must be positive")
-    if args.fault_rate_multiplier < 0:
-        fail("--fault-rate-multiplier cannot be negative")
     try:
         if args.once:
             index = args.node_offset

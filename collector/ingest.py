@@ -18,9 +18,10 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from collector.admission import TokenBucket
-from collector.limits import LimitExceeded, Limits, check_inventory, check_report, clamp_report
+from collector.limits import LimitExceeded, Limits, check_hello, check_report, clamp_report
 from collector.selfmetrics import CollectorMetrics
 from collector.state import FleetState, NodeIdConflict, NodeRecord
+from collector.store import CommitFailed
 from gpufleet import wire
 from gpufleet.v1 import ingest_pb2
 
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = "gpufleet.v1.IngestService"
 # At most one log line per rejection reason in this many seconds (a flood must not flood the log).
 REJECTION_LOG_INTERVAL_S = 10.0
+# When a commit failed: come back after this long (the collector runs from memory by then).
+STORE_RETRY_S = 1.0
 
 
 async def _nothing_to_wait_for() -> None:
@@ -104,6 +107,15 @@ class IngestServicer:
             ((wire.RETRY_AFTER_KEY, str(wait_ms)),),
         )
 
+    async def _committed(self, context: grpc.aio.ServicerContext) -> None:
+        """Wait until what this stream changed is durable; end the stream if it cannot be."""
+        try:
+            await self._durable()
+        except CommitFailed as exc:
+            await self._retry_later(
+                context, "store", STORE_RETRY_S, f"the collector could not store the report ({exc})"
+            )
+
     async def _parse(self, raw: bytes, context: grpc.aio.ServicerContext) -> ingest_pb2.AgentMessage:
         message = ingest_pb2.AgentMessage()
         try:
@@ -136,7 +148,7 @@ class IngestServicer:
                     f"no Hello within {self._limits.hello_timeout_s:.0f} s",
                 )
             node = await self._hello(await self._parse(first, context), context)
-            await self._durable()
+            await self._committed(context)
             yield ingest_pb2.CollectorMessage(
                 hello_ack=ingest_pb2.HelloAck(last_acked_sequence=node.last_sequence)
             )
@@ -148,7 +160,7 @@ class IngestServicer:
                     self._metrics.reports.inc()
                 else:
                     self._metrics.duplicate_reports.inc()
-                await self._durable()
+                await self._committed(context)
                 yield ingest_pb2.CollectorMessage(
                     report_ack=ingest_pb2.ReportAck(sequence=node.last_sequence)
                 )
@@ -181,7 +193,7 @@ class IngestServicer:
                 context, grpc.StatusCode.INVALID_ARGUMENT, "no_node_id", "Hello without a node_id"
             )
         try:
-            check_inventory(inventory, self._limits)
+            check_hello(hello, self._limits)
         except LimitExceeded as exc:
             await self._reject(context, grpc.StatusCode.INVALID_ARGUMENT, f"limit_{exc.reason}", str(exc))
         if self._policy.bind_node_id_to_certificate:

@@ -32,6 +32,13 @@ class Limits:
     # Agent streams open at once, and how long a new one may take to say hello.
     max_streams: int = 50_000
     hello_timeout_s: float = 10.0
+    # The report interval a node may announce (0 means the default, 10 s).
+    min_report_interval_ms: int = 50
+    max_report_interval_ms: int = 86_400_000
+
+
+# Sequences and counters are kept as SQLite integers: signed 64-bit.
+MAX_SEQUENCE = 2**63 - 1
 
 
 class LimitExceeded(Exception):
@@ -89,7 +96,22 @@ def check_inventory(inventory: inventory_pb2.NodeInventory, limits: Limits) -> N
         _check_strings(gpu, GPU_STRINGS, limits.max_string_length, f"GPU {gpu.index} ")
 
 
+def check_hello(hello: ingest_pb2.Hello, limits: Limits) -> None:
+    interval = hello.report_interval_ms
+    if interval and not limits.min_report_interval_ms <= interval <= limits.max_report_interval_ms:
+        raise LimitExceeded(
+            "report_interval",
+            f"report interval {interval} ms is outside {limits.min_report_interval_ms} to "
+            f"{limits.max_report_interval_ms} ms",
+        )
+    check_inventory(hello.inventory, limits)
+
+
 def check_report(report: ingest_pb2.Report, limits: Limits) -> None:
+    if report.sequence > MAX_SEQUENCE:
+        raise LimitExceeded(
+            "sequence", f"report sequence {report.sequence} is over the largest allowed, {MAX_SEQUENCE}"
+        )
     if report.HasField("inventory"):
         check_inventory(report.inventory, limits)
     if len(report.gpus) > limits.max_gpus_per_node:

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import gpufleet
@@ -16,14 +17,28 @@ from collector.limits import Limits
 from collector.mqtt import MqttConfig
 from collector.service import Collector, CollectorConfig
 from collector.state import Liveness
-from gpufleet.settings import add_flag, add_log_level, fail, parse_host_port, setup_logging
+from collector.store import StoreBusy
+from gpufleet.settings import (
+    Parser,
+    add_flag,
+    add_log_level,
+    fail,
+    non_negative_int,
+    parse_host_port,
+    pem_file,
+    positive_float,
+    positive_int,
+    readable_file,
+    setup_logging,
+    warn_unknown_variables,
+)
 from gpufleet.signals import stop_on_signals
 
 log = logging.getLogger("collector")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gpufleet-collector",
         description="Collect GPU telemetry from gpufleet agents; serve Prometheus metrics and fleet queries.",
     )
@@ -44,14 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         parser,
         "--stale-after-intervals",
-        type=float,
+        type=positive_float,
         default=3.0,
         help="a node is stale after this many missed report intervals",
     )
     add_flag(
         parser,
         "--down-after-intervals",
-        type=float,
+        type=positive_float,
         default=10.0,
         help="a node is down after this many missed report intervals",
     )
@@ -64,18 +79,27 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         parser,
         "--admission-rate",
-        type=float,
+        type=positive_float,
         default=500.0,
         help="new agent streams accepted per second before agents are told when to retry",
     )
-    add_flag(parser, "--admission-burst", type=int, default=500, help="new agent streams accepted at once")
+    add_flag(
+        parser, "--admission-burst", type=positive_int, default=500, help="new agent streams accepted at once"
+    )
     security = parser.add_argument_group("security (docs/security.md)")
-    add_flag(security, "--tls-cert", default="", help="serve gRPC and HTTP with TLS: certificate (PEM)")
-    add_flag(security, "--tls-key", default="", help="the certificate's private key (PEM)")
+    add_flag(
+        security,
+        "--tls-cert",
+        default="",
+        type=pem_file,
+        help="serve gRPC and HTTP with TLS: certificate (PEM)",
+    )
+    add_flag(security, "--tls-key", default="", type=pem_file, help="the certificate's private key (PEM)")
     add_flag(
         security,
         "--tls-client-ca",
         default="",
+        type=pem_file,
         help="require gRPC clients to present a certificate signed by this CA (mutual TLS)",
     )
     add_flag(
@@ -88,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         security,
         "--tokens-file",
         default="",
+        type=readable_file,
         help="require scoped bearer tokens (lines of 'SCOPE NAME SECRET'; scopes agent, read, admin)",
     )
     add_flag(
@@ -101,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
         security,
         "--metrics-basic-auth-file",
         default="",
+        type=readable_file,
         help="'user:password' lines for --metrics-auth basic",
     )
     limits = parser.add_argument_group("limits on what agents send")
@@ -108,52 +134,66 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(
         limits,
         "--max-gpus-per-node",
-        type=int,
+        type=positive_int,
         default=defaults.max_gpus_per_node,
         help="GPUs a node may report",
     )
     add_flag(
         limits,
         "--max-labels-per-node",
-        type=int,
+        type=non_negative_int,
         default=defaults.max_labels_per_node,
         help="operator labels a node may carry",
     )
     add_flag(
         limits,
         "--reports-per-second",
-        type=float,
+        type=positive_float,
         default=defaults.reports_per_second,
         help="sustained reports per second per node (bursts of --report-burst allowed)",
     )
     add_flag(
         limits,
         "--report-burst",
-        type=int,
+        type=positive_int,
         default=defaults.report_burst,
         help="reports a node may send at once",
     )
     add_flag(
-        limits, "--max-streams", type=int, default=defaults.max_streams, help="agent streams open at once"
+        limits,
+        "--max-streams",
+        type=positive_int,
+        default=defaults.max_streams,
+        help="agent streams open at once",
     )
     add_flag(
         limits,
         "--hello-timeout",
-        type=float,
+        type=positive_float,
         default=defaults.hello_timeout_s,
         help="seconds a new stream has to say hello",
     )
     mqtt = parser.add_argument_group("MQTT events (off unless --mqtt-broker is set)")
-    add_flag(mqtt, "--mqtt-broker", default="", help="publish events to this broker, HOST:PORT")
+    add_flag(
+        mqtt,
+        "--mqtt-broker",
+        default="",
+        type=broker_address,
+        help="publish events to this broker: HOST:PORT, mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (TLS)",
+    )
     add_flag(mqtt, "--mqtt-username", default="", help="broker user name")
-    add_flag(mqtt, "--mqtt-password-file", default="", help="file holding the broker password")
+    add_flag(
+        mqtt, "--mqtt-password-file", default="", type=readable_file, help="file holding the broker password"
+    )
     add_flag(mqtt, "--mqtt-tls", action="store_true", help="connect to the broker with TLS")
-    add_flag(mqtt, "--mqtt-ca-file", default="", help="CA certificate(s) to verify the broker with")
+    add_flag(
+        mqtt, "--mqtt-ca-file", default="", type=pem_file, help="CA certificate(s) to verify the broker with"
+    )
     add_flag(mqtt, "--mqtt-topic-prefix", default="gpufleet/v1", help="first levels of every topic")
     add_flag(
         mqtt,
         "--mqtt-queue-limit",
-        type=int,
+        type=positive_int,
         default=100_000,
         help="events kept while the broker is away (oldest dropped first)",
     )
@@ -166,22 +206,12 @@ async def serve(config: CollectorConfig) -> None:
     collector = Collector(config)
     try:
         await collector.start()
-    except OSError as exc:
+    except (OSError, StoreBusy) as exc:
         fail(str(exc))
     stopping = asyncio.Event()
     stop_on_signals(stopping, "shutting down")
     await stopping.wait()
     await collector.stop()
-
-
-def _readable(path: str, what: str) -> Path:
-    """``path``, once it is known to be readable (so a typo is said at start, in one line)."""
-    try:
-        Path(path).read_bytes()
-        return Path(path)
-    except OSError as exc:
-        fail(f"cannot read {what} {path}: {exc.strerror}")
-        raise  # not reached
 
 
 def server_security(args: argparse.Namespace) -> ServerSecurity:
@@ -199,36 +229,54 @@ def server_security(args: argparse.Namespace) -> ServerSecurity:
     if args.metrics_auth == "token" and tokens is None:
         fail("--metrics-auth token needs --tokens-file")
     return ServerSecurity(
-        tls_cert=_readable(args.tls_cert, "certificate") if args.tls_cert else None,
-        tls_key=_readable(args.tls_key, "private key") if args.tls_key else None,
-        client_ca=_readable(args.tls_client_ca, "client CA") if args.tls_client_ca else None,
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
         tokens=tokens,
         metrics_token=args.metrics_auth == "token",
         metrics_basic_auth=basic,
     )
 
 
-def mqtt_config(args: argparse.Namespace) -> MqttConfig | None:
-    if not args.mqtt_broker:
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool = False
+
+
+MQTT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+
+def broker_address(value: str) -> BrokerAddress | None:
+    """``HOST:PORT``, ``mqtt://HOST[:PORT]`` or ``mqtts://HOST[:PORT]``; '' means no broker."""
+    if not value:
         return None
-    try:
-        host, port = parse_host_port(args.mqtt_broker)
-    except argparse.ArgumentTypeError as exc:
-        fail(f"--mqtt-broker: {exc}")
-    password = None
-    if args.mqtt_password_file:
-        try:
-            password = Path(args.mqtt_password_file).read_text().strip()
-        except OSError as exc:
-            fail(f"cannot read --mqtt-password-file: {exc}")
-    if args.mqtt_queue_limit < 1:
-        fail("--mqtt-queue-limit must be at least 1")
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        return BrokerAddress(*parse_host_port(value))
+    if scheme.lower() not in MQTT_PORTS or not rest or "/" in rest.rstrip("/"):
+        raise argparse.ArgumentTypeError(
+            f"expected HOST:PORT, mqtt://HOST[:PORT] or mqtts://HOST[:PORT], got {value!r}"
+        )
+    rest = rest.rstrip("/")
+    default_port = MQTT_PORTS[scheme.lower()]
+    has_port = rest.rsplit(":", 1)[-1].isdigit() and not rest.endswith("]")
+    host, port = parse_host_port(rest if has_port else f"{rest}:{default_port}")
+    return BrokerAddress(host, port, tls=scheme.lower() == "mqtts")
+
+
+def mqtt_config(args: argparse.Namespace) -> MqttConfig | None:
+    broker: BrokerAddress | None = args.mqtt_broker
+    if broker is None:
+        return None
+    password = Path(args.mqtt_password_file).read_text().strip() if args.mqtt_password_file else None
     return MqttConfig(
-        host=host,
-        port=port,
+        host=broker.host,
+        port=broker.port,
         username=args.mqtt_username or None,
         password=password,
-        tls=args.mqtt_tls,
+        tls=args.mqtt_tls or broker.tls,
         ca_file=Path(args.mqtt_ca_file) if args.mqtt_ca_file else None,
         topic_prefix=args.mqtt_topic_prefix,
         queue_limit=args.mqtt_queue_limit,
@@ -236,12 +284,12 @@ def mqtt_config(args: argparse.Namespace) -> MqttConfig | None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     setup_logging(args.log_level)
-    if not 0 < args.stale_after_intervals < args.down_after_intervals:
-        fail("need 0 < --stale-after-intervals < --down-after-intervals")
-    if args.admission_rate <= 0 or args.admission_burst < 1:
-        fail("need --admission-rate > 0 and --admission-burst >= 1")
+    warn_unknown_variables(parser)
+    if not args.stale_after_intervals < args.down_after_intervals:
+        fail("need --stale-after-intervals < --down-after-intervals")
     (grpc_host, grpc_port), (http_host, http_port) = args.grpc_listen, args.http_listen
     config = CollectorConfig(
         grpc_host=grpc_host,

@@ -59,6 +59,11 @@ class CollectorMetrics:
             "Times the database could not be opened or written.",
             registry=r,
         )
+        self.store_uncommitted_seconds = Gauge(
+            "gpufleet_collector_store_uncommitted_seconds",
+            "How long the oldest change not yet committed to the database has waited (0: none).",
+            registry=r,
+        )
         self.store_commit_seconds = Histogram(
             "gpufleet_collector_store_commit_seconds",
             "Time one group commit to the database took.",

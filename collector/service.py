@@ -36,6 +36,9 @@ QUERY_SERVICE = query_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name
 # How often nodes are checked for silence, and rendered lines refreshed.
 HOUSEKEEPING_INTERVAL_S = 1.0
 MAX_SHARDS = 1024
+# The long-lived records are frozen again (after a collection) once the fleet grew this much.
+FREEZE_GROWTH = 1.25
+FREEZE_MIN_NODES = 100
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,7 @@ class Collector:
         self.metrics = CollectorMetrics()
         self.state = FleetState(config.liveness)
         self.store = Store(config.db_path, self.state, self.metrics)
+        self.metrics.store_uncommitted_seconds.set_function(self.store.uncommitted_seconds)
         self.mqtt = MqttPublisher(config.mqtt, self.state, self.metrics, self.store) if config.mqtt else None
         self.exposition = Exposition(self.state, self.metrics.render)
         self._grpc: grpc.aio.Server | None = None
@@ -78,12 +82,14 @@ class Collector:
         )
         self._health = health.aio.HealthServicer()
         self._ready = False
+        self._frozen_nodes = 0
         self._housekeeping: asyncio.Task[None] | None = None
         self.grpc_port = config.grpc_port
         self.http_port = config.http_port
 
     async def start(self) -> None:
         self.store.open()
+        self._freeze_long_lived()
         self.store.start()
         if self.mqtt is not None:
             self.mqtt.start()
@@ -172,15 +178,26 @@ class Collector:
         if self._grpc is not None:
             await self._grpc.wait_for_termination()
 
+    def _freeze_long_lived(self) -> None:
+        """Move the fleet's long-lived records out of the collected generations, garbage first.
+
+        Full collections over 100,000 GPUs' records took 0.4-0.7 s (docs/benchmarks.md).
+        This runs after the restore and again only when the fleet has grown by a good share
+        (nodes registering), never in steady state, and always collects first, so no garbage
+        is ever frozen: a process that runs for months does not leak through it.
+        """
+        gc.collect()
+        gc.freeze()
+        self._frozen_nodes = len(self.state)
+
     async def _housekeep(self) -> None:
         while True:
             await asyncio.sleep(HOUSEKEEPING_INTERVAL_S)
             try:
                 self.state.sweep()
                 self.exposition.refresh()
-                # The fleet's long-lived objects leave the collected generations: full
-                # collections over 100,000 GPUs' records took 0.4-0.7 s (docs/benchmarks.md).
-                gc.freeze()
+                if len(self.state) >= FREEZE_GROWTH * self._frozen_nodes + FREEZE_MIN_NODES:
+                    self._freeze_long_lived()
             except Exception:
                 log.exception("housekeeping failed; retrying in %.0f s", HOUSEKEEPING_INTERVAL_S)
 
@@ -223,9 +240,12 @@ class Collector:
         return Response(body=b"ok\n")
 
     async def _readyz(self, request: Request) -> Response:
-        if self._ready:
-            return Response(body=b"ready\n")
-        return Response(503, b"not ready\n")
+        if not self._ready:
+            return Response(503, b"not ready\n")
+        if self.store.stalled():
+            waited = self.store.uncommitted_seconds()
+            return Response(503, f"not ready: the database writer is stalled ({waited:.0f} s)\n".encode())
+        return Response(body=b"ready\n")
 
     async def _index(self, request: Request) -> Response:
         return Response(

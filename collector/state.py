@@ -87,6 +87,8 @@ class NodeRecord:
     streams: int = 0
     # Bumped when the inventory changes, so the store rewrites it only then.
     inventory_version: int = 0
+    # Bumped when a GPU's verdict or its XIDs since boot change (the store keeps both).
+    health_version: int = 0
 
     @property
     def cluster(self) -> str:
@@ -229,6 +231,7 @@ class FleetState:
 
     def _rebooted(self, node: NodeRecord, boot_id: str) -> None:
         node.last_sequence = 0
+        node.health_version += 1
         for gpu in node.gpus.values():
             gpu.xids_this_boot.clear()
         if node.inventory.boot_id:
@@ -289,6 +292,7 @@ class FleetState:
             if old.uuid and (old.uuid, old.serial) != (gpu_inventory.uuid, gpu_inventory.serial):
                 record.xids_this_boot.clear()
                 record.verdict = health.HEALTHY_VERDICT
+                node.health_version += 1
                 self._emit(
                     node,
                     kinds.GPU_REPLACED,
@@ -352,6 +356,8 @@ class FleetState:
         return True
 
     def _apply_sample(self, node: NodeRecord, gpu: GpuRecord, sample: telemetry_pb2.GpuSample) -> None:
+        if sample.xid_events:
+            node.health_version += 1
         for event in sample.xid_events:
             code = event.code
             gpu.xid_totals[code] = gpu.xid_totals.get(code, 0) + 1
@@ -376,6 +382,8 @@ class FleetState:
         sample = gpu.sample
         before = gpu.verdict
         gpu.verdict = health.judge(sample, gpu.xids_this_boot, peer_clock_mhz)
+        if gpu.verdict != before:
+            node.health_version += 1
         if gpu.verdict.health != before.health:
             self._emit(
                 node,

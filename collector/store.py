@@ -6,21 +6,28 @@ holds it is committed, so a report acknowledged is a report that survives a
 crash of the collector (synchronous=NORMAL in WAL mode survives a process crash,
 not a power cut).
 
-A database that cannot be used never takes the collector down: a corrupt file is
-moved aside and a new one started; a read-only one (or a failing disk) leaves the
-collector running from memory, with a log line and `gpufleet_collector_store_up 0`.
+A database that cannot be used never takes the collector down, and a database that
+is only busy is never thrown away: a file locked by another process is retried, then
+the collector refuses to start (one line says which process to stop); a read-only or
+unreachable one leaves the collector running from memory, with a log line and
+`gpufleet_collector_store_up 0`. Only a file that fails SQLite's integrity check is
+moved aside (and the log says where, or that the move failed). A write that fails for
+any reason takes the store down the same way; the reports of that batch are not
+acknowledged (their streams end with UNAVAILABLE and the agents resend them).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from collector import health
 from collector.selfmetrics import CollectorMetrics
 from collector.state import FleetState, GpuRecord, NodeRecord
 from gpufleet import events as kinds
@@ -28,7 +35,7 @@ from gpufleet.v1 import events_pb2, inventory_pb2
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY,
@@ -53,6 +60,15 @@ CREATE TABLE IF NOT EXISTS events (
     event BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_by_node ON events (node_id, id);
+CREATE TABLE IF NOT EXISTS gpu_health (
+    node_id TEXT NOT NULL,
+    gpu_index INTEGER NOT NULL,
+    health INTEGER NOT NULL,
+    reasons TEXT NOT NULL,
+    action TEXT NOT NULL,
+    xids_this_boot TEXT NOT NULL,
+    PRIMARY KEY (node_id, gpu_index)
+);
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
@@ -62,10 +78,25 @@ CREATE TABLE IF NOT EXISTS meta (
 COMMIT_DELAY_S = 0.01
 # Events kept in the database and read back at start-up.
 EVENTS_KEPT = 200_000
+# A database locked by another process is tried this often, this long apart, before giving up.
+LOCKED_RETRIES = 5
+LOCKED_RETRY_S = 1.0
+# A commit taking longer than this makes the collector not ready (/readyz 503).
+STALLED_AFTER_S = 10.0
+# SQLite's primary result codes (sqlite3.h).
+SQLITE_BUSY, SQLITE_LOCKED, SQLITE_CORRUPT, SQLITE_NOTADB = 5, 6, 11, 26
 
 
 class StoreUnavailable(Exception):
     """The database cannot be used; the collector runs from memory."""
+
+
+class StoreBusy(Exception):
+    """The database is locked by another process: it is not ours to use, nor to discard."""
+
+
+class CommitFailed(Exception):
+    """The batch holding a change could not be committed: what it holds must not be acknowledged."""
 
 
 @dataclass
@@ -77,33 +108,99 @@ class Batch:
     events: list[tuple[int, int, str, bytes]] = field(default_factory=list)
     meta: dict[str, int] = field(default_factory=dict)
     forgotten: list[str] = field(default_factory=list)
+    verdicts: list[tuple[object, ...]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.nodes or self.watermarks or self.xids or self.events or self.meta or self.forgotten)
+        return bool(
+            self.nodes
+            or self.watermarks
+            or self.xids
+            or self.events
+            or self.meta
+            or self.forgotten
+            or self.verdicts
+        )
 
 
 def open_database(path: Path) -> sqlite3.Connection:
-    """Open (or create) the database; a corrupt file is moved aside and replaced."""
-    try:
-        return _connect(path)
-    except sqlite3.DatabaseError as exc:
-        if isinstance(exc, sqlite3.OperationalError) and "readonly" in str(exc):
-            raise StoreUnavailable(f"{path} is read-only: {exc}") from exc
-        if not path.exists():
-            raise StoreUnavailable(f"cannot create {path}: {exc}") from exc
-        aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
-        log.error("database %s is unreadable (%s): moved it to %s and starting a new one", path, exc, aside)
-        path.rename(aside)
-        for suffix in ("-wal", "-shm"):
-            Path(f"{path}{suffix}").unlink(missing_ok=True)
+    """Open (or create) the database. Locked: retried, then StoreBusy. Only a corrupt file is replaced."""
+    for attempt in range(LOCKED_RETRIES):
         try:
             return _connect(path)
-        except sqlite3.DatabaseError as again:
-            raise StoreUnavailable(f"cannot create {path}: {again}") from again
+        except sqlite3.DatabaseError as exc:
+            kind = _failure_kind(exc)
+            if kind == "busy":
+                if attempt + 1 < LOCKED_RETRIES:
+                    log.warning("database %s is locked by another process; retrying", path)
+                    time.sleep(LOCKED_RETRY_S)
+                    continue
+                raise StoreBusy(
+                    f"database {path} is locked by another process (another collector on the same --db?); "
+                    "stop it or give this collector its own --db"
+                ) from exc
+            if kind == "unavailable" or not path.exists():
+                raise StoreUnavailable(f"cannot open {path}: {exc}") from exc
+            return _replace_corrupt(path, exc)
+    raise AssertionError("not reached")
+
+
+def _failure_kind(exc: sqlite3.DatabaseError) -> str:
+    """'busy' (locked by another process), 'unavailable' (read-only, no access, I/O) or 'corrupt'."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    message = str(exc).lower()
+    if code is not None:
+        primary = code & 0xFF
+        if primary in (SQLITE_BUSY, SQLITE_LOCKED):
+            return "busy"
+        if primary in (SQLITE_CORRUPT, SQLITE_NOTADB):
+            return "corrupt"
+        return "unavailable"
+    if "locked" in message or "busy" in message:
+        return "busy"
+    if isinstance(exc, sqlite3.OperationalError):
+        return "unavailable"
+    return "corrupt"
+
+
+def _replace_corrupt(path: Path, exc: sqlite3.DatabaseError) -> sqlite3.Connection:
+    aside = path.with_name(f"{path.name}.corrupt-{int(time.time())}")
+    try:
+        path.rename(aside)
+    except OSError as move:
+        raise StoreUnavailable(
+            f"database {path} is corrupt ({exc}) and could not be moved aside ({move.strerror}); "
+            "it was left as it is"
+        ) from move
+    for suffix in ("-wal", "-shm"):
+        with contextlib.suppress(OSError):
+            Path(f"{path}{suffix}").rename(Path(f"{aside}{suffix}"))
+    log.error(
+        "database %s failed its integrity check (%s): moved it to %s; starting a new one", path, exc, aside
+    )
+    try:
+        return _connect(path)
+    except sqlite3.DatabaseError as again:
+        raise StoreUnavailable(f"cannot create {path}: {again}") from again
+
+
+def open_read_only(path: Path) -> sqlite3.Connection:
+    """The database opened read-only, to restore the fleet from a file the collector may not write."""
+    uri = path.resolve().as_uri()
+    # A WAL database on a read-only file system cannot make its -shm file: then read it as immutable.
+    for mode in ("mode=ro", "immutable=1"):
+        connection = sqlite3.connect(f"{uri}?{mode}", uri=True, check_same_thread=False)
+        try:
+            connection.execute("SELECT count(*) FROM nodes").fetchone()
+            break
+        except sqlite3.OperationalError:
+            connection.close()
+            if mode == "immutable=1":
+                raise
+    return connection
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    connection = sqlite3.connect(path, check_same_thread=False, isolation_level=None, timeout=LOCKED_RETRY_S)
     try:
         integrity = connection.execute("PRAGMA quick_check").fetchone()[0]
         if integrity != "ok":
@@ -132,6 +229,8 @@ class Store:
         self._dirty: set[str] = set()
         self._pending = Batch()
         self._written_inventory: dict[str, int] = {}
+        self._written_health: dict[str, int] = {}
+        self._pending_since: float | None = None
         self._meta: dict[str, int] = {}
         self._wake = asyncio.Event()
         # Resolved by the next flush to start; what changed before it is in that flush.
@@ -145,20 +244,45 @@ class Store:
         return self._db is not None
 
     def open(self) -> None:
-        """Open the database and restore the fleet it holds; failures leave the store down."""
+        """Open the database and restore the fleet it holds; failures leave the store down.
+
+        Raises StoreBusy when another process holds the database: that is not a
+        database to run without, nor one to replace.
+        """
         if self.path is None:
             log.info("no database configured: the fleet is kept in memory only")
             self._metrics.store_up.set(0)
             return
         try:
             self._db = open_database(self.path)
-            self._restore()
+            self._restore(self._db)
+        except StoreBusy:
+            raise
         except (StoreUnavailable, sqlite3.Error, OSError) as exc:
             self._down(f"cannot use database {self.path}: {exc}")
+            self._restore_read_only()
             return
         self._metrics.store_up.set(1)
         self._state.add_listener(lambda node: self._dirty.add(node.node_id))
         self._state.events.subscribe(self._event)
+
+    def _restore_read_only(self) -> None:
+        """Show the fleet a database holds even when it cannot be written (read-only file system)."""
+        assert self.path is not None
+        if not self.path.exists():
+            return
+        try:
+            db = open_read_only(self.path)
+        except sqlite3.Error as exc:
+            log.error("cannot read database %s either (%s): starting with an empty fleet", self.path, exc)
+            return
+        try:
+            self._restore(db)
+            log.warning("restored the fleet from %s read-only; changes are kept in memory only", self.path)
+        except sqlite3.Error as exc:
+            log.error("cannot read database %s (%s): starting with an empty fleet", self.path, exc)
+        finally:
+            db.close()
 
     def _down(self, message: str) -> None:
         log.error("%s; running from memory: nothing will survive a restart", message)
@@ -169,14 +293,20 @@ class Store:
                 self._db.close()
         self._db = None
 
-    def _restore(self) -> None:
-        assert self._db is not None
+    def _restore(self, db: sqlite3.Connection) -> None:
         xids: dict[str, dict[int, dict[int, int]]] = {}
-        for node_id, gpu_index, xid, count in self._db.execute(
+        for node_id, gpu_index, xid, count in db.execute(
             "SELECT node_id, gpu_index, xid, count FROM xid_totals"
         ):
             xids.setdefault(node_id, {}).setdefault(gpu_index, {})[xid] = count
-        rows = self._db.execute(
+        verdicts: dict[str, dict[int, tuple[health.Verdict, dict[int, int]]]] = {}
+        for node_id, gpu_index, code, reasons, action, boot_xids in db.execute(
+            "SELECT node_id, gpu_index, health, reasons, action, xids_this_boot FROM gpu_health"
+        ):
+            verdict = health.Verdict(code, tuple(json.loads(reasons)), action)
+            this_boot = {int(xid): count for xid, count in json.loads(boot_xids).items()}
+            verdicts.setdefault(node_id, {})[gpu_index] = (verdict, this_boot)
+        rows = db.execute(
             "SELECT node_id, name, interval_s, last_seen_unix_ns, last_sequence, inventory, missing_gpus "
             "FROM nodes"
         )
@@ -193,11 +323,16 @@ class Store:
             for gpu_index, totals in xids.get(node_id, {}).items():
                 if gpu_index in node.gpus:
                     node.gpus[gpu_index].xid_totals = totals
+            for gpu_index, (verdict, this_boot) in verdicts.get(node_id, {}).items():
+                if gpu_index in node.gpus:
+                    node.gpus[gpu_index].verdict = verdict
+                    node.gpus[gpu_index].xids_this_boot = this_boot
             self._state.restore(node)
             self._written_inventory[node_id] = node.inventory_version
+            self._written_health[node_id] = node.health_version
             restored += 1
-        self._meta = dict(self._db.execute("SELECT key, value FROM meta"))
-        events = self._db.execute(
+        self._meta = dict(db.execute("SELECT key, value FROM meta"))
+        events = db.execute(
             "SELECT event FROM (SELECT id, event FROM events ORDER BY id DESC LIMIT ?) ORDER BY id",
             (EVENTS_KEPT,),
         )
@@ -222,20 +357,39 @@ class Store:
         if event.kind == kinds.NODE_FORGOTTEN:
             batch.forgotten.append(event.node_id)
             self._written_inventory.pop(event.node_id, None)
+            self._written_health.pop(event.node_id, None)
         if event.kind == kinds.XID and event.HasField("gpu_index"):
             key = (event.node_id, event.gpu_index, int(event.attributes["xid"]))
             batch.xids[key] = batch.xids.get(key, 0) + 1
+        self._mark_pending()
         self._wake.set()
 
+    def _mark_pending(self) -> None:
+        if self._pending_since is None:
+            self._pending_since = time.monotonic()
+
     async def durable(self) -> None:
-        """Return once every change made before this call is committed (or the store is down)."""
+        """Return once every change made before this call is committed (or the store is down).
+
+        Raises CommitFailed if the commit that held them failed: they must not be acknowledged.
+        """
         if self._db is None or not (self._dirty or self._pending or self._flushing):
             return
         if self._next_commit is None:
             self._next_commit = asyncio.get_running_loop().create_future()
         future = self._next_commit
+        self._mark_pending()
         self._wake.set()
         await asyncio.shield(future)
+
+    def uncommitted_seconds(self) -> float:
+        """How long the oldest change not yet committed has waited (0 when none waits)."""
+        since = self._pending_since
+        return 0.0 if since is None or self._db is None else time.monotonic() - since
+
+    def stalled(self) -> bool:
+        """True when a commit has been waited on for longer than STALLED_AFTER_S."""
+        return self.uncommitted_seconds() > STALLED_AFTER_S
 
     # -- committing (a task, with the writes in a thread) -------------------------------------
 
@@ -254,47 +408,72 @@ class Store:
             self._db = None
 
     async def _run(self) -> None:
+        """The writer: never ends on an error (it takes the store down instead and releases every waiter)."""
         while self._db is not None:
             await self._wake.wait()
             if not self._stopping:
                 await asyncio.sleep(COMMIT_DELAY_S)
-            await self._flush()
+            try:
+                await self._flush()
+            except Exception as exc:
+                if not isinstance(exc, sqlite3.Error):
+                    log.exception("the database writer failed")  # a bug: its traceback helps
+                self._down(f"writing to {self.path} failed: {type(exc).__name__}: {exc}")
+                self._fail_waiters(exc)
             if self._stopping:
                 return
+        self._fail_waiters(StoreUnavailable("the store is down"))
+
+    def _fail_waiters(self, exc: BaseException) -> None:
+        future, self._next_commit = self._next_commit, None
+        self._pending_since = None
+        if future is not None and not future.done():
+            future.set_exception(CommitFailed(str(exc)))
+            future.exception()  # retrieved: waiters that went away leave no warning
 
     async def _flush(self) -> None:
         self._wake.clear()
         done, self._next_commit = self._next_commit, None
         batch, self._pending = self._pending, Batch()
-        for node_id in self._dirty:
-            node = self._state.get(node_id)
-            if node is None:
-                continue
-            if self._written_inventory.get(node_id) != node.inventory_version:
-                batch.nodes[node_id] = _node_row(node)
-                self._written_inventory[node_id] = node.inventory_version
-            else:
-                batch.watermarks[node_id] = (
-                    node.interval_s,
-                    node.last_seen_unix_ns,
-                    node.last_sequence,
-                    node_id,
-                )
-        self._dirty.clear()
-        self._flushing = True
         try:
+            for node_id in self._dirty:
+                node = self._state.get(node_id)
+                if node is not None:
+                    self._collect(batch, node)
+            self._dirty.clear()
+            self._flushing = True
             if batch and self._db is not None:
                 started = time.perf_counter()
-                try:
-                    await asyncio.to_thread(_write, self._db, batch)
-                except sqlite3.Error as exc:
-                    self._down(f"writing to {self.path} failed: {exc}")
-                else:
-                    self._metrics.store_commit_seconds.observe(time.perf_counter() - started)
-        finally:
-            self._flushing = False
+                await asyncio.to_thread(_write, self._db, batch)
+                self._metrics.store_commit_seconds.observe(time.perf_counter() - started)
+        except Exception as exc:
+            if done is not None and not done.done():
+                done.set_exception(CommitFailed(f"{type(exc).__name__}: {exc}"))
+                done.exception()
+            raise
+        else:
             if done is not None and not done.done():
                 done.set_result(None)
+        finally:
+            self._flushing = False
+            self._pending_since = None if self._next_commit is None else time.monotonic()
+
+    def _collect(self, batch: Batch, node: NodeRecord) -> None:
+        """What of ``node`` changed since it was last written, into ``batch``."""
+        node_id = node.node_id
+        if self._written_inventory.get(node_id) != node.inventory_version:
+            batch.nodes[node_id] = _node_row(node)
+            self._written_inventory[node_id] = node.inventory_version
+        else:
+            batch.watermarks[node_id] = (
+                node.interval_s,
+                node.last_seen_unix_ns,
+                node.last_sequence,
+                node_id,
+            )
+        if self._written_health.get(node_id) != node.health_version:
+            batch.verdicts.extend(_health_rows(node))
+            self._written_health[node_id] = node.health_version
 
 
 def _node_row(node: NodeRecord) -> tuple[object, ...]:
@@ -308,6 +487,21 @@ def _node_row(node: NodeRecord) -> tuple[object, ...]:
         node.inventory.SerializeToString(),
         missing.SerializeToString(),
     )
+
+
+def _health_rows(node: NodeRecord) -> list[tuple[object, ...]]:
+    """Each GPU's verdict and the XIDs since boot it rests on: what a restart must not forget."""
+    return [
+        (
+            node.node_id,
+            index,
+            int(gpu.verdict.health),
+            json.dumps(gpu.verdict.reasons),
+            gpu.verdict.action,
+            json.dumps({str(code): count for code, count in gpu.xids_this_boot.items()}),
+        )
+        for index, gpu in node.gpus.items()
+    ]
 
 
 def _write(db: sqlite3.Connection, batch: Batch) -> None:
@@ -334,8 +528,9 @@ def _write(db: sqlite3.Connection, batch: Batch) -> None:
         db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)", batch.events)
         if batch.events:
             db.execute("DELETE FROM events WHERE id <= ?", (batch.events[-1][0] - EVENTS_KEPT,))
+        db.executemany("INSERT OR REPLACE INTO gpu_health VALUES (?, ?, ?, ?, ?, ?)", batch.verdicts)
         db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", batch.meta.items())
-        for table in ("nodes", "xid_totals"):
+        for table in ("nodes", "xid_totals", "gpu_health"):
             db.executemany(f"DELETE FROM {table} WHERE node_id = ?", ((n,) for n in batch.forgotten))
         db.execute("COMMIT")
     except BaseException:

@@ -17,7 +17,7 @@ from gpufleet import output
 from gpufleet.client import GIB, CollectorUnavailable, FleetClient, gpu_row, node_row
 from gpufleet.events import event_row
 from gpufleet.security import SecuritySettingsError, add_client_security_flags, client_security
-from gpufleet.settings import add_flag, fail
+from gpufleet.settings import Parser, add_flag, fail, positive_float, unknown_variables
 from gpufleet.v1 import events_pb2, query_pb2
 
 HEALTH_CHOICES = ("healthy", "degraded", "unhealthy", "lost", "unreachable")
@@ -238,14 +238,12 @@ def cmd_history(client: FleetClient, args: argparse.Namespace) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gpufleet", description="Ask a gpufleet collector about the GPU fleet."
-    )
+    parser = Parser(prog="gpufleet", description="Ask a gpufleet collector about the GPU fleet.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {gpufleet.__version__}")
-    common = argparse.ArgumentParser(add_help=False)
+    common = Parser(add_help=False)
     add_flag(common, "--collector", default="127.0.0.1:50051", help="collector gRPC address HOST:PORT")
     add_flag(common, "--output", "-o", default="table", choices=output.FORMATS, help="output format")
-    add_flag(common, "--timeout", type=float, default=10.0, help="seconds to wait for each answer")
+    add_flag(common, "--timeout", type=positive_float, default=10.0, help="seconds to wait for each answer")
     add_client_security_flags(common)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -349,8 +347,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def sort_value_attached(argv: list[str]) -> list[str]:
+    """``--sort -temperature`` as ``--sort=-temperature``: argparse takes a value led by '-' for a flag."""
+    joined: list[str] = []
+    for token in argv:
+        if joined and joined[-1] == "--sort" and token.startswith("-") and token[1:] in SORT_CHOICES:
+            joined[-1] = f"--sort={token}"
+        else:
+            joined.append(token)
+    return joined
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(sort_value_attached(sys.argv[1:] if argv is None else list(argv)))
+    for warning in unknown_variables(parser):
+        print(f"warning: {warning}", file=sys.stderr)
     if args.command == "demo":
         from gpufleet.demo import run_demo
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from gpufleet.settings import add_flag
+from gpufleet.settings import add_flag, pem_file, readable_file
 
 
 class SecuritySettingsError(Exception):
@@ -58,10 +58,24 @@ class ClientSecurity:
 
 def add_client_security_flags(parser: argparse._ActionsContainer) -> None:
     add_flag(parser, "--tls", action="store_true", help="connect with TLS (implied by --tls-ca)")
-    add_flag(parser, "--tls-ca", default="", help="CA certificate to verify the collector with (PEM)")
-    add_flag(parser, "--tls-cert", default="", help="client certificate for mutual TLS (PEM)")
-    add_flag(parser, "--tls-key", default="", help="the client certificate's private key (PEM)")
-    add_flag(parser, "--token-file", default="", help="file holding a bearer token for the collector")
+    add_flag(
+        parser,
+        "--tls-ca",
+        default="",
+        type=pem_file,
+        help="CA certificate to verify the collector with (PEM)",
+    )
+    add_flag(parser, "--tls-cert", default="", type=pem_file, help="client certificate for mutual TLS (PEM)")
+    add_flag(
+        parser, "--tls-key", default="", type=pem_file, help="the client certificate's private key (PEM)"
+    )
+    add_flag(
+        parser,
+        "--token-file",
+        default="",
+        type=readable_file,
+        help="file holding a bearer token for the collector",
+    )
 
 
 def client_security(args: Any) -> ClientSecurity:

@@ -236,7 +236,7 @@ def test_compose_runs_the_programs_with_flags_and_ports_they_have() -> None:
     assert {f"{http_port}:{http_port}", f"{grpc_port}:{grpc_port}"} <= set(services["collector"]["ports"])
     # The simulated fleet reports to the collector service's gRPC port.
     program, args, env = compose_command(services["fleet"])
-    assert parse(program, args, env).collector == f"collector:{grpc_port}"
+    assert parse(program, args, env).collector == [f"collector:{grpc_port}"]
     # Prometheus scrapes the collector service's HTTP port.
     prometheus_config = yaml_file(DEPLOY / "prometheus" / "prometheus.yml")
     targets = {

@@ -14,6 +14,7 @@ from agent.sources.sim import SimulatedSource
 from collector.events import EventMatch
 from collector.service import Collector, CollectorConfig
 from collector.state import DOWN, Liveness
+from collector.store import CommitFailed
 from gpufleet import events as kinds
 from tests.fleet import add_node
 
@@ -110,9 +111,11 @@ async def test_a_read_only_database_leaves_the_collector_serving_from_memory(rea
     try:
         assert collector.metrics.store_up._value.get() == 0
         assert collector.metrics.store_errors._value.get() == 1
+        assert len(collector.state) == 1  # the fleet it holds, read back read-only
         add_node(collector.state, SimulatedSource("H100", 8, node_index=1), 1)  # still serving
         await collector.store.durable()  # returns at once: nothing can be made durable
-        assert len(collector.state) == 1
+        assert len(collector.state) == 2
+        assert db.exists() and not list(read_only_mount.glob("*.corrupt-*"))  # never discarded
     finally:
         await collector.stop()
 
@@ -128,7 +131,9 @@ async def test_a_disk_that_fills_up_mid_run_degrades_to_memory(read_only_mount: 
                 filler.flush()
         for index in range(1, 50):
             add_node(collector.state, SimulatedSource("H100", 8, node_index=index), index, reports=5)
-        await asyncio.wait_for(collector.store.durable(), 5)
+        with pytest.raises(CommitFailed):  # what the failed commit held is not acknowledged
+            await asyncio.wait_for(collector.store.durable(), 5)
+        await asyncio.wait_for(collector.store.durable(), 5)  # then: from memory, at once
         assert collector.metrics.store_up._value.get() == 0
         assert collector.metrics.store_errors._value.get() == 1
         assert len(collector.state) == 50  # nothing else disturbed
