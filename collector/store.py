@@ -79,7 +79,7 @@ COMMIT_DELAY_S = 0.01
 # Events kept in the database and read back at start-up.
 EVENTS_KEPT = 200_000
 # A database locked by another process is tried this often, this long apart, before giving up.
-LOCKED_RETRIES = 5
+LOCKED_RETRIES = 3
 LOCKED_RETRY_S = 1.0
 # A commit taking longer than this makes the collector not ready (/readyz 503).
 STALLED_AFTER_S = 10.0
