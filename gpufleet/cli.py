@@ -17,7 +17,7 @@ from gpufleet import output
 from gpufleet.client import GIB, CollectorUnavailable, FleetClient, gpu_row, node_row
 from gpufleet.events import event_row
 from gpufleet.security import SecuritySettingsError, add_client_security_flags, client_security
-from gpufleet.settings import Parser, add_flag, fail, positive_float, unknown_variables
+from gpufleet.settings import Parser, add_flag, fail, host_port, positive_float, unknown_variables
 from gpufleet.v1 import events_pb2, query_pb2
 
 HEALTH_CHOICES = ("healthy", "degraded", "unhealthy", "lost", "unreachable")
@@ -241,7 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gpufleet", description="Ask a gpufleet collector about the GPU fleet.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {gpufleet.__version__}")
     common = Parser(add_help=False)
-    add_flag(common, "--collector", default="127.0.0.1:50051", help="collector gRPC address HOST:PORT")
+    add_flag(
+        common,
+        "--collector",
+        default="127.0.0.1:50051",
+        type=host_port,
+        help="collector gRPC address HOST:PORT",
+    )
     add_flag(common, "--output", "-o", default="table", choices=output.FORMATS, help="output format")
     add_flag(common, "--timeout", type=positive_float, default=10.0, help="seconds to wait for each answer")
     add_client_security_flags(common)

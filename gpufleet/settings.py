@@ -144,6 +144,12 @@ def parse_host_port(value: str, default_host: str = "127.0.0.1") -> tuple[str, i
     return host, int(port)
 
 
+def host_port(value: str) -> str:
+    """A HOST:PORT flag value, checked and kept as text (a gRPC target)."""
+    parse_host_port(value)
+    return value
+
+
 def host_ports(value: str) -> list[str]:
     """``a:1,b:2`` -> ``["a:1", "b:2"]``, each checked as HOST:PORT."""
     targets = [item.strip() for item in value.split(",") if item.strip()]
