@@ -42,6 +42,8 @@ MIB = 1024 * 1024
 INGEST_METHOD = "/gpufleet.v1.IngestService/Connect"
 REPORTS_METRIC = "gpufleet_collector_reports_total"
 STREAMS_METRIC = "gpufleet_collector_agent_streams"
+# Per-peer limits that let one load generator stand in for a whole fleet of hosts.
+ONE_PEER_FLEET = ("--max-streams-per-peer", "200000", "--registration-burst-per-peer", "200000")
 
 
 @dataclass(frozen=True)
@@ -167,6 +169,8 @@ class Collector:
                 str(children.workdir / f"{name}.db"),
                 "--log-level",
                 "warning",
+                # The whole simulated fleet comes from this one address.
+                *ONE_PEER_FLEET,
             ),
         )
         self.log = children.workdir / f"{name}.log"

@@ -24,13 +24,20 @@ class TokenBucket:
         self._updated = clock()
         self._reserved_until = self._updated
 
-    def admit(self) -> float:
-        """0 if the caller may go ahead, else the seconds after which it should try again."""
+    def take(self) -> bool:
+        """Take a token if there is one (a budget that is simply spent, no slot reserved)."""
         now = self._clock()
         self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate)
         self._updated = now
         if self._tokens >= 1:
             self._tokens -= 1
+            return True
+        return False
+
+    def admit(self) -> float:
+        """0 if the caller may go ahead, else the seconds after which it should try again."""
+        if self.take():
             return 0.0
+        now = self._clock()
         self._reserved_until = max(self._reserved_until, now) + 1 / self.rate
         return self._reserved_until - now

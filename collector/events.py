@@ -1,11 +1,15 @@
 """The fleet's event log: what happened, to which node or GPU, how bad, and what to do.
 
-Events are kept in memory (the newest ``capacity``), persisted by the store, and
-handed to subscribers (the MQTT publisher, followers of the gRPC stream).
+Events are kept in memory, persisted by the store, and handed to subscribers (the MQTT
+publisher, followers of the gRPC stream). Retention is fair across nodes: each node
+keeps its newest events up to an equal share of the log's capacity (never fewer than
+MIN_EVENTS_PER_NODE), so one node in an event storm cannot push out another's history.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -18,6 +22,15 @@ WARNING = events_pb2.SEVERITY_WARNING
 CRITICAL = events_pb2.SEVERITY_CRITICAL
 
 Subscriber = Callable[[events_pb2.Event], None]
+
+# Events the log keeps in all, and the share no node goes below however many nodes there are.
+EVENTS_KEPT = 200_000
+MIN_EVENTS_PER_NODE = 100
+
+
+def events_per_node(capacity: int, nodes: int) -> int:
+    """Each node's share of a log of ``capacity`` events (the store keeps the same)."""
+    return max(capacity // max(nodes, 1), MIN_EVENTS_PER_NODE)
 
 
 @dataclass(frozen=True)
@@ -41,10 +54,18 @@ class EventMatch:
 
 
 class EventLog:
-    def __init__(self, capacity: int = 200_000) -> None:
-        self._events: deque[events_pb2.Event] = deque(maxlen=capacity)
+    def __init__(self, capacity: int = EVENTS_KEPT) -> None:
+        self.capacity = capacity
+        self._by_node: dict[str, deque[events_pb2.Event]] = {}
         self._subscribers: list[Subscriber] = []
         self.last_id = 0
+
+    def __len__(self) -> int:
+        return sum(len(events) for events in self._by_node.values())
+
+    def share(self) -> int:
+        """How many events each node keeps now."""
+        return events_per_node(self.capacity, len(self._by_node))
 
     def subscribe(self, subscriber: Subscriber) -> None:
         self._subscribers.append(subscriber)
@@ -55,8 +76,16 @@ class EventLog:
     def restore(self, events: Iterable[events_pb2.Event]) -> None:
         """Events read back from the store at start-up (oldest first); not published again."""
         for event in events:
-            self._events.append(event)
+            self._keep(event)
             self.last_id = max(self.last_id, event.id)
+
+    def _keep(self, event: events_pb2.Event) -> None:
+        kept = self._by_node.get(event.node_id)
+        if kept is None:
+            kept = self._by_node[event.node_id] = deque()
+        kept.append(event)
+        while len(kept) > self.share():
+            kept.popleft()
 
     def emit(
         self,
@@ -89,18 +118,28 @@ class EventLog:
         )
         if gpu_index is not None:
             event.gpu_index = gpu_index
-        self._events.append(event)
+        self._keep(event)
         for subscriber in self._subscribers:
             subscriber(event)
         return event
 
     def query(self, match: EventMatch, limit: int = 1000) -> list[events_pb2.Event]:
         """The newest ``limit`` events that match, oldest first."""
+        if match.node_id:
+            newest_first: Iterable[events_pb2.Event] = reversed(self._by_node.get(match.node_id, ()))
+        else:
+            newest_first = heapq.merge(
+                *(reversed(events) for events in self._by_node.values()), key=_newest_first
+            )
         matches: list[events_pb2.Event] = []
-        for event in reversed(self._events):
-            if event.id <= match.after_id or len(matches) >= limit:
+        for event in itertools.takewhile(lambda e: e.id > match.after_id, newest_first):
+            if len(matches) >= limit:
                 break
             if match(event):
                 matches.append(event)
         matches.reverse()
         return matches
+
+
+def _newest_first(event: events_pb2.Event) -> int:
+    return -event.id

@@ -9,6 +9,7 @@ fleet's state, and a report is acknowledged only once the store has made it dura
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -71,6 +72,8 @@ class IngestServicer:
         self._limits = self._policy.limits
         self._admission = TokenBucket(self._policy.admission_rate_per_s, self._policy.admission_burst)
         self._report_rates: dict[str, TokenBucket] = {}
+        self._registrations: dict[str, TokenBucket] = {}
+        self._streams_by_peer: dict[str, int] = {}
         self._open_streams = 0
         self._last_logged: dict[str, float] = {}
 
@@ -131,7 +134,16 @@ class IngestServicer:
     ) -> AsyncIterator[ingest_pb2.CollectorMessage]:
         if self._open_streams >= self._limits.max_streams:
             await self._retry_later(context, "streams", 5.0, f"{self._open_streams} agent streams are open")
+        peer = peer_key(context)
+        if self._streams_by_peer.get(peer, 0) >= self._limits.max_streams_per_peer:
+            await self._retry_later(
+                context,
+                "streams_per_peer",
+                5.0,
+                f"{self._limits.max_streams_per_peer} agent streams are open from {context.peer()}",
+            )
         self._open_streams += 1
+        self._streams_by_peer[peer] = self._streams_by_peer.get(peer, 0) + 1
         self._metrics.streams.inc()
         node: NodeRecord | None = None
         try:
@@ -166,6 +178,8 @@ class IngestServicer:
                 )
         finally:
             self._open_streams -= 1
+            if (left := self._streams_by_peer.pop(peer) - 1) > 0:
+                self._streams_by_peer[peer] = left
             self._metrics.streams.dec()
             if node is not None:
                 self._state.disconnected(node)
@@ -214,11 +228,41 @@ class IngestServicer:
                 f"too many agents connecting at once; retry in {wait_ms} ms",
                 ((wire.RETRY_AFTER_KEY, str(wait_ms)),),
             )
+        if self._state.get(inventory.node_id) is None:
+            await self._admit_new_node(context)
         try:
             return self._state.hello(hello)
         except NodeIdConflict as exc:
             await self._reject(context, grpc.StatusCode.ALREADY_EXISTS, "node_id_conflict", str(exc))
             raise  # not reached: abort raises
+
+    async def _admit_new_node(self, context: grpc.aio.ServicerContext) -> None:
+        """A node the collector has never seen: within the node cap, and the peer's registration rate."""
+        limits = self._limits
+        if len(self._state) >= limits.max_nodes:
+            await self._reject(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "max_nodes",
+                f"the collector holds {len(self._state)} nodes, its limit (--max-nodes); "
+                "forget decommissioned nodes or raise the limit",
+            )
+        peer = peer_key(context)
+        bucket = self._registrations.get(peer)
+        if bucket is None:
+            if len(self._registrations) >= limits.max_nodes:
+                self._registrations.clear()  # full buckets are the default: forgetting them is safe
+            bucket = self._registrations[peer] = TokenBucket(
+                limits.registrations_per_peer_per_second, limits.registration_burst_per_peer
+            )
+        if wait_s := bucket.admit():
+            await self._retry_later(
+                context,
+                "registration_rate",
+                wait_s,
+                f"more than {limits.registrations_per_peer_per_second:g} new nodes per second from "
+                f"{context.peer()}",
+            )
 
     async def _report(
         self,
@@ -261,6 +305,16 @@ class IngestServicer:
         if touched := clamp_report(report, time.time_ns(), self._limits):
             self._metrics.implausible_values.inc(touched)
         return report
+
+
+def peer_key(context: grpc.aio.ServicerContext) -> str:
+    """Who is on the other end, for per-peer limits: the bearer token if any (hashed), else the address."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            return "token:" + hashlib.sha256(value.encode()).hexdigest()[:16]
+    address = context.peer() or ""
+    # "ipv4:10.0.0.1:4242", "ipv6:[::1]:4242": the address without the port.
+    return address.rsplit(":", 1)[0] if address.count(":") >= 2 else address
 
 
 def handler(servicer: IngestServicer) -> grpc.GenericRpcHandler:

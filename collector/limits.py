@@ -32,6 +32,16 @@ class Limits:
     # Agent streams open at once, and how long a new one may take to say hello.
     max_streams: int = 50_000
     hello_timeout_s: float = 10.0
+    # Nodes the collector keeps in all, and new ones one peer (an address, or a token) may
+    # register per second and at once (one host is one node; a simulated fleet is many).
+    max_nodes: int = 20_000
+    registrations_per_peer_per_second: float = 20.0
+    registration_burst_per_peer: int = 2_000
+    # Agent streams one peer may hold open.
+    max_streams_per_peer: int = 2_000
+    # XID and health events one node may add to the event log per second, and at once.
+    events_per_node_per_second: float = 10.0
+    event_burst_per_node: int = 200
     # The report interval a node may announce (0 means the default, 10 s).
     min_report_interval_ms: int = 50
     max_report_interval_ms: int = 86_400_000

@@ -173,6 +173,48 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.hello_timeout_s,
         help="seconds a new stream has to say hello",
     )
+    add_flag(
+        limits,
+        "--max-nodes",
+        type=positive_int,
+        default=defaults.max_nodes,
+        help="nodes the collector keeps in all; new ones beyond are refused",
+    )
+    add_flag(
+        limits,
+        "--registrations-per-peer-per-second",
+        type=positive_float,
+        default=defaults.registrations_per_peer_per_second,
+        help="new nodes one address (or token) may register per second",
+    )
+    add_flag(
+        limits,
+        "--registration-burst-per-peer",
+        type=positive_int,
+        default=defaults.registration_burst_per_peer,
+        help="new nodes one address (or token) may register at once",
+    )
+    add_flag(
+        limits,
+        "--max-streams-per-peer",
+        type=positive_int,
+        default=defaults.max_streams_per_peer,
+        help="agent streams one address (or token) may hold open",
+    )
+    add_flag(
+        limits,
+        "--events-per-node-per-second",
+        type=positive_float,
+        default=defaults.events_per_node_per_second,
+        help="XID and health events a node may add to the event log per second (beyond: summarised)",
+    )
+    add_flag(
+        limits,
+        "--event-burst-per-node",
+        type=positive_int,
+        default=defaults.event_burst_per_node,
+        help="XID and health events a node may add to the event log at once",
+    )
     mqtt = parser.add_argument_group("MQTT events (off unless --mqtt-broker is set)")
     add_flag(
         mqtt,
@@ -306,6 +348,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                 report_burst=args.report_burst,
                 max_streams=args.max_streams,
                 hello_timeout_s=args.hello_timeout,
+                max_nodes=args.max_nodes,
+                registrations_per_peer_per_second=args.registrations_per_peer_per_second,
+                registration_burst_per_peer=args.registration_burst_per_peer,
+                max_streams_per_peer=args.max_streams_per_peer,
+                events_per_node_per_second=args.events_per_node_per_second,
+                event_burst_per_node=args.event_burst_per_node,
             ),
             admission_rate_per_s=args.admission_rate,
             admission_burst=args.admission_burst,

@@ -48,6 +48,12 @@ class CollectorMetrics:
             ["scope"],
             registry=r,
         )
+        self.events_suppressed = Counter(
+            "gpufleet_collector_events_suppressed",
+            "XID and health events not logged because their node was over its event budget "
+            "(summarised in an events_suppressed event; counters and verdicts still count them).",
+            registry=r,
+        )
         self.streams = Gauge("gpufleet_collector_agent_streams", "Agent streams open now.", registry=r)
         self.store_up = Gauge(
             "gpufleet_collector_store_up",

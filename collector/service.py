@@ -25,7 +25,7 @@ from collector.ingest import IngestPolicy, IngestServicer, handler
 from collector.mqtt import MqttConfig, MqttPublisher
 from collector.query import QueryServicer
 from collector.selfmetrics import CollectorMetrics
-from collector.state import FleetState, Liveness
+from collector.state import EventBudget, FleetState, Liveness
 from collector.store import Store
 from gpufleet import wire
 from gpufleet.v1 import admin_pb2, admin_pb2_grpc, ingest_pb2, query_pb2, query_pb2_grpc
@@ -63,7 +63,12 @@ class Collector:
     def __init__(self, config: CollectorConfig) -> None:
         self.config = config
         self.metrics = CollectorMetrics()
-        self.state = FleetState(config.liveness)
+        limits = config.ingest.limits
+        self.state = FleetState(
+            config.liveness,
+            event_budget=EventBudget(limits.events_per_node_per_second, limits.event_burst_per_node),
+            on_suppressed=self.metrics.events_suppressed.inc,
+        )
         self.store = Store(config.db_path, self.state, self.metrics)
         self.metrics.store_uncommitted_seconds.set_function(self.store.uncommitted_seconds)
         self.mqtt = MqttPublisher(config.mqtt, self.state, self.metrics, self.store) if config.mqtt else None

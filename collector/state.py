@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from collector import health
+from collector.admission import TokenBucket
 from collector.events import CRITICAL, INFO, WARNING, EventLog
 from gpufleet import events as kinds
 from gpufleet.v1 import events_pb2, ingest_pb2, inventory_pb2, query_pb2, telemetry_pb2
@@ -38,6 +39,20 @@ IDLE_UTILIZATION_PERCENT = 5
 GONE_VERDICT = health.Verdict(
     health.LOST, ("GPU no longer visible to NVML on a live node (fell off the bus?)",), "reboot node"
 )
+
+
+@dataclass(frozen=True)
+class EventBudget:
+    """XID and health events a node may add to the log: per second, and at once."""
+
+    per_second: float = 10.0
+    burst: int = 200
+
+
+# Kinds a storm on one node can multiply; beyond the budget they are counted and summarised.
+BUDGETED_KINDS = frozenset({kinds.XID, kinds.HEALTH_CHANGED})
+# At most one summary of what was not logged per node in this many seconds (or its interval).
+SUMMARY_MIN_INTERVAL_S = 1.0
 
 
 class NodeIdConflict(Exception):
@@ -89,6 +104,10 @@ class NodeRecord:
     inventory_version: int = 0
     # Bumped when a GPU's verdict or its XIDs since boot change (the store keeps both).
     health_version: int = 0
+    # The node's budget of XID and health events, what it went over by (per kind), and when last said.
+    event_budget: TokenBucket | None = None
+    suppressed: dict[str, int] = field(default_factory=dict)
+    suppressed_said_monotonic: float = 0.0
 
     @property
     def cluster(self) -> str:
@@ -124,9 +143,13 @@ class FleetState:
         liveness: Liveness | None = None,
         clock: Callable[[], float] = time.monotonic,
         events: EventLog | None = None,
+        event_budget: EventBudget | None = None,
+        on_suppressed: Callable[[int], None] | None = None,
     ) -> None:
         self.liveness = liveness or Liveness()
         self.events = events or EventLog()
+        self.event_budget = event_budget or EventBudget()
+        self._on_suppressed = on_suppressed
         self._clock = clock
         self._nodes: dict[str, NodeRecord] = {}
         self._ids_by_name: dict[str, str] = {}
@@ -151,6 +174,11 @@ class FleetState:
         time_unix_nano: int | None = None,
         **attributes: str,
     ) -> None:
+        if kind in BUDGETED_KINDS and not self._within_budget(node):
+            node.suppressed[kind] = node.suppressed.get(kind, 0) + 1
+            if self._on_suppressed is not None:
+                self._on_suppressed(1)
+            return
         self.events.emit(
             kind,
             severity,
@@ -164,6 +192,37 @@ class FleetState:
             attributes=attributes,
             time_unix_nano=time_unix_nano,
         )
+
+    def _within_budget(self, node: NodeRecord) -> bool:
+        if node.event_budget is None:
+            budget = self.event_budget
+            node.event_budget = TokenBucket(budget.per_second, budget.burst, self._clock)
+        return node.event_budget.take()
+
+    def _summarise_suppressed(self, node: NodeRecord) -> None:
+        """One event that says what a node's storm left out of the log (its counters have it all)."""
+        now = self._clock()
+        if not node.suppressed or now - node.suppressed_said_monotonic < max(
+            node.interval_s, SUMMARY_MIN_INTERVAL_S
+        ):
+            return
+        counts = ", ".join(f"{kind} x{count}" for kind, count in sorted(node.suppressed.items()))
+        total = sum(node.suppressed.values())
+        budget = self.event_budget
+        self.events.emit(
+            kinds.EVENTS_SUPPRESSED,
+            WARNING,
+            f"{total} events not logged ({counts}): over {budget.per_second:g} per second "
+            f"(bursts of {budget.burst}) from one node; counters and verdicts still count them",
+            node_id=node.node_id,
+            node_name=node.name,
+            datacenter=node.inventory.datacenter,
+            cluster=node.inventory.cluster,
+            action="look at the node's GPUs: an XID storm",
+            attributes={"suppressed": str(total)},
+        )
+        node.suppressed.clear()
+        node.suppressed_said_monotonic = now
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -349,6 +408,7 @@ class FleetState:
         peer_clock = health.peer_sm_clock_mhz([gpu.sample for gpu in updated if gpu.sample is not None])
         for gpu in updated:
             self._judge(node, gpu, peer_clock)
+        self._summarise_suppressed(node)
         node.agent_stats = report.agent_stats
         node.last_seen_unix_ns = time.time_ns()
         self._mark_seen(node)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from collector import health
+from collector.events import MIN_EVENTS_PER_NODE
 from collector.selfmetrics import CollectorMetrics
 from collector.state import FleetState, GpuRecord, NodeRecord
 from gpufleet import events as kinds
@@ -76,8 +77,6 @@ CREATE TABLE IF NOT EXISTS meta (
 """
 # How long a batch waits for more changes before it is committed.
 COMMIT_DELAY_S = 0.01
-# Events kept in the database and read back at start-up.
-EVENTS_KEPT = 200_000
 # A database locked by another process is tried this often, this long apart, before giving up.
 LOCKED_RETRIES = 3
 LOCKED_RETRY_S = 1.0
@@ -109,6 +108,7 @@ class Batch:
     meta: dict[str, int] = field(default_factory=dict)
     forgotten: list[str] = field(default_factory=list)
     verdicts: list[tuple[object, ...]] = field(default_factory=list)
+    events_per_node: int = MIN_EVENTS_PER_NODE
 
     def __bool__(self) -> bool:
         return bool(
@@ -332,10 +332,7 @@ class Store:
             self._written_health[node_id] = node.health_version
             restored += 1
         self._meta = dict(db.execute("SELECT key, value FROM meta"))
-        events = db.execute(
-            "SELECT event FROM (SELECT id, event FROM events ORDER BY id DESC LIMIT ?) ORDER BY id",
-            (EVENTS_KEPT,),
-        )
+        events = db.execute("SELECT event FROM events ORDER BY id")
         self._state.events.restore(events_pb2.Event.FromString(blob) for (blob,) in events)
         log.info("restored %d nodes and the event log from %s", restored, self.path)
 
@@ -435,6 +432,7 @@ class Store:
         self._wake.clear()
         done, self._next_commit = self._next_commit, None
         batch, self._pending = self._pending, Batch()
+        batch.events_per_node = self._state.events.share()
         try:
             for node_id in self._dirty:
                 node = self._state.get(node_id)
@@ -526,8 +524,12 @@ def _write(db: sqlite3.Connection, batch: Batch) -> None:
             ((node_id, gpu, xid, count) for (node_id, gpu, xid), count in batch.xids.items()),
         )
         db.executemany("INSERT OR REPLACE INTO events VALUES (?, ?, ?, ?)", batch.events)
-        if batch.events:
-            db.execute("DELETE FROM events WHERE id <= ?", (batch.events[-1][0] - EVENTS_KEPT,))
+        # Each node keeps its own newest events, as in memory: a storm on one never erases another's.
+        db.executemany(
+            "DELETE FROM events WHERE node_id = ? AND id < (SELECT id FROM events WHERE node_id = ? "
+            "ORDER BY id DESC LIMIT 1 OFFSET ?)",
+            ((node_id, node_id, batch.events_per_node - 1) for node_id in {e[2] for e in batch.events}),
+        )
         db.executemany("INSERT OR REPLACE INTO gpu_health VALUES (?, ?, ?, ?, ?, ?)", batch.verdicts)
         db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", batch.meta.items())
         for table in ("nodes", "xid_totals", "gpu_health"):

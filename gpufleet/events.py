@@ -18,10 +18,19 @@ GPU_REMOVED = "gpu_removed"
 GPU_REPLACED = "gpu_replaced"
 DRIVER_UPGRADED = "driver_upgraded"
 NODE_FORGOTTEN = "node_forgotten"
+EVENTS_SUPPRESSED = "events_suppressed"
 
 # What a node is made of, over time (`gpufleet history`).
 INVENTORY_KINDS = (NODE_REGISTERED, NODE_REBOOTED, GPU_ADDED, GPU_REMOVED, GPU_REPLACED, DRIVER_UPGRADED)
-ALL_KINDS = (XID, HEALTH_CHANGED, NODE_STATE_CHANGED, NODE_ID_CONFLICT, NODE_FORGOTTEN, *INVENTORY_KINDS)
+ALL_KINDS = (
+    XID,
+    HEALTH_CHANGED,
+    NODE_STATE_CHANGED,
+    NODE_ID_CONFLICT,
+    NODE_FORGOTTEN,
+    EVENTS_SUPPRESSED,
+    *INVENTORY_KINDS,
+)
 
 
 def event_row(event: events_pb2.Event) -> dict[str, Any]:
