@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import ssl
@@ -51,6 +52,19 @@ def wait_until(
             last_error = exc
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {what}" + (f": {last_error}" if last_error else ""))
+
+
+async def until(predicate: object, timeout: float = 15.0, what: str = "condition") -> None:
+    """Wait on the event loop until ``predicate()`` holds; fail (never carry on) after ``timeout``."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():  # type: ignore[operator]
+        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
+def metric(collector: Collector, name: str, **labels: str) -> float:
+    """A sample of the collector's own metrics, by its exposed name (0 when not there yet)."""
+    return collector.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from agent.sources.faults import FAULT_KINDS, FaultModel
 from agent.sources.sim import SimulatedSource
 from collector.mqtt import MqttConfig
 from collector.service import Collector, CollectorConfig
-from tests.conftest import ROOT, http_get
+from tests.conftest import ROOT, http_get, metric, until
 from tests.fleet import add_node
 from tests.mqtt_broker import Broker, subscribed
 
@@ -76,11 +76,11 @@ async def test_fault_kinds_to_verdicts_everywhere(tmp_path: Path) -> None:
                 add_node(collector.state, source, index)
                 source.inject(FAULTY_GPU, kind)
                 add_node(collector.state, source, index)
-            await asyncio.sleep(0.5)
-            for _ in range(100):
-                if collector.metrics.mqtt_queued._value.get() == 0:
-                    break
-                await asyncio.sleep(0.1)
+            await until(
+                lambda: metric(collector, "gpufleet_collector_mqtt_events_queued") == 0,
+                timeout=10,
+                what="every event to reach the broker",
+            )
         _, body, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{collector.http_port}/metrics")
         health_series = {
             (s.labels["node"], s.labels["gpu"], s.labels["state"]): s.value

@@ -16,7 +16,7 @@ from collector.state import DOWN, FleetState
 from gpufleet import events as kinds
 from gpufleet import wire
 from gpufleet.v1 import ingest_pb2
-from tests.conftest import ROOT, Processes
+from tests.conftest import ROOT, Processes, until
 from tests.fleet import add_node, inventory_for
 
 
@@ -91,13 +91,9 @@ async def test_the_agent_notices_a_replaced_gpu_and_tells_the_collector(collecto
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     try:
-        await asyncio.sleep(0.3)
+        await until(lambda: agent.uplink is not None and agent.uplink.connected.is_set(), what="the agent")
         source.replace_gpu(5)
-        for _ in range(100):
-            if kinds.GPU_REPLACED in history(collector.state):
-                break
-            await asyncio.sleep(0.05)
-        assert kinds.GPU_REPLACED in history(collector.state)
+        await until(lambda: kinds.GPU_REPLACED in history(collector.state), what="the replacement")
     finally:
         stop.set()
         await task

@@ -18,7 +18,7 @@ from agent.sources.sim import SimulatedSource
 from collector import store
 from collector.service import Collector, CollectorConfig
 from collector.store import StoreBusy
-from tests.conftest import http_get
+from tests.conftest import http_get, metric
 from tests.fleet import add_node
 from tests.test_ingest import exchange, hello, report
 
@@ -45,10 +45,6 @@ async def with_db(tmp_path: Path) -> AsyncIterator[Collector]:
     await collector.stop()
 
 
-def value(collector: Collector, name: str, **labels: str) -> float:
-    return collector.metrics.registry.get_sample_value(name, labels) or 0.0
-
-
 async def honest_node_is_acked(collector: Collector, index: int) -> None:
     answers, code, details = await exchange(collector, hello(index), report(1), report(2))
     assert code == grpc.StatusCode.OK, details
@@ -62,10 +58,10 @@ async def test_a_sequence_past_what_the_store_holds_is_refused_and_the_fleet_sti
     answers, code, details = await exchange(with_db, hello(0), report(sequence))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "sequence" in details
     assert len(answers) == 1  # the hello, and no acknowledgement of what was not written
-    assert value(with_db, "gpufleet_collector_rejected_messages_total", reason="limit_sequence") == 1
+    assert metric(with_db, "gpufleet_collector_rejected_messages_total", reason="limit_sequence") == 1
     await honest_node_is_acked(with_db, 1)
-    assert value(with_db, "gpufleet_collector_store_up") == 1
-    assert value(with_db, "gpufleet_collector_store_errors_total") == 0
+    assert metric(with_db, "gpufleet_collector_store_up") == 1
+    assert metric(with_db, "gpufleet_collector_store_errors_total") == 0
     status, _, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{with_db.http_port}/readyz")
     assert status == 200
 
@@ -81,8 +77,8 @@ async def test_any_failure_of_the_writer_is_survived_and_nothing_uncommitted_is_
     answers, code, details = await exchange(with_db, hello(1), report(1))
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "could not store" in details
     assert all(not a.HasField("report_ack") for a in answers)
-    assert value(with_db, "gpufleet_collector_store_up") == 0
-    assert value(with_db, "gpufleet_collector_store_errors_total") == 1
+    assert metric(with_db, "gpufleet_collector_store_up") == 0
+    assert metric(with_db, "gpufleet_collector_store_errors_total") == 1
     # From memory from then on, as with a full disk: every node is served again.
     for index in range(2, 5):
         await honest_node_is_acked(with_db, index)
@@ -107,12 +103,12 @@ async def test_a_stalled_writer_shows_in_readyz_and_a_metric(
     ready = f"http://127.0.0.1:{with_db.http_port}/readyz"
     status, body, _ = await asyncio.to_thread(http_get, ready)
     assert status == 503 and b"stalled" in body
-    assert value(with_db, "gpufleet_collector_store_uncommitted_seconds") >= 0.3
+    assert metric(with_db, "gpufleet_collector_store_uncommitted_seconds") >= 0.3
     release.set()
     await asyncio.wait_for(waiting, 5)
     status, _, _ = await asyncio.to_thread(http_get, ready)
     assert status == 200
-    assert value(with_db, "gpufleet_collector_store_uncommitted_seconds") == 0
+    assert metric(with_db, "gpufleet_collector_store_uncommitted_seconds") == 0
 
 
 @contextlib.contextmanager

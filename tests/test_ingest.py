@@ -12,6 +12,7 @@ from collector.events import EventMatch
 from collector.service import Collector
 from gpufleet import wire
 from gpufleet.v1 import ingest_pb2
+from tests.conftest import metric
 from tests.fleet import inventory_for
 
 METHOD = "/gpufleet.v1.IngestService/Connect"
@@ -63,7 +64,7 @@ async def test_hello_reports_and_acknowledgements(collector: Collector) -> None:
     answers, _, _ = await exchange(collector, hello(0), report(2), report(3))
     assert answers[0].hello_ack.last_acked_sequence == 2
     assert [a.report_ack.sequence for a in answers[1:]] == [2, 3]
-    assert collector.metrics.duplicate_reports._value.get() == 1
+    assert metric(collector, "gpufleet_collector_duplicate_reports_total") == 1
 
 
 @pytest.mark.parametrize(
@@ -82,7 +83,7 @@ async def test_bad_streams_get_a_clear_status_and_a_counter(
     _, code, details = await exchange(collector, *messages)
     assert code == status
     assert details  # says what was wrong
-    assert collector.metrics.rejected.labels(reason)._value.get() == 1
+    assert metric(collector, "gpufleet_collector_rejected_messages_total", reason=reason) == 1
     # Everyone else is still served.
     answers, code, _ = await exchange(collector, hello(5), report(1))
     assert code == grpc.StatusCode.OK and answers[-1].report_ack.sequence == 1
@@ -115,7 +116,7 @@ async def test_health_and_reflection_services(collector: Collector) -> None:
 async def test_a_sequence_going_backwards_on_a_stream_is_refused(collector: Collector) -> None:
     _, code, details = await exchange(collector, hello(0), report(5), report(3))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "sequence 3 after 5" in details
-    assert collector.metrics.rejected.labels("sequence_backwards")._value.get() == 1
+    assert metric(collector, "gpufleet_collector_rejected_messages_total", reason="sequence_backwards") == 1
     node = collector.state.find("node-0000")
     assert node is not None and node.last_sequence == 5
 

@@ -18,7 +18,7 @@ from collector.limits import Limits
 from collector.service import Collector, CollectorConfig
 from gpufleet import wire
 from gpufleet.v1 import ingest_pb2
-from tests.conftest import http_get
+from tests.conftest import http_get, metric
 from tests.fleet import inventory_for
 from tests.test_ingest import METHOD, exchange, hello, report
 
@@ -106,7 +106,7 @@ async def test_hello_limits(
 ) -> None:
     _, code, details = await exchange(limited, hello_with(change))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "limit" in details
-    assert limited.metrics.rejected.labels(f"limit_{reason}")._value.get() == 1
+    assert metric(limited, "gpufleet_collector_rejected_messages_total", reason=f"limit_{reason}") == 1
     assert len(limited.state) == 0  # nothing of it reached the fleet
     await still_serving(limited)
 
@@ -143,7 +143,7 @@ async def test_report_limits(
 ) -> None:
     _, code, details = await exchange(limited, hello(0), report_with(change))
     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
-    assert limited.metrics.rejected.labels(f"limit_{reason}")._value.get() == 1
+    assert metric(limited, "gpufleet_collector_rejected_messages_total", reason=f"limit_{reason}") == 1
     node = limited.state.find("node-0000")
     assert node is not None and node.last_sequence == 0  # the report was not taken in
     await still_serving(limited)
@@ -160,7 +160,7 @@ async def test_impossible_values_are_dropped_and_future_times_clamped(limited: C
 
     answers, code, _ = await exchange(limited, hello(0), report_with(garbage))
     assert code == grpc.StatusCode.OK and answers[-1].report_ack.sequence == 1
-    assert limited.metrics.implausible_values._value.get() == 4
+    assert metric(limited, "gpufleet_collector_implausible_values_total") == 4
     node = limited.state.find("node-0000")
     assert node is not None
     assert not node.gpus[0].sample.HasField("gpu_temperature_celsius")  # type: ignore[union-attr]
@@ -196,7 +196,7 @@ async def test_streams_that_never_say_hello_are_closed(limited: Collector) -> No
         with pytest.raises(grpc.aio.AioRpcError) as error:
             await call.read()
         assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert limited.metrics.rejected.labels("hello_timeout")._value.get() == 1
+    assert metric(limited, "gpufleet_collector_rejected_messages_total", reason="hello_timeout") == 1
 
 
 async def test_the_stream_limit_sends_agents_away_with_a_retry_hint(limited: Collector) -> None:
@@ -207,7 +207,7 @@ async def test_the_stream_limit_sends_agents_away_with_a_retry_hint(limited: Col
         await asyncio.sleep(0.3)
         _, code, details = await exchange(limited, hello(1))
         assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "retry in" in details
-        assert limited.metrics.rejected.labels("streams")._value.get() >= 1
+        assert metric(limited, "gpufleet_collector_rejected_messages_total", reason="streams") >= 1
         for call in calls:
             call.cancel()
 
@@ -244,7 +244,7 @@ async def test_a_flood_of_connections_does_not_starve_the_fleet() -> None:
                 await asyncio.sleep(0.005)
             slowest = max(slowest, time.monotonic() - submitted)
         print(f"slowest acknowledgement during the flood: {slowest * 1000:.0f} ms")
-        assert collector.metrics.streams._value.get() >= 250  # the flood was really there
+        assert metric(collector, "gpufleet_collector_agent_streams") >= 250  # the flood was really there
     finally:
         stop.set()
         await task

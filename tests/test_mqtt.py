@@ -14,7 +14,7 @@ import pytest
 from agent.sources.sim import SimulatedSource
 from collector.mqtt import MqttConfig
 from collector.service import Collector, CollectorConfig
-from tests.conftest import http_get
+from tests.conftest import http_get, metric, until
 from tests.fleet import add_node
 from tests.mqtt_broker import Broker, subscribed
 
@@ -49,13 +49,6 @@ async def publishing(broker: Broker, tmp_path: Path) -> AsyncIterator[Collector]
     await collector.stop()
 
 
-async def until(predicate: object, timeout: float = 15.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():  # type: ignore[operator]
-        assert asyncio.get_running_loop().time() < deadline, "timed out"
-        await asyncio.sleep(0.05)
-
-
 async def test_events_and_retained_node_state(broker: Broker, publishing: Collector) -> None:
     async with subscribed(broker, "gpufleet/v1/events/#") as events:
         source = SimulatedSource("H100", 8, seed=0)
@@ -75,14 +68,14 @@ async def test_events_and_retained_node_state(broker: Broker, publishing: Collec
         "critical",
         "reboot node",
     )
-    await until(lambda: publishing.metrics.mqtt_queued._value.get() == 0)
+    await until(lambda: metric(publishing, "gpufleet_collector_mqtt_events_queued") == 0)
     await asyncio.sleep(0.3)  # the retained state goes out after the events
     async with subscribed(broker, "gpufleet/v1/state/#") as late:  # a new subscriber sees the state at once
         await late.wait_for(1)
     topic, state, retained = late.messages[0]
     assert topic == "gpufleet/v1/state/dc1/c1/node-0000" and retained
     assert state["state"] == "up" and state["gpus"][4]["health"] == "lost"
-    assert publishing.metrics.mqtt_published._value.get() >= 3
+    assert metric(publishing, "gpufleet_collector_mqtt_events_published_total") >= 3
 
 
 async def test_events_published_while_the_broker_is_down_arrive_in_order(
@@ -91,14 +84,14 @@ async def test_events_published_while_the_broker_is_down_arrive_in_order(
     sources = [SimulatedSource("H100", 8, seed=0, node_index=i) for i in range(3)]
     for index, source in enumerate(sources):
         add_node(publishing.state, source, index)
-    await until(lambda: publishing.metrics.mqtt_queued._value.get() == 0)
+    await until(lambda: metric(publishing, "gpufleet_collector_mqtt_events_queued") == 0)
     broker.kill()
-    await until(lambda: publishing.metrics.mqtt_connected._value.get() == 0)
+    await until(lambda: metric(publishing, "gpufleet_collector_mqtt_connected") == 0)
     for round_ in range(5):
         for index, source in enumerate(sources):
             source.inject(round_ % 8, "application")
             add_node(publishing.state, source, index)
-    assert publishing.metrics.mqtt_queued._value.get() == 15
+    assert metric(publishing, "gpufleet_collector_mqtt_events_queued") == 15
     broker.start()
     async with subscribed(broker, "gpufleet/v1/events/+/+/+/xid") as events:
         await events.wait_for(15, timeout=40)  # reconnect backoff included
@@ -118,13 +111,15 @@ async def test_broker_unreachable_at_start_then_events_flow(
     await collector.start()
     try:
         add_node(collector.state, SimulatedSource("H100", 8), 0)
-        await until(lambda: collector.metrics.mqtt_errors._value.get() >= 1)
+        await until(lambda: metric(collector, "gpufleet_collector_mqtt_errors_total") >= 1)
         assert f"cannot reach broker 127.0.0.1:{broker.port}" in caplog.text
         status, _, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{collector.http_port}/metrics")
         # still serving
         assert status == 200
         broker.start()
-        await until(lambda: collector.metrics.mqtt_published._value.get() >= 1, timeout=40)
+        await until(
+            lambda: metric(collector, "gpufleet_collector_mqtt_events_published_total") >= 1, timeout=40
+        )
     finally:
         await collector.stop()
         broker.kill()
@@ -137,10 +132,10 @@ async def test_wrong_credentials_are_said_clearly(tmp_path: Path, caplog: pytest
     collector = Collector(collector_config(broker, tmp_path, username="gpufleet", password="wrong"))
     await collector.start()
     try:
-        await until(lambda: collector.metrics.mqtt_errors._value.get() >= 1)
+        await until(lambda: metric(collector, "gpufleet_collector_mqtt_errors_total") >= 1)
         assert "refused the credentials" in caplog.text and "wrong" not in caplog.text
         add_node(collector.state, SimulatedSource("H100", 8), 0)
-        assert collector.metrics.mqtt_connected._value.get() == 0
+        assert metric(collector, "gpufleet_collector_mqtt_connected") == 0
         assert len(collector.state) == 1
     finally:
         await collector.stop()
@@ -160,7 +155,7 @@ async def test_a_subscriber_that_never_reads_does_not_hold_anyone_up(
             for index in range(200):
                 add_node(publishing.state, SimulatedSource("H100", 8, node_index=index), index)
             await reader.wait_for(200, timeout=30)
-        await until(lambda: publishing.metrics.mqtt_queued._value.get() == 0)
+        await until(lambda: metric(publishing, "gpufleet_collector_mqtt_events_queued") == 0)
     finally:
         stuck.close()
 

@@ -22,7 +22,7 @@ from collector.service import Collector, CollectorConfig
 from gpufleet import certs
 from gpufleet.security import ClientSecurity
 from gpufleet.v1 import query_pb2, query_pb2_grpc
-from tests.conftest import ROOT, http_get
+from tests.conftest import ROOT, http_get, metric
 from tests.fleet import inventory_for
 
 SECRETS = {
@@ -142,7 +142,7 @@ async def test_an_agent_cannot_report_under_another_nodes_id(pki: Path, mtls: Co
     node_id = inventory_for(SimulatedSource("H100", 8), 0).node_id
     outcome = await report_once(mtls, client(pki, f"agent-{node_id}"), node_index=1)  # node 1, node 0's cert
     assert "PERMISSION_DENIED" in outcome and "identity of this client's certificate" in outcome
-    assert mtls.metrics.rejected.labels("identity")._value.get() >= 1
+    assert metric(mtls, "gpufleet_collector_rejected_messages_total", reason="identity") >= 1
     assert len(mtls.state) == 0
 
 
@@ -180,7 +180,7 @@ async def test_tokens_are_scoped(with_tokens: Collector) -> None:
             assert summary.nodes == 1
         status = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
         assert status.status == health_pb2.HealthCheckResponse.SERVING  # load balancers need no token
-    assert with_tokens.metrics.denied.labels("agent")._value.get() >= 3
+    assert metric(with_tokens, "gpufleet_collector_denied_calls_total", scope="agent") >= 3
 
 
 async def test_only_admin_tokens_change_state_and_the_cli_says_why(

@@ -16,6 +16,7 @@ from collector.service import Collector, CollectorConfig
 from collector.state import DOWN, Liveness
 from collector.store import CommitFailed
 from gpufleet import events as kinds
+from tests.conftest import metric
 from tests.fleet import add_node
 
 
@@ -58,7 +59,7 @@ async def test_the_fleet_survives_a_restart(tmp_path: Path) -> None:
         assert len(node.gpus) == 8 and node.inventory.gpus[0].name == "NVIDIA H100 80GB HBM3"
         logged = {e.kind for e in second.state.events.query(EventMatch())}
         assert {kinds.NODE_REGISTERED, kinds.XID, kinds.HEALTH_CHANGED} <= logged
-        assert second.metrics.store_up._value.get() == 1
+        assert metric(second, "gpufleet_collector_store_up") == 1
     finally:
         await second.stop()
 
@@ -68,7 +69,7 @@ async def test_a_corrupt_database_is_moved_aside(tmp_path: Path) -> None:
     db.write_bytes(b"this is not a database" * 100)
     collector = await started(db)
     try:
-        assert collector.metrics.store_up._value.get() == 1
+        assert metric(collector, "gpufleet_collector_store_up") == 1
         assert list(tmp_path.glob("fleet.db.corrupt-*"))
         add_node(collector.state, SimulatedSource("H100", 8), 0)
         await collector.store.durable()
@@ -109,8 +110,8 @@ async def test_a_read_only_database_leaves_the_collector_serving_from_memory(rea
     remount(read_only_mount, "ro")
     collector = await started(db)
     try:
-        assert collector.metrics.store_up._value.get() == 0
-        assert collector.metrics.store_errors._value.get() == 1
+        assert metric(collector, "gpufleet_collector_store_up") == 0
+        assert metric(collector, "gpufleet_collector_store_errors_total") == 1
         assert len(collector.state) == 1  # the fleet it holds, read back read-only
         add_node(collector.state, SimulatedSource("H100", 8, node_index=1), 1)  # still serving
         await collector.store.durable()  # returns at once: nothing can be made durable
@@ -134,8 +135,8 @@ async def test_a_disk_that_fills_up_mid_run_degrades_to_memory(read_only_mount: 
         with pytest.raises(CommitFailed):  # what the failed commit held is not acknowledged
             await asyncio.wait_for(collector.store.durable(), 5)
         await asyncio.wait_for(collector.store.durable(), 5)  # then: from memory, at once
-        assert collector.metrics.store_up._value.get() == 0
-        assert collector.metrics.store_errors._value.get() == 1
+        assert metric(collector, "gpufleet_collector_store_up") == 0
+        assert metric(collector, "gpufleet_collector_store_errors_total") == 1
         assert len(collector.state) == 50  # nothing else disturbed
     finally:
         await collector.stop()
