@@ -3,6 +3,8 @@
 Scenarios at 1,000, 10,000 and 100,000 GPUs against a real collector process,
 with the baselines (prometheus_client, the Pushgateway) on the same fleet in the
 same run. `--quick` shortens every measurement (about half the time).
+`python -m bench soak` instead runs one collector under a steady fleet for a
+long time and looks for leaks and pauses (bench/soak.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bench import harness, report
+from bench import harness, report, soak
 
 DEFAULT_OUTPUT = harness.ROOT / "docs" / "benchmarks.md"
 
@@ -35,7 +37,18 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="the document to update")
     parser.add_argument("--no-write", action="store_true", help="print the results only")
     parser.add_argument("--json", type=Path, help="also write the raw results to this file")
+    commands = parser.add_subparsers(dest="command", metavar="{soak}", title="other benchmarks")
+    soak_parser = commands.add_parser(
+        "soak",
+        help="a long run at one fleet size: RSS, descriptors, CPU and pauses over time",
+        description=soak.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    soak.add_arguments(soak_parser)
     args = parser.parse_args()
+    if args.command == "soak":
+        soak.main(args, soak_parser)
+        return
     try:
         sizes = tuple(int(size.replace("_", "")) for size in args.sizes.split(","))
     except ValueError:

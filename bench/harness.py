@@ -32,7 +32,8 @@ from typing import Any
 import grpc
 
 from bench import fleet
-from bench.procstat import cpu_seconds, median, memory_bytes, percentile
+from bench.load import raise_open_files_limit
+from bench.procstat import cpu_seconds, load_average, median, memory_bytes, percentile
 from collector.exposition import shard_of
 from gpufleet import wire
 from gpufleet.v1 import ingest_pb2, query_pb2, query_pb2_grpc
@@ -837,7 +838,7 @@ def _os_name() -> str:
 
 def run(settings: Settings) -> Report:
     report = Report(settings, environment=environment())
-    report.environment["load_average_before"] = _load_average()
+    report.environment["load_average_before"] = load_average()
     if report.environment["protobuf_backend"] != "upb":
         raise Failure(
             f"protobuf runs on its {report.environment['protobuf_backend']!r} backend, not upb: the "
@@ -849,7 +850,7 @@ def run(settings: Settings) -> Report:
             "its baseline was skipped."
         )
         print("note: prometheus-pushgateway not found; its baseline is skipped", flush=True)
-    _raise_open_files_limit(max(settings.sizes) // fleet.GPUS_PER_NODE * 3 + 1024)
+    raise_open_files_limit(max(settings.sizes) // fleet.GPUS_PER_NODE * 2)
     workdir = Path(tempfile.mkdtemp(prefix="gpufleet-bench-"))
     children = Children(workdir)
     print(f"logs and databases in {workdir}", flush=True)
@@ -859,7 +860,7 @@ def run(settings: Settings) -> Report:
         for gpus in settings.sizes:
             scenario = Scenario(settings, children, gpus)
             report.scenarios.append(scenario.run())
-            report.scenarios[-1]["load_average_after"] = _load_average()
+            report.scenarios[-1]["load_average_after"] = load_average()
             guest.sample()
         report.guest = guest.result(minimum_s=30.0 if settings.quick else 60.0)
         print(
@@ -872,22 +873,6 @@ def run(settings: Settings) -> Report:
         children.stop_everything()
     shutil.rmtree(workdir, ignore_errors=True)
     return report
-
-
-def _load_average() -> str:
-    """The machine's 1, 5 and 15 minute load averages (other work shares it)."""
-    with contextlib.suppress(OSError):
-        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    return "?"
-
-
-def _raise_open_files_limit(wanted: int) -> None:
-    import resource
-
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < wanted:
-        limit = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
 
 
 @contextlib.contextmanager

@@ -39,3 +39,17 @@ def percentile(values: Sequence[float], fraction: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+def open_fds(pid: int) -> int:
+    """Open file descriptors of the process (its /proc/PID/fd entries)."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def load_average() -> str:
+    """The machine's 1, 5 and 15 minute load averages (other work shares it)."""
+    try:
+        with open("/proc/loadavg") as loadavg:
+            return " ".join(loadavg.read().split()[:3])
+    except OSError:
+        return "?"

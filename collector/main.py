@@ -6,12 +6,14 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import resource
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import gpufleet
 from collector.auth import BasicAuth, ServerSecurity, Tokens, TokensFileError
+from collector.http import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER
 from collector.ingest import IngestPolicy
 from collector.limits import Limits
 from collector.mqtt import MqttConfig
@@ -215,6 +217,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.event_burst_per_node,
         help="XID and health events a node may add to the event log at once",
     )
+    add_flag(
+        limits,
+        "--http-max-connections",
+        type=positive_int,
+        default=MAX_CONNECTIONS,
+        help="HTTP connections at once (the longest idle one is closed to make room)",
+    )
+    add_flag(
+        limits,
+        "--http-max-connections-per-peer",
+        type=positive_int,
+        default=MAX_CONNECTIONS_PER_PEER,
+        help="HTTP connections at once from one address",
+    )
     mqtt = parser.add_argument_group("MQTT events (off unless --mqtt-broker is set)")
     add_flag(
         mqtt,
@@ -325,6 +341,16 @@ def mqtt_config(args: argparse.Namespace) -> MqttConfig | None:
     )
 
 
+def raise_open_files_limit() -> None:
+    """Take the open-files limit up to its hard ceiling: every agent stream is a socket."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    log.info("open-files limit: %s", "unlimited" if soft == resource.RLIM_INFINITY else soft)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -361,7 +387,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         ),
         mqtt=mqtt_config(args),
         security=server_security(args),
+        http_max_connections=args.http_max_connections,
+        http_max_connections_per_peer=args.http_max_connections_per_peer,
     )
+    raise_open_files_limit()
     with contextlib.suppress(asyncio.CancelledError):
         asyncio.run(serve(config))
 

@@ -54,6 +54,13 @@ class CollectorMetrics:
             "(summarised in an events_suppressed event; counters and verdicts still count them).",
             registry=r,
         )
+        self.http_refused = Counter(
+            "gpufleet_collector_http_refused_connections",
+            "HTTP connections refused or ended early, by reason (connections, connections_per_peer, "
+            "header_timeout, body).",
+            ["reason"],
+            registry=r,
+        )
         self.streams = Gauge("gpufleet_collector_agent_streams", "Agent streams open now.", registry=r)
         self.store_up = Gauge(
             "gpufleet_collector_store_up",

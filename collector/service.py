@@ -19,7 +19,14 @@ from collector import dcgm
 from collector.admin import AdminServicer
 from collector.auth import AuthInterceptor, ServerSecurity
 from collector.exposition import CONTENT_TYPE, Exposition
-from collector.http import Handler, HttpServer, Request, Response
+from collector.http import (
+    MAX_CONNECTIONS,
+    MAX_CONNECTIONS_PER_PEER,
+    Handler,
+    HttpServer,
+    Request,
+    Response,
+)
 from collector.ingest import SERVICE_NAME as INGEST_SERVICE
 from collector.ingest import IngestPolicy, IngestServicer, handler
 from collector.mqtt import MqttConfig, MqttPublisher
@@ -55,6 +62,9 @@ class CollectorConfig:
     # Where events are published; None: no MQTT.
     mqtt: MqttConfig | None = None
     security: ServerSecurity = field(default_factory=ServerSecurity)
+    # HTTP connections in all and from one address (idle ones make room for new ones).
+    http_max_connections: int = MAX_CONNECTIONS
+    http_max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER
 
 
 class Collector:
@@ -83,7 +93,10 @@ class Collector:
                 "/metrics/dcgm": self._protected(self._metrics_dcgm),
                 "/healthz": self._healthz,
                 "/readyz": self._readyz,
-            }
+            },
+            max_connections=config.http_max_connections,
+            max_connections_per_peer=config.http_max_connections_per_peer,
+            on_refused=lambda reason: self.metrics.http_refused.labels(reason).inc(),
         )
         self._health = health.aio.HealthServicer()
         self._ready = False

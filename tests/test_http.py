@@ -1,4 +1,5 @@
-"""The HTTP server: gzip when asked (and only then), pieces and members that decode to the same text."""
+"""The HTTP server: gzip when asked (and only then), pieces and members that decode to the same text;
+bodies read past or refused, never taken for the next request; reason phrases; HTTP/1.0 and versions."""
 
 from __future__ import annotations
 
@@ -80,7 +81,10 @@ async def server() -> AsyncIterator[tuple[int, FleetState]]:
     async def payload(request: Request) -> Response:
         return Response(body=exposition.everything())
 
-    http_server = HttpServer({"/small": small, "/large": large, "/payload": payload})
+    async def status(request: Request) -> Response:
+        return Response(int(request.query["code"][0]), b"as asked\n")
+
+    http_server = HttpServer({"/small": small, "/large": large, "/payload": payload, "/status": status})
     port = await http_server.start("127.0.0.1", 0)
     yield port, state
     await http_server.stop()
@@ -177,3 +181,194 @@ async def test_collector_shards_and_gzip_over_http(collector: Collector) -> None
     assert sorted(shards) == node_lines(whole)
     status, body, _ = (await asyncio.to_thread(fetch, port, "/metrics/nodes?shard=3&shards=3"))[0]
     assert status == 400
+
+
+async def read_response(
+    reader: asyncio.StreamReader, head: bool = False
+) -> tuple[int, str, dict[str, str], bytes]:
+    """One response off a raw connection: status, reason phrase, headers (lower-case names), body.
+
+    ``head``: the answer to a HEAD, with a Content-Length but no body.
+    """
+
+    async def read() -> tuple[int, str, dict[str, str], bytes]:
+        _, status, reason = (await reader.readline()).decode("latin-1").rstrip("\r\n").split(" ", 2)
+        headers = {}
+        while (line := await reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        body = b"" if head else await reader.readexactly(int(headers.get("content-length", "0")))
+        return int(status), reason, headers, body
+
+    return await asyncio.wait_for(read(), 10.0)
+
+
+async def closed(reader: asyncio.StreamReader, timeout: float = 5.0) -> bool:
+    """Whether the server closes the connection within ``timeout`` (sending nothing more)."""
+    try:
+        return await asyncio.wait_for(reader.read(1), timeout) == b""
+    except ConnectionResetError:
+        return True
+    except asyncio.TimeoutError:
+        return False
+
+
+async def exchange(port: int, data: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw connection that has sent ``data``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(data)
+    await writer.drain()
+    return reader, writer
+
+
+@pytest.mark.parametrize(
+    ("code", "phrase"),
+    [
+        (200, "OK"),
+        (401, "Unauthorized"),
+        (403, "Forbidden"),
+        (429, "Too Many Requests"),
+        (503, "Service Unavailable"),
+    ],
+)
+async def test_every_status_has_its_reason_phrase(
+    server: tuple[int, FleetState], code: int, phrase: str
+) -> None:
+    reader, writer = await exchange(server[0], f"GET /status?code={code} HTTP/1.1\r\n\r\n".encode())
+    assert (await read_response(reader))[:2] == (code, phrase)
+    writer.close()
+
+
+SMUGGLED = b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+@pytest.mark.parametrize(("method", "status"), [("POST", 405), ("GET", 200), ("HEAD", 200), ("DELETE", 405)])
+async def test_a_body_is_read_past_not_taken_for_the_next_request(
+    server: tuple[int, FleetState], method: str, status: int
+) -> None:
+    head = f"{method} /small HTTP/1.1\r\nHost: x\r\nContent-Length: {len(SMUGGLED)}\r\n\r\n".encode()
+    reader, writer = await exchange(server[0], head + SMUGGLED + b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = await read_response(reader, head=method == "HEAD")
+    assert (answer[0], answer[2]["connection"]) == (status, "keep-alive")
+    assert (await read_response(reader))[::3] == (200, b"tiny\n")  # not the smuggled 404
+    assert not await closed(reader, 0.2)
+    writer.close()
+
+
+async def test_a_method_with_a_body_and_no_content_length_gets_405_and_close(
+    server: tuple[int, FleetState],
+) -> None:
+    reader, writer = await exchange(server[0], b"DELETE /small HTTP/1.1\r\nHost: x\r\n\r\n" + SMUGGLED)
+    status, _, headers, _ = await read_response(reader)
+    assert (status, headers["connection"], headers["allow"]) == (405, "close", "GET, HEAD")
+    assert await closed(reader)
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("framing", "status"),
+    [
+        ("Content-Length: 5\r\nTransfer-Encoding: chunked", 400),
+        ("Transfer-Encoding: chunked\r\nContent-Length: 5", 400),
+        ("Transfer-Encoding: chunked", 411),
+        ("Transfer-Encoding: gzip, chunked", 411),
+        ("Transfer-Encoding: gzip", 400),
+        ("Content-Length: abc", 400),
+        ("Content-Length: -1", 400),
+        ("Content-Length: +5", 400),
+        ("Content-Length: \u00b2", 400),
+        ("Content-Length: ", 400),
+        ("Content-Length: 5\r\nContent-Length: 6", 400),
+        ("Content-Length: 5, 5", 400),
+        ("Content-Length : 5", 400),
+        ("X-Folded: a\r\n Content-Length: 5", 400),
+    ],
+)
+async def test_an_unframed_or_ambiguous_body_is_refused_and_the_connection_closed(
+    server: tuple[int, FleetState], framing: str, status: int
+) -> None:
+    head = f"GET /small HTTP/1.1\r\nHost: x\r\n{framing}\r\n\r\n".encode("latin-1")
+    reader, writer = await exchange(server[0], head + b"0\r\n\r\n" + SMUGGLED)
+    answer = await read_response(reader)
+    assert (answer[0], answer[2]["connection"]) == (status, "close")
+    assert await closed(reader)
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("version", "connection", "kept"),
+    [
+        ("HTTP/1.0", None, False),
+        ("HTTP/1.0", "keep-alive", True),
+        ("HTTP/1.0", "Keep-Alive, TE", True),
+        ("HTTP/1.1", None, True),
+        ("HTTP/1.1", "keep-alive", True),
+        ("HTTP/1.1", "TE, close", False),
+    ],
+)
+async def test_keep_alive_follows_the_version_and_connection_header(
+    server: tuple[int, FleetState], version: str, connection: str | None, kept: bool
+) -> None:
+    header = "" if connection is None else f"Connection: {connection}\r\n"
+    request = f"GET /small {version}\r\n{header}\r\n".encode()
+    reader, writer = await exchange(server[0], request)
+    status, _, headers, body = await read_response(reader)
+    assert (status, body, headers["connection"]) == (200, b"tiny\n", "keep-alive" if kept else "close")
+    if kept:
+        writer.write(request)
+        assert (await read_response(reader))[0] == 200
+        assert not await closed(reader, 0.2)
+    else:
+        assert await closed(reader)
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    ("version", "status"),
+    [
+        ("HTTP/2.0", 505),
+        ("HTTP/3", 505),
+        ("HTTP/0.9", 505),
+        ("HTTP/1", 400),
+        ("HTTP/x.y", 400),
+        ("HTTP/1.1x", 400),
+    ],
+)
+async def test_an_unknown_major_version_gets_505(
+    server: tuple[int, FleetState], version: str, status: int
+) -> None:
+    reader, writer = await exchange(server[0], f"GET /small {version}\r\n\r\n".encode())
+    answer = await read_response(reader)
+    assert (answer[0], answer[2]["connection"]) == (status, "close")
+    assert await closed(reader)
+    writer.close()
+
+
+async def test_pipelined_requests_are_answered_in_order(server: tuple[int, FleetState]) -> None:
+    requests = b"GET /small HTTP/1.1\r\n\r\n\r\nGET /nowhere HTTP/1.1\r\n\r\nHEAD /small HTTP/1.1\r\n\r\n"
+    reader, writer = await exchange(server[0], requests + b"GET /status?code=429 HTTP/1.1\r\n\r\n")
+    assert (await read_response(reader))[::3] == (200, b"tiny\n")
+    assert (await read_response(reader))[0] == 404
+    assert (await read_response(reader, head=True))[::3] == (200, b"")
+    assert (await read_response(reader))[:2] == (429, "Too Many Requests")
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    "request_head",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /small HTTP/1.1\r\nX-Long: " + b"x" * 9000 + b"\r\n\r\n",
+        b"GET /small HTTP/1.1\r\nno colon here\r\n\r\n",
+        b"GET /small HTTP/1.1\r\nX-Bare: a\rb\r\n\r\n",
+        b"GET /small HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % n for n in range(101)) + b"\r\n",
+    ],
+)
+async def test_a_malformed_request_gets_400_and_close(
+    server: tuple[int, FleetState], request_head: bytes
+) -> None:
+    reader, writer = await exchange(server[0], request_head)
+    answer = await read_response(reader)
+    assert (answer[0], answer[1], answer[2]["connection"]) == (400, "Bad Request", "close")
+    assert await closed(reader)
+    writer.close()
