@@ -12,7 +12,7 @@ from tests.conftest import ROOT
 
 def test_a_short_soak_samples_and_judges_every_goal(tmp_path: Path) -> None:
     raw = tmp_path / "soak.json"
-    command = "--gpus 40 --minutes 0.15 --sample-seconds 3".split()
+    command = ["--gpus", "40", "--minutes", "0.15", "--sample-seconds", "3"]
     result = subprocess.run(
         [sys.executable, "-m", "bench", "soak", *command, "--json", str(raw)],
         cwd=ROOT,
