@@ -233,14 +233,26 @@ def raise_open_files_limit(connections: int) -> None:
             log.warning("open-files limit %d is low for %d connections: raise `ulimit -n`", new, connections)
 
 
-async def run_agents(agents: Sequence[NodeAgent]) -> None:
+async def run_node(agent: NodeAgent, stop: asyncio.Event) -> bool:
+    """Run one node agent until ``stop``; False if it failed for good (the others carry on)."""
+    try:
+        await agent.run(stop)
+    except Exception as exc:
+        log.error("node agent %s failed for good: %s", agent.identity.hostname, exc, exc_info=exc)
+        return False
+    return True
+
+
+async def run_agents(agents: Sequence[NodeAgent]) -> bool:
+    """Run every node agent until a signal stops them; False when every one of them failed for good."""
     stop = asyncio.Event()
     stop_on_signals(stop, "stopping: flushing reports")
-    tasks = [asyncio.create_task(agent.run(stop), name=f"node-{agent.identity.hostname}") for agent in agents]
+    tasks = [
+        asyncio.create_task(run_node(agent, stop), name=f"node-{agent.identity.hostname}") for agent in agents
+    ]
     results = await asyncio.gather(*tasks, return_exceptions=True)
-    for result in results:
-        if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
-            log.error("node agent failed: %s", result)
+    failed = [result for result in results if result is False]
+    return len(failed) < len(agents)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -297,10 +309,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     raise_open_files_limit(len(agents))
     log.info("reporting %d node(s) to %s every %.1f s", len(agents), ",".join(collectors), args.interval)
     try:
-        asyncio.run(run_agents(agents))
+        served = asyncio.run(run_agents(agents))
     finally:
-        for agent in agents:
+        close_sources(agents)
+    if not served:
+        # Exit non-zero so that the service manager (systemd's Restart=on-failure) starts it again.
+        fail("every node agent failed for good (see the log above)", code=1)
+
+
+def close_sources(agents: Sequence[NodeAgent]) -> None:
+    for agent in agents:
+        try:
             agent.source.close()
+        except Exception as exc:
+            log.warning("closing the source of %s failed: %s", agent.identity.hostname, exc)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,9 @@
-"""One node's agent loop: sample the source every interval, hand reports to the uplink."""
+"""One node's agent loop: sample the source every interval, hand reports to the uplink.
+
+A source that raises is counted (AgentStats.nvml_errors_total) and logged once per kind;
+its GPUs are reported with read_status ERROR and the node tries again next interval. A
+node that cannot go on at all ends alone: its uplink flushes, the other nodes carry on.
+"""
 
 from __future__ import annotations
 
@@ -80,6 +85,17 @@ EVENT_FIELDS = (
     "row_remap_failure",
     "recovery_action",
 )
+# A node agent whose source cannot give an inventory this many times in a row at start gives
+# up for good (when every node agent has, the process exits non-zero and is restarted).
+START_ATTEMPTS = 5
+
+# (where, exception type) of the source failures logged so far: each kind is logged once per
+# process, however many simulated nodes hit it, and every occurrence is counted.
+_logged_failures: set[tuple[str, str]] = set()
+
+
+class NodeFailed(Exception):
+    """This node agent cannot go on (its source never gave an inventory); the others carry on."""
 
 
 class NodeAgent:
@@ -103,8 +119,14 @@ class NodeAgent:
         self._delivery = delivery or Delivery()
         self._invalid_values_dropped = 0
         self._xids_seen = 0
+        self._source_failures = 0
         self._memory_errors: dict[int, tuple[object, ...]] = {}
         self.uplink: Uplink | None = None
+
+    @property
+    def source_errors_total(self) -> int:
+        """The source's own error count, and the times it raised instead of reporting."""
+        return self.source.errors_total + self._source_failures
 
     async def _call(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` off the event loop if the source blocks (NVML does)."""
@@ -117,10 +139,63 @@ class NodeAgent:
             self._xids_seen += len(gpu.xid_events)
         return gpus
 
+    def _source_failed(self, where: str, exc: Exception) -> None:
+        """Count a source that raised, and log each kind (where, exception type) once."""
+        self._source_failures += 1
+        kind = (where, type(exc).__name__)
+        if kind in _logged_failures:
+            return
+        _logged_failures.add(kind)
+        log.warning(
+            "%s: %s failed: %s: %s; the node carries on (logged once, counted in nvml_errors_total)",
+            self.identity.hostname,
+            where,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+
+    async def _read_inventory(self) -> inventory_pb2.NodeInventory:
+        return await self._call(functools.partial(node_inventory, self.source, self.identity))
+
+    async def _first_inventory(self, stop: asyncio.Event) -> inventory_pb2.NodeInventory | None:
+        """The inventory to say hello with, tried once an interval; None if stopped meanwhile."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                return await self._read_inventory()
+            except Exception as exc:
+                self._source_failed("reading the inventory", exc)
+                if attempt == START_ATTEMPTS:
+                    raise NodeFailed(
+                        f"{self.identity.hostname}: no inventory after {attempt} attempts "
+                        f"({type(exc).__name__}: {exc})"
+                    ) from exc
+            if await _sleep_or_stop(stop, self.schedule.interval_s):
+                return None
+        return None
+
+    async def _sample_or_report_failure(
+        self, with_processes: bool, inventory: inventory_pb2.NodeInventory
+    ) -> list[telemetry_pb2.GpuSample]:
+        """The GPUs' samples; if the source raised, an ERROR sample per GPU that says so."""
+        try:
+            return await self.sample(with_processes)
+        except Exception as exc:
+            self._source_failed("sampling", exc)
+            reason = f"reading the GPUs failed ({type(exc).__name__}: {exc}); retrying next interval"
+            return [
+                telemetry_pb2.GpuSample(
+                    index=gpu.index, read_status=telemetry_pb2.GPU_READ_STATUS_ERROR, read_error=reason
+                )
+                for gpu in inventory.gpus
+            ]
+
     def _memory_errors_changed(self, gpus: Sequence[telemetry_pb2.GpuSample]) -> bool:
         """True if an ECC or row-remap counter moved since the previous sample (an event)."""
         changed = False
         for gpu in gpus:
+            if gpu.read_status == telemetry_pb2.GPU_READ_STATUS_ERROR:
+                continue  # nothing was read: the counters did not move
             values = tuple(getattr(gpu, name) if gpu.HasField(name) else None for name in EVENT_FIELDS)
             previous = self._memory_errors.get(gpu.index)
             changed |= previous is not None and previous != values
@@ -143,14 +218,33 @@ class NodeAgent:
         )
 
     async def run(self, stop: asyncio.Event) -> None:
-        inventory = await self._call(functools.partial(node_inventory, self.source, self.identity))
+        """Report until ``stop`` is set. Raises only when this node cannot go on (NodeFailed, a bug)."""
+        inventory = await self._first_inventory(stop)
+        if inventory is None:
+            return
         self.uplink = uplink = self._uplink(inventory)
-        uplink_task = asyncio.create_task(uplink.run(stop), name=f"uplink-{self.identity.hostname}")
+        # This node's own stop for its uplink: if this node ends, the other nodes carry on.
+        done = asyncio.Event()
+        uplink_task = asyncio.create_task(uplink.run(done), name=f"uplink-{self.identity.hostname}")
         try:
             await self._sample_loop(uplink, inventory, stop)
         finally:
-            stop.set()
+            done.set()
             await uplink_task
+
+    async def _reread_inventory(
+        self, uplink: Uplink, inventory: inventory_pb2.NodeInventory
+    ) -> inventory_pb2.NodeInventory:
+        """The inventory now; the one before if the source raised. A change goes to the collector."""
+        try:
+            current = await self._read_inventory()
+        except Exception as exc:
+            self._source_failed("reading the inventory", exc)
+            return inventory
+        if current != inventory:
+            log.info("inventory of %s changed; telling the collector", self.identity.hostname)
+            uplink.update_inventory(current)
+        return current
 
     async def _sample_loop(
         self, uplink: Uplink, inventory: inventory_pb2.NodeInventory, stop: asyncio.Event
@@ -168,14 +262,12 @@ class NodeAgent:
                 next_processes_at += schedule.process_interval_s
             if now >= next_inventory_at:
                 next_inventory_at += schedule.inventory_interval_s
-                current = await self._call(functools.partial(node_inventory, self.source, self.identity))
-                if current != inventory:
-                    log.info("inventory of %s changed; telling the collector", self.identity.hostname)
-                    inventory = current
-                    uplink.update_inventory(current)
-            gpus = await self.sample(with_processes)
+                inventory = await self._reread_inventory(uplink, inventory)
+            gpus = await self._sample_or_report_failure(with_processes, inventory)
+            if self.source.inventory_stale:  # NVML came back: the report carries the inventory
+                inventory = await self._reread_inventory(uplink, inventory)
             uplink.stats.invalid_values_dropped_total = self._invalid_values_dropped
-            uplink.stats.nvml_errors_total = getattr(self.source, "errors_total", 0)
+            uplink.stats.nvml_errors_total = self.source_errors_total
             uplink.stats.xid_events_total = self._xids_seen
             uplink.submit(gpus, carries_events=self._memory_errors_changed(gpus))
             next_at += schedule.interval_s

@@ -12,7 +12,21 @@ class SourceUnavailable(Exception):
 
 
 class GpuSource(Protocol):
-    """Reads one node's GPUs. Calls may block (NVML does): run them off the event loop."""
+    """Reads one node's GPUs. Calls may block (NVML does): run them off the event loop.
+
+    A source reports trouble with one GPU, or with its library, in the samples
+    (read_status LOST or ERROR, with read_error) rather than by raising.
+    """
+
+    @property
+    def errors_total(self) -> int:
+        """Failed reads since the source started (sent as AgentStats.nvml_errors_total)."""
+        ...
+
+    @property
+    def inventory_stale(self) -> bool:
+        """True when the GPUs may have changed since the last inventory() (NVML came back)."""
+        ...
 
     def inventory(self) -> inventory_pb2.NodeInventory:
         """Driver versions and the GPUs; node identity and labels are filled in by the caller."""

@@ -187,6 +187,10 @@ class SimulatedGpu:
 class SimulatedSource:
     """A node of simulated GPUs of one model."""
 
+    # Simulated reads never fail, and the GPUs change only at the next inventory read.
+    errors_total = 0
+    inventory_stale = False
+
     def __init__(
         self,
         model: str = "H100",
