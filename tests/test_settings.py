@@ -9,6 +9,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -176,3 +177,16 @@ def test_sort_descending_as_written() -> None:
     ]
     args = cli_parser().parse_args(sort_value_attached(["gpus", "--sort", "-temperature"]))
     assert args.sort == "-temperature"
+
+
+@pytest.mark.parametrize("flag", ["--tls-client-ca", "--tls-cert", "--tls-key", "--mqtt-ca-file"])
+def test_a_file_that_is_not_pem_is_said_at_start(
+    flag: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_pem = tmp_path / "ca.der"
+    not_pem.write_bytes(b"\x30\x82\x01\x0a not a PEM file")
+    with pytest.raises(SystemExit) as exit_info:
+        collector_parser().parse_args([flag, str(not_pem)])
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip()
+    assert flag in line and "is not a PEM file" in line and "port" not in line
