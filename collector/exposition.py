@@ -27,13 +27,14 @@ from typing import Any
 
 from collector import health
 from collector.state import (
-    IDLE_UTILIZATION_PERCENT,
     NODE_STATE_NAMES,
     UP,
     FleetState,
     GpuRecord,
     NodeRecord,
 )
+from collector.totals import Contribution, FleetTotals, ModelShare, contribution
+from gpufleet.definitions import IDLE_UTILIZATION_PERCENT
 from gpufleet.v1 import telemetry_pb2
 
 log = logging.getLogger(__name__)
@@ -300,46 +301,36 @@ FLEET_UTILIZATION = Family(
     "Mean utilization of reachable GPUs, by cluster and model.",
 )
 FLEET_IDLE = Family(
-    "gpufleet_fleet_idle_gpus", "gauge", "Reachable GPUs under 5 % utilization, by cluster and model."
+    "gpufleet_fleet_idle_gpus",
+    "gauge",
+    f"Reachable GPUs under {IDLE_UTILIZATION_PERCENT} % utilization, by cluster and model.",
 )
 FLEET_POWER = Family("gpufleet_fleet_power_watts", "gauge", "Power drawn by reachable GPUs, by cluster.")
-
-# What one node adds to the fleet aggregates, as integers so that running totals
-# can subtract a node's old share exactly: ("gpus", cluster, model, health) -> GPUs,
-# ("nodes", cluster, state) -> 1, ("util", cluster, model) -> percent summed,
-# ("util_n", cluster, model) -> GPUs in that sum, ("idle", cluster, model) -> GPUs,
-# ("power", cluster) -> milliwatts, ("power_n", cluster) -> GPUs in that sum.
-Contribution = dict[tuple[str, ...], int]
 
 
 def _line(name: str, labels: str, value: float | int) -> str:
     return f"{name}{{{labels}}} {format_value(value)}\n"
 
 
-def render_aggregates(totals: Contribution) -> str:
-    """The fleet aggregates from the running totals of every node's contribution."""
-    rows: dict[str, list[tuple[tuple[str, ...], int]]] = defaultdict(list)
-    for key, value in totals.items():
-        if value:
-            rows[key[0]].append((key[1:], value))
+def render_aggregates(totals: FleetTotals) -> str:
+    """The fleet aggregates, from the fleet's running totals."""
     out = [FLEET_GPUS.header()]
-    for (cluster, model, state), count in sorted(rows["gpus"]):
+    for (cluster, model, state), count in totals.rows("gpus"):
         out.append(_line(FLEET_GPUS.name, _cluster_model(cluster, model) + f',health="{state}"', count))
     out.append(FLEET_NODES.header())
-    for (cluster, state), count in sorted(rows["nodes"]):
+    for (cluster, state), count in totals.rows("nodes"):
         out.append(_line(FLEET_NODES.name, f'cluster="{escape_label_value(cluster)}",state="{state}"', count))
-    measured = sorted(rows["util_n"])
+    measured = totals.rows("util_n")
     out.append(FLEET_UTILIZATION.header())
     for (cluster, model), count in measured:
-        mean = totals.get(("util", cluster, model), 0) / 100 / count
+        mean = totals.get("util", cluster, model) / 100 / count
         out.append(_line(FLEET_UTILIZATION.name, _cluster_model(cluster, model), mean))
     out.append(FLEET_IDLE.header())
     for (cluster, model), _ in measured:
-        idle = totals.get(("idle", cluster, model), 0)
-        out.append(_line(FLEET_IDLE.name, _cluster_model(cluster, model), idle))
+        out.append(_line(FLEET_IDLE.name, _cluster_model(cluster, model), totals.get("idle", cluster, model)))
     out.append(FLEET_POWER.header())
-    for (cluster,), _ in sorted(rows["power_n"]):
-        watts = totals.get(("power", cluster), 0) / 1000
+    for (cluster,), _ in totals.rows("power_n"):
+        watts = totals.get("power", cluster) / 1000
         out.append(_line(FLEET_POWER.name, f'cluster="{escape_label_value(cluster)}"', watts))
     return "".join(out)
 
@@ -389,7 +380,6 @@ _SEPARATOR = b"\x00"
 _UTILIZATION = SLOT_FIELDS.index("gpu_utilization_percent")
 _POWER = SLOT_FIELDS.index("power_draw_milliwatts")
 _HEALTH_NAMES = {int(value): name for value, name in health.HEALTH_NAMES.items()}
-_HEALTH_STATES = max(_HEALTH_NAMES) + 1
 _OK = telemetry_pb2.GPU_READ_STATUS_OK
 # (GPU index, fields present, process count present) of each GPU that reads.
 Shape = tuple[tuple[int, tuple[bool, ...], bool], ...]
@@ -505,16 +495,15 @@ class _NodeLines:
         shape = []
         verdicts = []
         oks = []
-        # Per model: GPUs by health, utilization summed, GPUs in it, idle GPUs, power summed, GPUs in it.
-        by_model: dict[str, list[Any]] = {}
+        by_model: dict[str, ModelShare] = {}
         for gpu in gpus:
             health_now = node.gpu_verdict(gpu).health
             verdicts.append(health_now)
             model = gpu.model
-            totals = by_model.get(model)
-            if totals is None:
-                totals = by_model[model] = [[0] * _HEALTH_STATES, 0, 0, 0, 0, 0]
-            totals[0][health_now] += 1
+            part = by_model.get(model)
+            if part is None:
+                part = by_model[model] = ModelShare()
+            part.healths[_HEALTH_NAMES[health_now]] += 1
             sample = gpu.sample
             if not (up and sample is not None and not gpu.missing and sample.read_status == _OK):
                 oks.append(False)
@@ -525,14 +514,10 @@ class _NodeLines:
             shape.append((gpu.inventory.index, present, gpu.processes is not None))
             values += slot_values
             values.append(gpu.processes)
-            if present[_UTILIZATION]:
-                utilization = slot_values[_UTILIZATION]
-                totals[1] += utilization
-                totals[2] += 1
-                totals[3] += utilization < IDLE_UTILIZATION_PERCENT
-            if present[_POWER]:
-                totals[4] += slot_values[_POWER]
-                totals[5] += 1
+            part.reachable(
+                slot_values[_UTILIZATION] if present[_UTILIZATION] else None,
+                slot_values[_POWER] if present[_POWER] else None,
+            )
         health_key = tuple(verdicts)
         if health_key != self._health_key:
             self._health_key = health_key
@@ -551,7 +536,7 @@ class _NodeLines:
         if self._xid_key or any(gpu.xid_totals for gpu in gpus):
             self._render_xids(gpus, new)
         self._fill(_template(tuple(shape)), values, new)
-        self.contribution = _contribution(node.inventory.cluster, NODE_STATE_NAMES[state], by_model)
+        self.contribution = contribution(node.inventory.cluster, NODE_STATE_NAMES[state], by_model)
         self.chunks = tuple(new)
         return [family for family in range(NODE_FAMILY_COUNT) if new[family] != old[family]]
 
@@ -624,24 +609,6 @@ class _NodeLines:
                 start += count
         for family, chunk in zip(TEMPLATE_FAMILIES, chunks, strict=True):
             new[family] = chunk
-
-
-def _contribution(cluster: str, state: str, by_model: dict[str, list[Any]]) -> Contribution:
-    share: Contribution = {("nodes", cluster, state): 1}
-    for model, (healths, utilization, measured, idle, milliwatts, powered) in by_model.items():
-        for verdict, count in enumerate(healths):
-            if count:
-                share[("gpus", cluster, model, _HEALTH_NAMES[verdict])] = count
-        if measured:
-            share[("util", cluster, model)] = utilization
-            share[("util_n", cluster, model)] = measured
-            share[("idle", cluster, model)] = idle
-        if powered:
-            key = ("power", cluster)
-            share[key] = share.get(key, 0) + milliwatts
-            key = ("power_n", cluster)
-            share[key] = share.get(key, 0) + powered
-    return share
 
 
 # -- scrapes -----------------------------------------------------------------------------
@@ -794,13 +761,15 @@ class Exposition:
     MAX_VIEWS = 64
     REFRESH_DELAY_S = 0.05
 
-    def __init__(self, state: FleetState, extra: Callable[[], bytes] = lambda: b"") -> None:
+    def __init__(
+        self, state: FleetState, extra: Callable[[], bytes] = lambda: b"", totals: FleetTotals | None = None
+    ) -> None:
         self._state = state
         self._extra = extra
         self._nodes: dict[str, _NodeLines] = {}
         self._dirty: set[str] = {node.node_id for node in state.nodes()}
-        self._totals: Contribution = {}
-        self._aggregates = render_aggregates({}).encode()
+        self._totals = totals or FleetTotals()
+        self._aggregates = render_aggregates(self._totals).encode()
         self._headers = [family.header().encode() for family in FAMILIES]
         self._views: dict[tuple[int, int], _View] = {}
         # How many views there are for each shard count.
@@ -838,8 +807,7 @@ class Exposition:
             if node is None:
                 if lines is not None:
                     del self._nodes[node_id]
-                    _account(totals, lines.contribution, -1)
-                    shares_changed = True
+                    shares_changed |= totals.replace(lines.contribution, {})
                     for view in self._views_of(lines):
                         view.members.remove(lines)
                         view.invalidate(f for f, chunk in enumerate(lines.chunks) if chunk)
@@ -853,10 +821,7 @@ class Exposition:
                 if added:
                     view.members.append(lines)
                 view.invalidate(changed)
-            if lines.contribution != share:
-                _account(totals, share, -1)
-                _account(totals, lines.contribution, 1)
-                shares_changed = True
+            shares_changed |= totals.replace(share, lines.contribution)
         if shares_changed:
             self._aggregates = render_aggregates(totals).encode()
         return len(dirty)
@@ -882,6 +847,11 @@ class Exposition:
         self._views[key] = view
         return view
 
+    def totals(self) -> FleetTotals:
+        """The fleet's running totals, current (what the aggregates are rendered from)."""
+        self.refresh()
+        return self._totals
+
     def fleet(self) -> bytes:
         """The small view: fleet aggregates and the collector's own metrics."""
         self.refresh()
@@ -899,12 +869,3 @@ class Exposition:
         """Every node's and GPU's series, then the fleet aggregates and the collector's own metrics."""
         self.refresh()
         return Body(self._view(0, 1).build(self._headers), self.fleet())
-
-
-def _account(totals: Contribution, share: Contribution, sign: int) -> None:
-    for key, value in share.items():
-        total = totals.get(key, 0) + sign * value
-        if total:
-            totals[key] = total
-        else:
-            totals.pop(key, None)

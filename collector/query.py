@@ -11,7 +11,8 @@ import grpc
 
 from collector import health
 from collector.events import EventMatch
-from collector.state import NODE_STATE_NAMES, UP, FleetState, GpuRecord, NodeRecord
+from collector.state import UP, FleetState, GpuRecord, NodeRecord
+from collector.totals import FleetTotals
 from gpufleet.v1 import events_pb2, query_pb2, query_pb2_grpc
 
 DEFAULT_PAGE_SIZE = 1000
@@ -94,50 +95,27 @@ def _counts(counter: Counter[str]) -> list[query_pb2.Count]:
 
 
 class QueryServicer(query_pb2_grpc.QueryServiceServicer):
-    def __init__(self, state: FleetState) -> None:
+    def __init__(self, state: FleetState, totals: Callable[[], FleetTotals]) -> None:
+        """``totals``: the fleet's running totals, current (the same the fleet metrics show)."""
         self._state = state
+        self._totals = totals
 
     async def GetFleetSummary(  # noqa: N802
         self, request: query_pb2.GetFleetSummaryRequest, context: grpc.aio.ServicerContext
     ) -> query_pb2.GetFleetSummaryResponse:
-        nodes_by_state: Counter[str] = Counter()
-        by_health: Counter[str] = Counter()
-        by_model: Counter[str] = Counter()
-        by_cluster: Counter[str] = Counter()
-        idle = 0
-        utilization_sum = 0.0
-        utilization_count = 0
-        power_w = 0.0
-        gpus = 0
-        for node in self._state.nodes():
-            nodes_by_state[NODE_STATE_NAMES[node.state]] += 1
-            up = node.state == UP
-            for gpu in node.gpus.values():
-                gpus += 1
-                by_health[node.gpu_verdict(gpu).name] += 1
-                by_model[gpu.model] += 1
-                by_cluster[node.cluster] += 1
-                sample = gpu.sample
-                if not up or sample is None:
-                    continue
-                if sample.HasField("gpu_utilization_percent"):
-                    utilization_sum += sample.gpu_utilization_percent / 100
-                    utilization_count += 1
-                    idle += gpu.is_idle()
-                if sample.HasField("power_draw_milliwatts"):
-                    power_w += sample.power_draw_milliwatts / 1000
+        summary = self._totals().summary()
         response = query_pb2.GetFleetSummaryResponse(
-            nodes=len(self._state),
-            gpus=gpus,
-            nodes_by_state=_counts(nodes_by_state),
-            gpus_by_health=_counts(by_health),
-            gpus_by_model=_counts(by_model),
-            gpus_by_cluster=_counts(by_cluster),
-            idle_gpus=idle,
-            power_draw_watts=power_w,
+            nodes=summary.nodes,
+            gpus=summary.gpus,
+            nodes_by_state=_counts(summary.nodes_by_state),
+            gpus_by_health=_counts(summary.gpus_by_health),
+            gpus_by_model=_counts(summary.gpus_by_model),
+            gpus_by_cluster=_counts(summary.gpus_by_cluster),
+            idle_gpus=summary.idle_gpus,
+            power_draw_watts=summary.power_watts,
         )
-        if utilization_count:
-            response.mean_gpu_utilization_ratio = utilization_sum / utilization_count
+        if summary.mean_utilization_ratio is not None:
+            response.mean_gpu_utilization_ratio = summary.mean_utilization_ratio
         return response
 
     async def ListNodes(  # noqa: N802

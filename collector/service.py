@@ -122,7 +122,9 @@ class Collector:
             self.state, self.metrics, durable=self.store.durable, policy=self.config.ingest
         )
         server.add_generic_rpc_handlers((handler(ingest),))
-        query_pb2_grpc.add_QueryServiceServicer_to_server(QueryServicer(self.state), server)
+        query_pb2_grpc.add_QueryServiceServicer_to_server(
+            QueryServicer(self.state, self.exposition.totals), server
+        )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.state), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(

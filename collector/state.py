@@ -16,6 +16,7 @@ from collector import health
 from collector.admission import TokenBucket
 from collector.events import CRITICAL, INFO, WARNING, EventLog
 from gpufleet import events as kinds
+from gpufleet.definitions import IDLE_UTILIZATION_PERCENT
 from gpufleet.v1 import events_pb2, ingest_pb2, inventory_pb2, query_pb2, telemetry_pb2
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,6 @@ HEALTH_SEVERITY = {
     health.UNREACHABLE: WARNING,
 }
 
-# A GPU whose utilization is below this is idle (it is worth nothing then).
-IDLE_UTILIZATION_PERCENT = 5
 
 GONE_VERDICT = health.Verdict(
     health.LOST, ("GPU no longer visible to NVML on a live node (fell off the bus?)",), "reboot node"

@@ -15,6 +15,7 @@ import gpufleet
 from gpufleet import events as kinds
 from gpufleet import output
 from gpufleet.client import GIB, CollectorUnavailable, FleetClient, gpu_row, node_row
+from gpufleet.definitions import IDLE_UTILIZATION_PERCENT
 from gpufleet.events import event_row
 from gpufleet.security import SecuritySettingsError, add_client_security_flags, client_security
 from gpufleet.settings import Parser, add_flag, fail, host_port, positive_float, unknown_variables
@@ -90,7 +91,7 @@ def cmd_summary(client: FleetClient, args: argparse.Namespace) -> str:
     lines = [
         f"Nodes    {s.nodes:>8}   " + ", ".join(f"{c.count} {c.key}" for c in s.nodes_by_state),
         f"GPUs     {s.gpus:>8}   " + ", ".join(f"{c.count} {c.key}" for c in s.gpus_by_health),
-        f"Idle     {s.idle_gpus:>8}   GPUs under 5 % utilization{idle_share}",
+        f"Idle     {s.idle_gpus:>8}   GPUs under {IDLE_UTILIZATION_PERCENT} % utilization{idle_share}",
         f"Util     {utilization:>8}   mean over reachable GPUs",
         f"Power    {s.power_draw_watts / 1000:>8.1f}   kW",
         "",
@@ -266,7 +267,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node", default="", help="only this node (name or id)")
     p.add_argument("--cluster", default="", help="only this cluster")
     p.add_argument("--health", choices=HEALTH_CHOICES, help="only GPUs in this health state")
-    p.add_argument("--idle", action="store_true", help="only idle GPUs (under 5 %% utilization)")
+    p.add_argument(
+        "--idle",
+        action="store_true",
+        help=f"only idle GPUs (under {IDLE_UTILIZATION_PERCENT} %% utilization)",
+    )
     p.add_argument(
         "--sort",
         default="node",
