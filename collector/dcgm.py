@@ -14,12 +14,12 @@ are rendered when it changed and kept; a scrape joins them.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from collector import health
 from collector.exposition import escape_label_value, format_value
+from collector.sinks import Sink
 from collector.state import UP, FleetState, GpuRecord, NodeRecord
 from gpufleet.v1 import telemetry_pb2
 
@@ -257,10 +257,13 @@ def render_node(node: NodeRecord, last_xids: dict[int, int]) -> list[bytes]:
     return ["".join(family_lines).encode() for family_lines in lines]
 
 
-class DcgmExposition:
+class DcgmExposition(Sink):
     """Keeps every node's dcgm-style lines, re-rendered only when the node changed."""
 
+    name = "dcgm-view"
+
     def __init__(self, state: FleetState) -> None:
+        self._state = state
         self._chunks: dict[str, list[bytes]] = {}
         # The last XID per node and GPU index: DCGM's XID field keeps the latest code.
         self._last_xids: dict[str, dict[int, int]] = {}
@@ -272,16 +275,20 @@ class DcgmExposition:
                 index: list(gpu.xid_totals)[-1] for index, gpu in node.gpus.items() if gpu.xid_totals
             }
             self._dirty.add(node.node_id)
-        state.add_listener(self._node_changed)
 
-    def _node_changed(self, node: NodeRecord) -> None:
+    def node_removed(self, node: NodeRecord) -> None:
+        self._dirty.add(node.node_id)
+
+    def node_changed(self, node: NodeRecord) -> None:
         self._dirty.add(node.node_id)
         last = self._last_xids.setdefault(node.node_id, {})
         for index, gpu in node.gpus.items():
             if gpu.sample is not None and gpu.sample.xid_events:
                 last[index] = gpu.sample.xid_events[-1].code
 
-    def render(self, state: FleetState) -> bytes:
+    def render(self) -> bytes:
+        """The dcgm-exporter compatible exposition; only nodes that changed are rendered again."""
+        state = self._state
         if self._dirty:
             dirty, self._dirty = self._dirty, set()
             for node_id in dirty:
@@ -302,18 +309,3 @@ class DcgmExposition:
                     parts.extend(family_parts)
             self._body = b"".join(parts)
         return self._body
-
-
-_views: weakref.WeakKeyDictionary[FleetState, DcgmExposition] = weakref.WeakKeyDictionary()
-
-
-def render(state: FleetState) -> bytes:
-    """The dcgm-exporter compatible exposition of ``state``.
-
-    The first call attaches a ``DcgmExposition`` to the state; later calls re-render only
-    the nodes that changed since.
-    """
-    view = _views.get(state)
-    if view is None:
-        view = _views[state] = DcgmExposition(state)
-    return view.render(state)

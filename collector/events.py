@@ -15,13 +15,14 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
+from collector.sinks import Sink
 from gpufleet.v1 import events_pb2
 
 INFO = events_pb2.SEVERITY_INFO
 WARNING = events_pb2.SEVERITY_WARNING
 CRITICAL = events_pb2.SEVERITY_CRITICAL
 
-Subscriber = Callable[[events_pb2.Event], None]
+Follower = Callable[[events_pb2.Event], None]
 
 # Events the log keeps in all, and the share no node goes below however many nodes there are.
 EVENTS_KEPT = 200_000
@@ -57,7 +58,8 @@ class EventLog:
     def __init__(self, capacity: int = EVENTS_KEPT) -> None:
         self.capacity = capacity
         self._by_node: dict[str, deque[events_pb2.Event]] = {}
-        self._subscribers: list[Subscriber] = []
+        # Told of each new event (the fleet state sets its sinks here).
+        self.sink: Sink = Sink()
         self.last_id = 0
 
     def __len__(self) -> int:
@@ -66,12 +68,6 @@ class EventLog:
     def share(self) -> int:
         """How many events each node keeps now."""
         return events_per_node(self.capacity, len(self._by_node))
-
-    def subscribe(self, subscriber: Subscriber) -> None:
-        self._subscribers.append(subscriber)
-
-    def unsubscribe(self, subscriber: Subscriber) -> None:
-        self._subscribers.remove(subscriber)
 
     def restore(self, events: Iterable[events_pb2.Event]) -> None:
         """Events read back from the store at start-up (oldest first); not published again."""
@@ -119,8 +115,7 @@ class EventLog:
         if gpu_index is not None:
             event.gpu_index = gpu_index
         self._keep(event)
-        for subscriber in self._subscribers:
-            subscriber(event)
+        self.sink.event(event)
         return event
 
     def query(self, match: EventMatch, limit: int = 1000) -> list[events_pb2.Event]:
@@ -143,3 +138,22 @@ class EventLog:
 
 def _newest_first(event: events_pb2.Event) -> int:
     return -event.id
+
+
+class EventFollowers(Sink):
+    """Whoever follows the event log as it grows (StreamEvents callers), as one sink."""
+
+    name = "event-followers"
+
+    def __init__(self) -> None:
+        self._followers: list[Follower] = []
+
+    def follow(self, follower: Follower) -> None:
+        self._followers.append(follower)
+
+    def unfollow(self, follower: Follower) -> None:
+        self._followers.remove(follower)
+
+    def event(self, event: events_pb2.Event) -> None:
+        for follower in self._followers:
+            follower(event)

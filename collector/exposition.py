@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from collector import health
+from collector.sinks import Sink
 from collector.state import (
     NODE_STATE_NAMES,
     UP,
@@ -749,7 +750,7 @@ class _View:
         return [segment for segment in segments if segment is not None]
 
 
-class Exposition:
+class Exposition(Sink):
     """Keeps every node's rendered lines current and joins them on scrape.
 
     Nodes that changed are rendered in small batches, REFRESH_DELAY_S after the
@@ -775,9 +776,13 @@ class Exposition:
         # How many views there are for each shard count.
         self._shard_counts: Counter[int] = Counter()
         self._refresh_scheduled = False
-        state.add_listener(self._node_changed)
 
-    def _node_changed(self, node: NodeRecord) -> None:
+    name = "exposition"
+
+    def node_removed(self, node: NodeRecord) -> None:
+        self.node_changed(node)
+
+    def node_changed(self, node: NodeRecord) -> None:
         self._dirty.add(node.node_id)
         if not self._refresh_scheduled:
             try:

@@ -27,6 +27,7 @@ import aiomqtt
 
 from collector.events import EventMatch
 from collector.selfmetrics import CollectorMetrics
+from collector.sinks import Sink
 from collector.state import NODE_STATE_NAMES, FleetState, NodeRecord
 from collector.store import Store
 from gpufleet import events as kinds
@@ -92,7 +93,9 @@ def node_state_payload(node: NodeRecord) -> dict[str, Any]:
     }
 
 
-class MqttPublisher:
+class MqttPublisher(Sink):
+    name = "mqtt"
+
     def __init__(
         self, config: MqttConfig, state: FleetState, metrics: CollectorMetrics, store: Store
     ) -> None:
@@ -104,6 +107,7 @@ class MqttPublisher:
         self._dirty_nodes: dict[str, None] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._started = False
 
     # -- the queue (on the event loop) ---------------------------------------------------------
 
@@ -114,8 +118,12 @@ class MqttPublisher:
             log.info("MQTT: %d events logged but not yet published will go out first", len(backlog))
         for event in backlog:
             self._enqueue(event)
-        self._state.events.subscribe(self._enqueue)
+        self._started = True
         self._task = asyncio.create_task(self._run(), name="mqtt-publisher")
+
+    def event(self, event: Any) -> None:
+        if self._started:
+            self._enqueue(event)
 
     def _enqueue(self, event: Any) -> None:
         if len(self._queue) >= self.config.queue_limit:
@@ -127,12 +135,12 @@ class MqttPublisher:
         self._metrics.mqtt_queued.set(len(self._queue))
         self._wake.set()
 
-    async def stop(self) -> None:
+    async def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         """Stop publishing; a broker that does not answer holds the shutdown up for seconds at most."""
-        self._state.events.unsubscribe(self._enqueue)
+        self._started = False
         if self._task is not None:
             self._task.cancel()
-            done, _ = await asyncio.wait({self._task}, timeout=STOP_TIMEOUT_S)
+            done, _ = await asyncio.wait({self._task}, timeout=min(timeout_s, STOP_TIMEOUT_S))
             if not done:
                 log.warning("MQTT: the broker connection did not close in %.0f s; leaving it", STOP_TIMEOUT_S)
 

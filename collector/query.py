@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import grpc
 
 from collector import health
-from collector.events import EventMatch
+from collector.events import EventFollowers, EventMatch
 from collector.state import UP, FleetState, GpuRecord, NodeRecord
 from collector.totals import FleetTotals
 from gpufleet.v1 import events_pb2, query_pb2, query_pb2_grpc
@@ -95,10 +95,13 @@ def _counts(counter: Counter[str]) -> list[query_pb2.Count]:
 
 
 class QueryServicer(query_pb2_grpc.QueryServiceServicer):
-    def __init__(self, state: FleetState, totals: Callable[[], FleetTotals]) -> None:
+    def __init__(
+        self, state: FleetState, totals: Callable[[], FleetTotals], followers: EventFollowers
+    ) -> None:
         """``totals``: the fleet's running totals, current (the same the fleet metrics show)."""
         self._state = state
         self._totals = totals
+        self._followers = followers
 
     async def GetFleetSummary(  # noqa: N802
         self, request: query_pb2.GetFleetSummaryRequest, context: grpc.aio.ServicerContext
@@ -221,7 +224,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                     fell_behind = True
 
         log = self._state.events
-        log.subscribe(on_event)
+        self._followers.follow(on_event)
         try:
             last_id = 0
             if match.after_id or match.since_unix_nano:
@@ -239,4 +242,4 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                     last_id = event.id
                     yield event
         finally:
-            log.unsubscribe(on_event)
+            self._followers.unfollow(on_event)

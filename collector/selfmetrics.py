@@ -61,6 +61,12 @@ class CollectorMetrics:
             ["reason"],
             registry=r,
         )
+        self.sink_errors = Counter(
+            "gpufleet_collector_sink_errors",
+            "Errors of a sink told of a change (store, exposition, dcgm-view, event-followers, mqtt).",
+            ["sink"],
+            registry=r,
+        )
         self.streams = Gauge("gpufleet_collector_agent_streams", "Agent streams open now.", registry=r)
         self.store_up = Gauge(
             "gpufleet_collector_store_up",

@@ -15,9 +15,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from collector import dcgm
 from collector.admin import AdminServicer
 from collector.auth import AuthInterceptor, ServerSecurity
+from collector.dcgm import DcgmExposition
+from collector.events import EventFollowers
 from collector.exposition import CONTENT_TYPE, Exposition
 from collector.http import (
     MAX_CONNECTIONS,
@@ -81,8 +82,16 @@ class Collector:
         )
         self.store = Store(config.db_path, self.state, self.metrics)
         self.metrics.store_uncommitted_seconds.set_function(self.store.uncommitted_seconds)
-        self.mqtt = MqttPublisher(config.mqtt, self.state, self.metrics, self.store) if config.mqtt else None
         self.exposition = Exposition(self.state, self.metrics.render)
+        self.dcgm = DcgmExposition(self.state)
+        self.followers = EventFollowers()
+        self.mqtt = MqttPublisher(config.mqtt, self.state, self.metrics, self.store) if config.mqtt else None
+        # Every reader of the fleet's changes, in one place: told in this order, stopped in reverse.
+        sinks = self.state.sinks
+        sinks.on_error = lambda sink: self.metrics.sink_errors.labels(sink).inc()
+        for sink in (self.store, self.exposition, self.dcgm, self.followers, self.mqtt):
+            if sink is not None:
+                sinks.add(sink)
         self._grpc: grpc.aio.Server | None = None
         self._http = HttpServer(
             {
@@ -108,9 +117,7 @@ class Collector:
     async def start(self) -> None:
         self.store.open()
         self._freeze_long_lived()
-        self.store.start()
-        if self.mqtt is not None:
-            self.mqtt.start()
+        self.state.sinks.start()
         security = self.config.security
         interceptors = []
         if security.tokens is not None:
@@ -123,7 +130,7 @@ class Collector:
         )
         server.add_generic_rpc_handlers((handler(ingest),))
         query_pb2_grpc.add_QueryServiceServicer_to_server(
-            QueryServicer(self.state, self.exposition.totals), server
+            QueryServicer(self.state, self.exposition.totals, self.followers), server
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.state), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
@@ -190,9 +197,7 @@ class Collector:
         if self._grpc is not None:
             await self._grpc.stop(self.config.shutdown_grace_s)
         await self._http.stop()
-        if self.mqtt is not None:
-            await self.mqtt.stop()
-        await self.store.stop()
+        await self.state.sinks.stop(self.config.shutdown_grace_s)
 
     async def wait(self) -> None:
         if self._grpc is not None:
@@ -254,7 +259,7 @@ class Collector:
 
     async def _metrics_dcgm(self, request: Request) -> Response:
         """dcgm-exporter compatible names and labels, for its dashboards and alerts."""
-        return Response(body=dcgm.render(self.state), content_type=CONTENT_TYPE)
+        return Response(body=self.dcgm.render(), content_type=CONTENT_TYPE)
 
     async def _healthz(self, request: Request) -> Response:
         return Response(body=b"ok\n")

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from collector import health
 from collector.admission import TokenBucket
 from collector.events import CRITICAL, INFO, WARNING, EventLog
+from collector.sinks import Sinks
 from gpufleet import events as kinds
 from gpufleet.definitions import IDLE_UTILIZATION_PERCENT
 from gpufleet.v1 import events_pb2, ingest_pb2, inventory_pb2, query_pb2, telemetry_pb2
@@ -133,9 +134,6 @@ class Liveness:
         return UP
 
 
-Listener = Callable[[NodeRecord], None]
-
-
 class FleetState:
     def __init__(
         self,
@@ -152,14 +150,12 @@ class FleetState:
         self._clock = clock
         self._nodes: dict[str, NodeRecord] = {}
         self._ids_by_name: dict[str, str] = {}
-        self._listeners: list[Listener] = []
-
-    def add_listener(self, listener: Listener) -> None:
-        self._listeners.append(listener)
+        # Told of every change; the collector registers its sinks here.
+        self.sinks = Sinks()
+        self.events.sink = self.sinks
 
     def _changed(self, node: NodeRecord) -> None:
-        for listener in self._listeners:
-            listener(node)
+        self.sinks.node_changed(node)
 
     def _emit(
         self,
@@ -496,7 +492,7 @@ class FleetState:
         self._emit(node, kinds.NODE_FORGOTTEN, INFO, f"node {node.name} forgotten by an operator")
         del self._nodes[node.node_id]
         self._ids_by_name.pop(node.name, None)
-        self._changed(node)
+        self.sinks.node_removed(node)
 
     # -- persistence -----------------------------------------------------------------------
 

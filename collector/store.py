@@ -30,6 +30,7 @@ from pathlib import Path
 from collector import health
 from collector.events import MIN_EVENTS_PER_NODE
 from collector.selfmetrics import CollectorMetrics
+from collector.sinks import Sink
 from collector.state import FleetState, GpuRecord, NodeRecord
 from gpufleet import events as kinds
 from gpufleet.v1 import events_pb2, inventory_pb2
@@ -218,8 +219,10 @@ def _connect(path: Path) -> sqlite3.Connection:
     return connection
 
 
-class Store:
+class Store(Sink):
     """Keeps FleetState durable; `durable()` waits until everything changed so far is committed."""
+
+    name = "store"
 
     def __init__(self, path: Path | None, state: FleetState, metrics: CollectorMetrics) -> None:
         self.path = path
@@ -263,8 +266,7 @@ class Store:
             self._restore_read_only()
             return
         self._metrics.store_up.set(1)
-        self._state.add_listener(lambda node: self._dirty.add(node.node_id))
-        self._state.events.subscribe(self._event)
+        self._dirty.clear()  # what was just read back is what the database holds
 
     def _restore_read_only(self) -> None:
         """Show the fleet a database holds even when it cannot be written (read-only file system)."""
@@ -348,7 +350,16 @@ class Store:
 
     # -- collecting changes (on the event loop) ---------------------------------------------
 
-    def _event(self, event: events_pb2.Event) -> None:
+    def node_changed(self, node: NodeRecord) -> None:
+        if self._db is not None:
+            self._dirty.add(node.node_id)
+
+    def node_removed(self, node: NodeRecord) -> None:
+        self._dirty.discard(node.node_id)  # its rows go with its node_forgotten event
+
+    def event(self, event: events_pb2.Event) -> None:
+        if self._db is None:
+            return
         batch = self._pending
         batch.events.append((event.id, event.time_unix_nano, event.node_id, event.SerializeToString()))
         if event.kind == kinds.NODE_FORGOTTEN:
@@ -394,8 +405,8 @@ class Store:
         if self._db is not None:
             self._task = asyncio.create_task(self._run(), name="store-writer")
 
-    async def stop(self) -> None:
-        """Commit what is left, then close."""
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Commit what is left, then close (however long the last commit takes: it is what survives)."""
         if self._task is not None:
             self._stopping = True
             self._wake.set()

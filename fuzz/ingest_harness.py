@@ -30,7 +30,7 @@ from pathlib import Path
 import grpc
 
 from agent.sources.sim import SimulatedSource
-from collector import dcgm
+from collector.dcgm import DcgmExposition
 from collector.exposition import Exposition
 from collector.ingest import IngestServicer
 from collector.limits import Limits
@@ -81,6 +81,9 @@ class Context:
 
     def auth_context(self) -> dict[str, list[bytes]]:
         return {}
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return ()
 
 
 class ErrorLog(logging.Handler):
@@ -191,7 +194,7 @@ def check_state(state: FleetState) -> None:
 
 
 def check_exposition(state: FleetState, exposition: Exposition, shards: int = 3) -> None:
-    check_text(dcgm.render(state), "/metrics/dcgm")
+    check_text(DcgmExposition(state).render(), "/metrics/dcgm")
     whole = bytes(exposition.everything())
     check_text(whole, "/metrics")
     check_text(exposition.fleet(), "/metrics/fleet")
@@ -211,6 +214,7 @@ async def run_stream_input(data: bytes) -> FleetState:
     now = [1_000_000.0]
     state = FleetState(clock=lambda: now[0])
     exposition = Exposition(state)
+    state.sinks.add(exposition)
     exposition.REFRESH_DELAY_S = 3600.0  # rendered here, on demand, so that errors surface
     servicer = IngestServicer(state, METRICS)
     context = Context()

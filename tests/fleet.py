@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 
 from agent.sources.sim import SimulatedSource
+from collector.dcgm import DcgmExposition
+from collector.exposition import Exposition
 from collector.state import FleetState, NodeRecord
 from gpufleet import wire
 from gpufleet.v1 import ingest_pb2, inventory_pb2
@@ -49,3 +51,20 @@ def simulated_fleet(
         add_node(state, source, index, cluster=f"c{index % 3}")
         sources.append(source)
     return state, sources
+
+
+def exposition_of(state: FleetState) -> Exposition:
+    """An exposition of ``state``, registered as its sink (as the collector does)."""
+    exposition = Exposition(state)
+    state.sinks.add(exposition)
+    return exposition
+
+
+def dcgm_view(state: FleetState) -> DcgmExposition:
+    """The dcgm view registered with ``state`` (registered now if there is none yet)."""
+    for sink in state.sinks:
+        if isinstance(sink, DcgmExposition):
+            return sink
+    view = DcgmExposition(state)
+    state.sinks.add(view)
+    return view

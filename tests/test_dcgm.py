@@ -15,7 +15,7 @@ from collector import dcgm
 from collector.state import FleetState, NodeRecord
 from gpufleet.v1 import ingest_pb2, telemetry_pb2
 from tests.conftest import ROOT, Processes, wait_until
-from tests.fleet import add_node, simulated_fleet
+from tests.fleet import add_node, dcgm_view, simulated_fleet
 from tests.prometheus_server import prometheus
 from tests.promtool import check_metrics
 
@@ -70,7 +70,7 @@ def expected_values(sample: telemetry_pb2.GpuSample) -> dict[str, float]:
 
 def test_every_gpu_value_in_dcgm_exporter_names_and_units() -> None:
     state, _ = simulated_fleet(3)
-    table = by_gpu(samples(dcgm.render(state)))
+    table = by_gpu(samples(dcgm_view(state).render()))
     for node in state.nodes():
         for index, gpu in node.gpus.items():
             assert gpu.sample is not None
@@ -92,7 +92,7 @@ def test_every_gpu_value_in_dcgm_exporter_names_and_units() -> None:
 
 def test_labels_come_in_dcgm_exporters_order_and_types_match() -> None:
     state, _ = simulated_fleet(1)
-    body = dcgm.render(state).decode()
+    body = dcgm_view(state).render().decode()
     for line in body.splitlines():
         if line.startswith("#"):
             continue
@@ -109,13 +109,13 @@ def test_the_last_xid_with_its_code_and_meaning() -> None:
     source = SimulatedSource("H100", 8, seed=0)
     source.inject_xid(2, 79)
     add_node(state, source, 0)
-    table = by_gpu(samples(dcgm.render(state)))
+    table = by_gpu(samples(dcgm_view(state).render()))
     assert table[("DCGM_FI_DEV_XID_ERRORS", "node-0000", "2")].value == 79
     assert table[("DCGM_FI_DEV_XID_ERRORS", "node-0000", "2")].labels["err_msg"] == "GPU fell off the bus"
     source.inject_xid(2, 13)
     add_node(state, source, 0)
     add_node(state, source, 0)  # a later report without XIDs keeps the last one, as DCGM does
-    table = by_gpu(samples(dcgm.render(state)))
+    table = by_gpu(samples(dcgm_view(state).render()))
     xid = table[("DCGM_FI_DEV_XID_ERRORS", "node-0000", "2")]
     assert xid.value == 13
     assert xid.labels["err_code"] == "13"
@@ -130,7 +130,7 @@ def test_xids_from_before_the_first_scrape_are_kept() -> None:
     source.inject_xid(5, 48)
     add_node(state, source, 0)
     add_node(state, source, 0)
-    table = by_gpu(samples(dcgm.render(state)))
+    table = by_gpu(samples(dcgm_view(state).render()))
     assert table[("DCGM_FI_DEV_XID_ERRORS", "node-0000", "5")].value == 48
 
 
@@ -147,20 +147,20 @@ def test_nothing_stale_a_lost_gpu_keeps_only_its_xid_a_silent_node_nothing() -> 
     source.inject_xid(3, 79)
     node = add_node(state, source, 0)
     state.apply_report(node, lose_gpu(node, 3))
-    parsed = samples(dcgm.render(state))
+    parsed = samples(dcgm_view(state).render())
     lost = [s for s in parsed if s.labels["gpu"] == "3"]
     assert [(s.name, s.value) for s in lost] == [("DCGM_FI_DEV_XID_ERRORS", 79)]
     assert len([s for s in parsed if s.name == "DCGM_FI_DEV_GPU_UTIL"]) == 7
     now[0] = 10 * 11  # eleven 10 s intervals later: down
     state.sweep()
-    assert dcgm.render(state) == b""
+    assert dcgm_view(state).render() == b""
 
 
 def test_hostile_label_values_are_escaped_and_promtool_parses_the_view() -> None:
     state = FleetState()
     evil = 'rack "7"\\new\nline'
     add_node(state, SimulatedSource("H100", 2, seed=1), 0, hostname=evil)
-    body = dcgm.render(state)
+    body = dcgm_view(state).render()
     assert {s.labels["Hostname"] for s in samples(body)} == {evil}
     # promtool parses the text; its only findings are about DCGM's own naming, kept on purpose.
     dcgm_naming = re.compile(
@@ -175,14 +175,14 @@ def test_hostile_label_values_are_escaped_and_promtool_parses_the_view() -> None
 def test_10000_gpus_render_fast_and_only_changed_nodes_again() -> None:
     state, sources = simulated_fleet(1250)
     started = time.perf_counter()
-    body = dcgm.render(state)
+    body = dcgm_view(state).render()
     full_s = time.perf_counter() - started
     assert body.count(b"\nDCGM_FI_DEV_GPU_UTIL{") == 10_000
-    assert dcgm.render(state) is body  # nothing changed: the same bytes
+    assert dcgm_view(state).render() is body  # nothing changed: the same bytes
     sources[7].inject_xid(4, 74)
     add_node(state, sources[7], 7, cluster="c1")
     started = time.perf_counter()
-    again = dcgm.render(state)
+    again = dcgm_view(state).render()
     one_node_s = time.perf_counter() - started
     assert b'Hostname="node-0007",DCGM_FI_DRIVER_VERSION="565.57.01",err_code="74"' in again
     # About 0.25 s and 0.04 s on a 2-core machine; generous bounds for slow CI.

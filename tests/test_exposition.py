@@ -13,7 +13,7 @@ from agent.sources.sim import SimulatedSource
 from collector.exposition import Body, Exposition, escape_label_value, shard_of
 from collector.state import FleetState
 from gpufleet.v1 import ingest_pb2, telemetry_pb2
-from tests.fleet import add_node, simulated_fleet
+from tests.fleet import add_node, exposition_of, simulated_fleet
 from tests.promtool import check_metrics
 
 
@@ -33,7 +33,7 @@ def value(all_samples: list[Sample], name: str, **labels: str) -> float:
 
 def test_every_gpu_value_is_exported_in_base_units() -> None:
     state, sources = simulated_fleet(4)
-    exposition = Exposition(state)
+    exposition = exposition_of(state)
     parsed = samples(exposition.everything())
     for index, _source in enumerate(sources):
         node = f"node-{index:04d}"
@@ -67,7 +67,7 @@ def test_every_gpu_value_is_exported_in_base_units() -> None:
 
 def test_absent_values_are_absent_not_zero() -> None:
     state, _ = simulated_fleet(1)
-    parsed = samples(Exposition(state).everything())
+    parsed = samples(exposition_of(state).everything())
     assert not [s for s in parsed if s.name == "gpufleet_gpu_fan_speed_ratio"]  # SXM: no fan
 
 
@@ -75,7 +75,7 @@ def test_hostile_label_values_are_escaped_and_parse_back() -> None:
     state = FleetState()
     evil = 'rack "7"\\new\nline ünïcödé'
     add_node(state, SimulatedSource("H100", 2, seed=1), 0, hostname=evil, cluster='c"1\\')
-    body = bytes(Exposition(state).everything())
+    body = bytes(exposition_of(state).everything())
     parsed = samples(body)
     assert value(parsed, "gpufleet_gpu_up", node=evil, gpu="0") == 1
     assert value(parsed, "gpufleet_node_info", node=evil, cluster='c"1\\') == 1
@@ -87,7 +87,7 @@ def test_a_silent_node_keeps_its_gpus_listed_as_unreachable() -> None:
     now = [0.0]
     state = FleetState(clock=lambda: now[0])
     add_node(state, SimulatedSource("H100", 8, seed=0), 0)
-    exposition = Exposition(state)
+    exposition = exposition_of(state)
     now[0] = 10 * 11  # eleven 10 s intervals later
     state.sweep()
     parsed = samples(exposition.everything())
@@ -100,7 +100,7 @@ def test_a_silent_node_keeps_its_gpus_listed_as_unreachable() -> None:
 
 def test_only_changed_nodes_are_rendered_again() -> None:
     state, sources = simulated_fleet(10)
-    exposition = Exposition(state)
+    exposition = exposition_of(state)
     assert exposition.refresh() == 10
     assert exposition.refresh() == 0
     add_node(state, sources[3], 3)
@@ -117,7 +117,7 @@ def sample_lines(body: bytes | Body) -> list[bytes]:
 
 def test_shards_together_equal_the_whole_exposition() -> None:
     state, sources = simulated_fleet(30)
-    exposition = Exposition(state)
+    exposition = exposition_of(state)
     for round_ in range(2):
         whole = sample_lines(exposition.nodes())
         assert sample_lines(exposition.everything())[: len(whole)] != []
@@ -142,14 +142,14 @@ def test_cached_shards_follow_every_change() -> None:
     sources = [SimulatedSource("H100", 8, seed=3, node_index=i) for i in range(12)]
     for index, source in enumerate(sources):
         add_node(state, source, index)
-    kept = Exposition(state)
+    kept = exposition_of(state)
     views = [(0, 1), (0, 3), (1, 3), (2, 3), (1, 5)]
     for shard, shards in views:
         kept.nodes(shard, shards)
     kept.everything()
 
     def check() -> None:
-        fresh = Exposition(state)
+        fresh = exposition_of(state)
         for shard, shards in views:
             assert lines(kept.nodes(shard, shards)) == lines(fresh.nodes(shard, shards)), (shard, shards)
         assert lines(kept.fleet()) == lines(fresh.fleet())
@@ -171,7 +171,7 @@ def test_cached_shards_follow_every_change() -> None:
 
 def test_many_views_are_evicted_and_rebuilt() -> None:
     state, _ = simulated_fleet(5)
-    exposition = Exposition(state)
+    exposition = exposition_of(state)
     whole = sample_lines(exposition.nodes())
     for _ in range(2):
         parts: list[bytes] = []
@@ -198,7 +198,7 @@ def gzip_members(data: bytes) -> int:
 
 def test_gzip_form_decodes_to_the_same_text() -> None:
     state, sources = simulated_fleet(20)
-    exposition = Exposition(state)
+    exposition = exposition_of(state)
     for _ in range(3):
         for body in (exposition.everything(), exposition.nodes(), exposition.nodes(1, 3)):
             compressed = body.gzip()
@@ -208,7 +208,7 @@ def test_gzip_form_decodes_to_the_same_text() -> None:
             assert len(body) == len(bytes(body))
         for index in range(0, 20, 3):
             add_node(state, sources[index], index)
-    empty = Exposition(FleetState()).nodes()
+    empty = exposition_of(FleetState()).nodes()
     assert bytes(empty) == b""
     assert gzip.decompress(empty.gzip()) == b""
 
@@ -224,7 +224,7 @@ def test_values_are_exact_in_base_units() -> None:
     sample.gpu_utilization_percent = 7
     sample.throttle_power_cap_nanoseconds = 1_234_567_891
     sample.sm_clock_mhz = 1980
-    parsed = samples(Exposition(state).everything())
+    parsed = samples(exposition_of(state).everything())
     labels = {"node": "node-0000", "gpu": "0"}
     assert value(parsed, "gpufleet_gpu_power_watts", **labels) == 612.345
     assert value(parsed, "gpufleet_gpu_utilization_ratio", **labels) == 0.07
@@ -238,7 +238,7 @@ def test_odd_label_values_and_shapes_render_like_a_plain_renderer() -> None:
     add_node(state, SimulatedSource("H100", 3, seed=5), 0, hostname="50% \x00 node")
     source = SimulatedSource("H100", 4, seed=6)
     node = add_node(state, source, 1, hostname="plain")
-    exposition = Exposition(state)
+    exposition = exposition_of(state)
     samples(exposition.everything())
     gpus = source.sample(with_processes=False)
     gpus[1].ClearField("power_draw_milliwatts")
@@ -289,7 +289,7 @@ def test_a_gpu_gone_from_the_inventory_stops_exporting_gauges() -> None:
     state = FleetState()
     source = SimulatedSource("H100", 8, seed=0)
     node = add_node(state, source, 0)
-    exposition = Exposition(state)
+    exposition = exposition_of(state)
     exposition.everything()
     inventory = node.inventory.__deepcopy__()
     del inventory.gpus[7]
@@ -311,7 +311,7 @@ def test_xids_are_counted_per_code() -> None:
     add_node(state, source, 0)
     source.inject_xid(2, 79)
     add_node(state, source, 0)
-    parsed = samples(Exposition(state).everything())
+    parsed = samples(exposition_of(state).everything())
     assert value(parsed, "gpufleet_gpu_xid_errors_total", node="node-0000", gpu="2", xid="79") == 2
     assert value(parsed, "gpufleet_gpu_xid_errors_total", node="node-0000", gpu="2", xid="13") == 1
     assert value(parsed, "gpufleet_gpu_health", node="node-0000", gpu="2", state="unhealthy") == 1
@@ -323,6 +323,8 @@ def test_every_metric_is_documented() -> None:
     from tests.conftest import ROOT
 
     documented = (ROOT / "docs" / "metrics.md").read_text()
-    names = [f.name for f in FAMILIES] + [s.name for s in samples(Exposition(simulated_fleet(1)[0]).fleet())]
+    names = [f.name for f in FAMILIES] + [
+        s.name for s in samples(exposition_of(simulated_fleet(1)[0]).fleet())
+    ]
     missing = sorted({name for name in names if f"`{name}`" not in documented})
     assert not missing, f"add to docs/metrics.md: {missing}"

@@ -25,14 +25,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
 from agent.sources.sim import SimulatedSource
-from collector import dcgm
 from collector.exposition import Exposition, escape_label_value
 from collector.limits import LimitExceeded, Limits, check_inventory, check_report, clamp_report
 from collector.state import FleetState, NodeIdConflict, NodeRecord
 from gpufleet import wire
 from gpufleet.plausible import PLAUSIBLE
 from gpufleet.v1 import ingest_pb2, inventory_pb2, telemetry_pb2
-from tests.fleet import add_node, inventory_for
+from tests.fleet import add_node, dcgm_view, exposition_of, inventory_for
 from tests.promtool import check_metrics
 
 M = TypeVar("M", bound=Message)
@@ -205,8 +204,8 @@ def test_any_bytes_are_taken_in_or_refused_with_the_documented_errors(raw: bytes
         take_in(state, node, raw, time.time_ns())
     except (DecodeError, LimitExceeded, NodeIdConflict):
         return
-    Exposition(state).everything()
-    dcgm.render(state)
+    exposition_of(state).everything()
+    dcgm_view(state).render()
 
 
 # -- whatever passes the limits reaches the exposition, escaped and plausible ----------------
@@ -357,7 +356,7 @@ def assert_exposition_reads_back(state: FleetState, exposition: Exposition) -> N
             (series(parse(bytes(exposition.nodes(i, shards)))) for i in range(shards)), Counter()
         )
         assert shard_series == per_node, f"{shards} shards"
-    dcgm_samples = parse(dcgm.render(state))
+    dcgm_samples = parse(dcgm_view(state).render())
     assert not [key for key, count in series(dcgm_samples).items() if count > 1]
     assert_dcgm_labels_round_trip(state, dcgm_samples)
     assert_plausible(dcgm_samples, gpus)
@@ -379,7 +378,7 @@ def test_whatever_passes_the_limits_is_exported_as_sent_and_plausible(
 ) -> None:
     now = [1000.0]
     state = FleetState(clock=lambda: now[0])
-    exposition = Exposition(state)
+    exposition = exposition_of(state)
     assert_exposition_reads_back(state, exposition)
     nodes = say_hello(state, hellos)
     assert_exposition_reads_back(state, exposition)
@@ -389,7 +388,7 @@ def test_whatever_passes_the_limits_is_exported_as_sent_and_plausible(
     state.sweep()  # stale or down nodes
     assert_exposition_reads_back(state, exposition)
     # What was kept and rendered again where it changed equals a render from scratch.
-    fresh = Exposition(state)
+    fresh = exposition_of(state)
     assert series(parse(bytes(exposition.everything()))) == series(parse(bytes(fresh.everything())))
 
 
@@ -410,10 +409,10 @@ def test_promtool_parses_the_exposition_whatever_the_labels(
 ) -> None:
     state = FleetState()
     send(state, say_hello(state, hellos), reports)
-    exposition = Exposition(state)
+    exposition = exposition_of(state)
     assert check_metrics(bytes(exposition.everything())) == ""
     assert check_metrics(bytes(exposition.nodes(1, 2))) == ""
-    findings = check_metrics(dcgm.render(state)).splitlines()
+    findings = check_metrics(dcgm_view(state).render()).splitlines()
     assert all(DCGM_NAMING.match(line) for line in findings), findings
 
 
@@ -482,7 +481,7 @@ def test_three_hosts_of_one_name_get_three_names() -> None:
     nodes = [hello_from(state, f"abcdefgh-{index}", "h") for index in range(3)]
     assert len({node.name for node in nodes}) == 3
     assert not [
-        key for key, count in series(parse(bytes(Exposition(state).everything()))).items() if count > 1
+        key for key, count in series(parse(bytes(exposition_of(state).everything()))).items() if count > 1
     ]
 
 
@@ -495,10 +494,10 @@ def test_a_node_is_found_by_its_name_whatever_ids_others_chose() -> None:
 
 def test_forgetting_a_node_leaves_no_duplicate_in_the_dcgm_view() -> None:
     state = FleetState()
-    dcgm.render(state)
+    dcgm_view(state).render()
     forgotten = hello_from(state, "k", "hk")
     hello_from(state, "z", "k")
-    dcgm.render(state)
+    dcgm_view(state).render()
     state.disconnected(forgotten)
     state.forget(forgotten)
-    assert not [key for key, count in series(parse(dcgm.render(state))).items() if count > 1]
+    assert not [key for key, count in series(parse(dcgm_view(state).render())).items() if count > 1]

@@ -12,11 +12,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from agent.sources.sim import SimulatedSource
-from collector.exposition import Exposition
 from collector.http import GZIP_PIECE_BYTES, HttpServer, Request, Response, gzip_pieces
 from collector.service import Collector
 from collector.state import FleetState
-from tests.fleet import add_node, simulated_fleet
+from tests.fleet import add_node, exposition_of, simulated_fleet
 from tests.promtool import check_metrics
 
 LARGE = b"".join(b"line %d of a large body\n" % n for n in range(60_000))
@@ -70,7 +69,7 @@ def gzip_members(data: bytes) -> int:
 @pytest.fixture
 async def server() -> AsyncIterator[tuple[int, FleetState]]:
     state, _ = simulated_fleet(30)
-    exposition = Exposition(state)
+    exposition = exposition_of(state)
 
     async def small(request: Request) -> Response:
         return Response(body=b"tiny\n")

@@ -5,11 +5,12 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.sources.sim import SimulatedSource
+from collector.events import EventFollowers
 from collector.exposition import Exposition
 from collector.query import QueryServicer
 from collector.state import STALE, FleetState
 from gpufleet.v1 import ingest_pb2, query_pb2, telemetry_pb2
-from tests.fleet import add_node
+from tests.fleet import add_node, exposition_of
 
 
 def fleet_metrics(exposition: Exposition) -> dict[str, float]:
@@ -27,8 +28,8 @@ def fleet_metrics(exposition: Exposition) -> dict[str, float]:
 async def test_the_summary_and_the_fleet_metrics_count_by_the_same_rules() -> None:
     now = [0.0]
     state = FleetState(clock=lambda: now[0])
-    exposition = Exposition(state)
-    query = QueryServicer(state, exposition.totals)
+    exposition = exposition_of(state)
+    query = QueryServicer(state, exposition.totals, EventFollowers())
     # Idle GPUs everywhere, then the awkward cases: a GPU that failed to read, one that
     # vanished from its node's inventory, and a stale node whose last samples are old.
     add_node(state, SimulatedSource("H100", 8, node_index=3, workload="idle"), 3)
