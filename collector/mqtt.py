@@ -25,13 +25,13 @@ from typing import Any
 
 import aiomqtt
 
-from collector.events import EventMatch
+from collector.eventlog import EventMatch
 from collector.selfmetrics import CollectorMetrics
 from collector.sinks import Sink
 from collector.state import NODE_STATE_NAMES, FleetState, NodeRecord
 from collector.store import Store
-from gpufleet import events as kinds
-from gpufleet.events import event_row
+from gpufleet import event_kinds as kinds
+from gpufleet.event_kinds import event_row
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 import grpc
 
 from collector import health
-from collector.events import EventFollowers, EventMatch
+from collector.eventlog import EventFollowers, EventMatch
 from collector.state import UP, FleetState, GpuRecord, NodeRecord
 from collector.totals import FleetTotals
 from gpufleet.v1 import events_pb2, query_pb2, query_pb2_grpc

@@ -18,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 from collector.admin import AdminServicer
 from collector.auth import AuthInterceptor, ServerSecurity
 from collector.dcgm import DcgmExposition
-from collector.events import EventFollowers
+from collector.eventlog import EventFollowers
 from collector.exposition import CONTENT_TYPE, Exposition
 from collector.http import (
     MAX_CONNECTIONS,

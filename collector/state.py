@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 
 from collector import health
 from collector.admission import TokenBucket
-from collector.events import CRITICAL, INFO, WARNING, EventLog
+from collector.eventlog import CRITICAL, INFO, WARNING, EventLog
 from collector.sinks import Sinks
-from gpufleet import events as kinds
+from gpufleet import event_kinds as kinds
 from gpufleet.definitions import IDLE_UTILIZATION_PERCENT
 from gpufleet.v1 import events_pb2, ingest_pb2, inventory_pb2, query_pb2, telemetry_pb2
 

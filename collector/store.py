@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from collector import health
-from collector.events import MIN_EVENTS_PER_NODE
+from collector.eventlog import MIN_EVENTS_PER_NODE
 from collector.selfmetrics import CollectorMetrics
 from collector.sinks import Sink
 from collector.state import FleetState, GpuRecord, NodeRecord
-from gpufleet import events as kinds
+from gpufleet import event_kinds as kinds
 from gpufleet.v1 import events_pb2, inventory_pb2
 
 log = logging.getLogger(__name__)

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import gpufleet
-from gpufleet import events as kinds
+from gpufleet import event_kinds as kinds
 from gpufleet import output
 from gpufleet.client import GIB, CollectorUnavailable, FleetClient, gpu_row, node_row
 from gpufleet.definitions import IDLE_UTILIZATION_PERCENT
-from gpufleet.events import event_row
+from gpufleet.event_kinds import event_row
 from gpufleet.security import SecuritySettingsError, add_client_security_flags, client_security
 from gpufleet.settings import Parser, add_flag, fail, host_port, positive_float, unknown_variables
 from gpufleet.v1 import events_pb2, query_pb2

@@ -6,7 +6,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from collector.health import XID_RULES
 from collector.selfmetrics import CollectorMetrics
-from gpufleet import events as kinds
+from gpufleet import event_kinds as kinds
 from tests.conftest import ROOT
 
 

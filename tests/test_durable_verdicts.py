@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from gpufleet import events as kinds
+from gpufleet import event_kinds as kinds
 from gpufleet.client import FleetClient, gpu_row
 from gpufleet.v1 import query_pb2
 from tests.conftest import Processes, free_port, wait_until

@@ -7,11 +7,11 @@ from pathlib import Path
 import grpc
 
 from agent.sources.sim import SimulatedSource
-from collector.events import EventMatch
+from collector.eventlog import EventMatch
 from collector.ingest import IngestPolicy
 from collector.limits import Limits
 from collector.service import Collector, CollectorConfig
-from gpufleet import events as kinds
+from gpufleet import event_kinds as kinds
 from gpufleet.v1 import ingest_pb2
 from tests.test_ingest import METHOD, exchange, hello, report
 

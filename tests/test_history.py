@@ -10,10 +10,10 @@ from pathlib import Path
 from agent.node import Delivery, NodeAgent, NodeIdentity, Schedule
 from agent.sources.sim import SimulatedSource
 from collector import health
-from collector.events import EventMatch
+from collector.eventlog import EventMatch
 from collector.service import Collector, CollectorConfig
 from collector.state import DOWN, FleetState
-from gpufleet import events as kinds
+from gpufleet import event_kinds as kinds
 from gpufleet import wire
 from gpufleet.v1 import ingest_pb2
 from tests.conftest import ROOT, Processes, until

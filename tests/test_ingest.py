@@ -8,7 +8,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from agent.sources.sim import SimulatedSource
-from collector.events import EventMatch
+from collector.eventlog import EventMatch
 from collector.service import Collector
 from gpufleet import wire
 from gpufleet.v1 import ingest_pb2

@@ -12,7 +12,7 @@ import pytest
 
 from agent.sources.sim import SimulatedSource
 from agent.uplink import Uplink
-from collector.events import EventMatch
+from collector.eventlog import EventMatch
 from collector.ingest import IngestPolicy
 from collector.limits import Limits
 from collector.service import Collector, CollectorConfig

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from agent.sources.sim import SimulatedSource
-from collector.events import EventMatch
+from collector.eventlog import EventMatch
 from collector.service import Collector, CollectorConfig
 from collector.state import DOWN, Liveness
 from collector.store import CommitFailed
-from gpufleet import events as kinds
+from gpufleet import event_kinds as kinds
 from tests.conftest import metric
 from tests.fleet import add_node
 

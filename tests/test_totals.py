@@ -5,7 +5,7 @@ from __future__ import annotations
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.sources.sim import SimulatedSource
-from collector.events import EventFollowers
+from collector.eventlog import EventFollowers
 from collector.exposition import Exposition
 from collector.query import QueryServicer
 from collector.state import STALE, FleetState
