@@ -17,7 +17,6 @@ from agent.node import Delivery, NodeAgent, NodeIdentity, Schedule, node_invento
 from agent.sources.base import GpuSource, SourceUnavailable
 from agent.sources.faults import PRESETS, FaultModel
 from agent.sources.models import MODELS
-from gpufleet.client import message_dict
 from gpufleet.plausible import drop_implausible
 from gpufleet.security import SecuritySettingsError, add_client_security_flags, client_security
 from gpufleet.settings import (
@@ -36,6 +35,7 @@ from gpufleet.settings import (
     warn_unknown_variables,
 )
 from gpufleet.signals import stop_on_signals
+from gpufleet.wire import message_dict
 
 log = logging.getLogger("agent")
 

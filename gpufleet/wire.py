@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from google.protobuf import json_format
+
 PROTOCOL_VERSION = 1
 
 # gRPC's default receive limit. An 8-GPU report is about 2 KiB; a query page
@@ -47,3 +51,10 @@ SERVER_OPTIONS: list[tuple[str, int]] = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+
+
+def message_dict(message: Any) -> dict[str, Any]:
+    """A message as JSON-ready data, with zero values (GPU index 0) shown."""
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )

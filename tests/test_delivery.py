@@ -9,7 +9,7 @@ from collections import Counter
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from gpufleet.client import FleetClient
+from gpufleet.cli.client import FleetClient
 from gpufleet.v1 import query_pb2
 from tests.conftest import Processes, free_port, http_get, wait_until
 

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from gpufleet import event_kinds as kinds
-from gpufleet.client import FleetClient, gpu_row
+from gpufleet.cli.client import FleetClient, gpu_row
 from gpufleet.v1 import query_pb2
 from tests.conftest import Processes, free_port, wait_until
 from tests.mqtt_broker import Broker, subscribed

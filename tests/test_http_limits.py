@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from collector.http import MAX_BODY_BYTES, RETRY_AFTER_S, HttpServer, Request, Response
-from gpufleet import certs
+from gpufleet.cli import certs
 from tests.test_http import closed, exchange, read_response
 
 GET = b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n"

@@ -19,7 +19,7 @@ from agent.uplink import Uplink
 from collector.auth import BasicAuth, ServerSecurity, Tokens
 from collector.ingest import IngestPolicy
 from collector.service import Collector, CollectorConfig
-from gpufleet import certs
+from gpufleet.cli import certs
 from gpufleet.security import ClientSecurity
 from gpufleet.v1 import query_pb2, query_pb2_grpc
 from tests.conftest import ROOT, http_get, metric

@@ -16,8 +16,8 @@ import pytest
 from agent.main import build_parser as agent_parser
 from collector.main import BrokerAddress, broker_address
 from collector.main import build_parser as collector_parser
-from gpufleet.cli import build_parser as cli_parser
-from gpufleet.cli import sort_value_attached
+from gpufleet.cli.main import build_parser as cli_parser
+from gpufleet.cli.main import sort_value_attached
 from gpufleet.settings import ENV_ATTRIBUTE, unknown_variables, warn_unknown_variables
 from tests.conftest import ROOT
 

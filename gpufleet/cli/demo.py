@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import FrameType
 
-from gpufleet.cli import cmd_summary
-from gpufleet.client import CollectorUnavailable, FleetClient
+from gpufleet.cli.client import CollectorUnavailable, FleetClient
+from gpufleet.cli.commands import cmd_summary
 
 GPUS_PER_NODE = 8
 REGISTRATION_TIMEOUT_S = 120.0

@@ -6,7 +6,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import grpc
-from google.protobuf import json_format
 
 from gpufleet import wire
 from gpufleet.security import ClientSecurity
@@ -161,10 +160,3 @@ def node_row(view: query_pb2.NodeView) -> dict[str, Any]:
         "driver_version": inv.driver_version,
         "last_seen_unix": view.last_seen_unix_nano / 1e9,
     }
-
-
-def message_dict(message: Any) -> dict[str, Any]:
-    """A message as JSON-ready data, with zero values (GPU index 0) shown."""
-    return json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )

@@ -1,0 +1,1 @@
+"""The `gpufleet` command: fleet queries, the demo, development certificates and tokens."""

@@ -1,0 +1,5 @@
+"""`python -m gpufleet.cli`."""
+
+from gpufleet.cli.main import main
+
+main()
