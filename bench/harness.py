@@ -36,6 +36,7 @@ from bench.load import raise_open_files_limit
 from bench.procstat import cpu_seconds, load_average, median, memory_bytes, percentile
 from collector.exposition import shard_of
 from gpufleet import wire
+from gpufleet.ports import free_port
 from gpufleet.v1 import ingest_pb2, query_pb2, query_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,14 +133,6 @@ class Children:
 
 def python(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", module, *args]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for(what: str, predicate: Callable[[], bool], timeout: float, interval: float = 0.2) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import grpc
 
 from agent.sources.sim import SimulatedSource
 from gpufleet import wire
+from gpufleet.ports import free_port
 from gpufleet.v1 import ingest_pb2
 
 SERVICE = "bench.Transport"
@@ -105,12 +105,6 @@ def measure(mode: str, nodes: int, reports: int) -> float:
     finally:
         server.terminate()
         server.wait()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def main() -> None:

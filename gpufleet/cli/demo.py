@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,22 +18,11 @@ from types import FrameType
 
 from gpufleet.cli.client import CollectorUnavailable, FleetClient
 from gpufleet.cli.commands import cmd_summary
+from gpufleet.ports import free_port
 
 GPUS_PER_NODE = 8
 REGISTRATION_TIMEOUT_S = 120.0
 LOG_DIR = Path(".demo")
-
-
-def free_port(preferred: int) -> int:
-    """``preferred`` if it is free on 127.0.0.1, else any free port."""
-    for port in (preferred, 0):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return int(sock.getsockname()[1])
-    raise OSError("no free port on 127.0.0.1")
 
 
 @contextlib.contextmanager
