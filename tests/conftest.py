@@ -18,7 +18,6 @@ from collector.service import Collector, CollectorConfig
 from collector.state import Liveness
 from gpufleet.ports import free_port
 
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
