@@ -11,7 +11,7 @@ import grpc
 
 from collector import health
 from collector.eventlog import EventFollowers, EventMatch
-from collector.state import UP, FleetState, GpuRecord, NodeRecord
+from collector.state import UP, FleetState, GpuRecord, NodeRecord, NodeState
 from collector.totals import FleetTotals
 from gpufleet.v1 import events_pb2, query_pb2, query_pb2_grpc
 
@@ -61,11 +61,19 @@ def gpu_view(node: NodeRecord, gpu: GpuRecord) -> query_pb2.GpuView:
     return view
 
 
+# The state's liveness in the wire contract's terms.
+WIRE_NODE_STATES = {
+    NodeState.UP: query_pb2.NODE_STATE_UP,
+    NodeState.STALE: query_pb2.NODE_STATE_STALE,
+    NodeState.DOWN: query_pb2.NODE_STATE_DOWN,
+}
+
+
 def node_view(node: NodeRecord, with_inventory: bool = False) -> query_pb2.NodeView:
     view = query_pb2.NodeView(
         node_id=node.node_id,
         name=node.name,
-        state=node.state,
+        state=WIRE_NODE_STATES[node.state],
         last_seen_unix_nano=node.last_seen_unix_ns,
         gpu_count=len(node.gpus),
         agent_stats=node.agent_stats,
@@ -129,7 +137,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                 n
                 for n in self._state.nodes()
                 if (not request.cluster or n.cluster == request.cluster)
-                and (not request.state or n.state == request.state)
+                and (not request.state or WIRE_NODE_STATES[n.state] == request.state)
             ),
             key=lambda n: n.name,
         )

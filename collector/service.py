@@ -32,8 +32,9 @@ from collector.ingest import SERVICE_NAME as INGEST_SERVICE
 from collector.ingest import IngestPolicy, IngestServicer, handler
 from collector.mqtt import MqttConfig, MqttPublisher
 from collector.query import QueryServicer
+from collector.recorder import EventBudget
 from collector.selfmetrics import CollectorMetrics
-from collector.state import EventBudget, FleetState, Liveness
+from collector.state import FleetState, Liveness
 from collector.store import Store
 from gpufleet import wire
 from gpufleet.v1 import admin_pb2, admin_pb2_grpc, ingest_pb2, query_pb2, query_pb2_grpc

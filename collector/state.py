@@ -1,12 +1,12 @@
 """The fleet as the collector knows it: nodes, their GPUs, latest samples and verdicts.
 
-Sinks read it: the exposition and the store are told which node changed (so they
-redo only that node's work), and everything worth telling an operator becomes an
-event in the event log.
+The state records what changes; its sinks are told which node changed (so they redo only
+that node's work), and its recorder turns what happened into events for operators.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -15,44 +15,30 @@ from dataclasses import dataclass, field
 from collector import health
 from collector.admission import TokenBucket
 from collector.eventlog import CRITICAL, INFO, WARNING, EventLog
+from collector.recorder import EventBudget, EventRecorder
 from collector.sinks import Sinks
-from gpufleet import event_kinds as kinds
 from gpufleet.definitions import IDLE_UTILIZATION_PERCENT
-from gpufleet.v1 import events_pb2, ingest_pb2, inventory_pb2, query_pb2, telemetry_pb2
+from gpufleet.v1 import ingest_pb2, inventory_pb2, telemetry_pb2
 
 log = logging.getLogger(__name__)
 
-UP = query_pb2.NODE_STATE_UP
-STALE = query_pb2.NODE_STATE_STALE
-DOWN = query_pb2.NODE_STATE_DOWN
+
+class NodeState(enum.IntEnum):
+    """A node's liveness (the same numbers as the wire contract's NodeState)."""
+
+    UP = 1
+    STALE = 2
+    DOWN = 3
+
+
+UP, STALE, DOWN = NodeState.UP, NodeState.STALE, NodeState.DOWN
 NODE_STATE_NAMES = {UP: "up", STALE: "stale", DOWN: "down"}
 NODE_STATE_SEVERITY = {UP: INFO, STALE: WARNING, DOWN: CRITICAL}
-HEALTH_SEVERITY = {
-    health.HEALTHY: INFO,
-    health.DEGRADED: WARNING,
-    health.UNHEALTHY: CRITICAL,
-    health.LOST: CRITICAL,
-    health.UNREACHABLE: WARNING,
-}
 
 
 GONE_VERDICT = health.Verdict(
     health.LOST, ("GPU no longer visible to NVML on a live node (fell off the bus?)",), "reboot node"
 )
-
-
-@dataclass(frozen=True)
-class EventBudget:
-    """XID and health events a node may add to the log: per second, and at once."""
-
-    per_second: float = 10.0
-    burst: int = 200
-
-
-# Kinds a storm on one node can multiply; beyond the budget they are counted and summarised.
-BUDGETED_KINDS = frozenset({kinds.XID, kinds.HEALTH_CHANGED})
-# At most one summary of what was not logged per node in this many seconds (or its interval).
-SUMMARY_MIN_INTERVAL_S = 1.0
 
 
 class NodeIdConflict(Exception):
@@ -93,7 +79,7 @@ class NodeRecord:
     name: str
     inventory: inventory_pb2.NodeInventory
     interval_s: float
-    state: query_pb2.NodeState = UP
+    state: NodeState = UP
     last_seen_unix_ns: int = 0
     last_seen_monotonic: float = 0.0
     last_sequence: int = 0
@@ -126,7 +112,7 @@ class Liveness:
     stale_after_intervals: float = 3.0
     down_after_intervals: float = 10.0
 
-    def state_after(self, silent_intervals: float) -> query_pb2.NodeState:
+    def state_after(self, silent_intervals: float) -> NodeState:
         if silent_intervals >= self.down_after_intervals:
             return DOWN
         if silent_intervals >= self.stale_after_intervals:
@@ -145,8 +131,7 @@ class FleetState:
     ) -> None:
         self.liveness = liveness or Liveness()
         self.events = events or EventLog()
-        self.event_budget = event_budget or EventBudget()
-        self._on_suppressed = on_suppressed
+        self.recorder = EventRecorder(self.events, event_budget, on_suppressed, clock)
         self._clock = clock
         self._nodes: dict[str, NodeRecord] = {}
         self._ids_by_name: dict[str, str] = {}
@@ -156,68 +141,6 @@ class FleetState:
 
     def _changed(self, node: NodeRecord) -> None:
         self.sinks.node_changed(node)
-
-    def _emit(
-        self,
-        node: NodeRecord,
-        kind: str,
-        severity: events_pb2.Severity,
-        reason: str,
-        *,
-        gpu_index: int | None = None,
-        action: str = "",
-        time_unix_nano: int | None = None,
-        **attributes: str,
-    ) -> None:
-        if kind in BUDGETED_KINDS and not self._within_budget(node):
-            node.suppressed[kind] = node.suppressed.get(kind, 0) + 1
-            if self._on_suppressed is not None:
-                self._on_suppressed(1)
-            return
-        self.events.emit(
-            kind,
-            severity,
-            reason,
-            node_id=node.node_id,
-            node_name=node.name,
-            datacenter=node.inventory.datacenter,
-            cluster=node.inventory.cluster,
-            gpu_index=gpu_index,
-            action=action,
-            attributes=attributes,
-            time_unix_nano=time_unix_nano,
-        )
-
-    def _within_budget(self, node: NodeRecord) -> bool:
-        if node.event_budget is None:
-            budget = self.event_budget
-            node.event_budget = TokenBucket(budget.per_second, budget.burst, self._clock)
-        return node.event_budget.take()
-
-    def _summarise_suppressed(self, node: NodeRecord) -> None:
-        """One event that says what a node's storm left out of the log (its counters have it all)."""
-        now = self._clock()
-        if not node.suppressed or now - node.suppressed_said_monotonic < max(
-            node.interval_s, SUMMARY_MIN_INTERVAL_S
-        ):
-            return
-        counts = ", ".join(f"{kind} x{count}" for kind, count in sorted(node.suppressed.items()))
-        total = sum(node.suppressed.values())
-        budget = self.event_budget
-        self.events.emit(
-            kinds.EVENTS_SUPPRESSED,
-            WARNING,
-            f"{total} events not logged ({counts}): over {budget.per_second:g} per second "
-            f"(bursts of {budget.burst}) from one node; counters and verdicts still count them",
-            node_id=node.node_id,
-            node_name=node.name,
-            datacenter=node.inventory.datacenter,
-            cluster=node.inventory.cluster,
-            action="look at the node's GPUs: an XID storm",
-            attributes={"suppressed": str(total)},
-        )
-        node.suppressed.clear()
-        node.suppressed_said_monotonic = now
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -246,13 +169,7 @@ class FleetState:
             self._nodes[node.node_id] = node
             self._ids_by_name[node.name] = node.node_id
             self._set_inventory(node, inventory, announce=False)
-            self._emit(
-                node,
-                kinds.NODE_REGISTERED,
-                INFO,
-                f"registered with {len(inventory.gpus)} GPUs",
-                hostname=inventory.hostname,
-            )
+            self.recorder.registered(node)
             log.info("node %s (%s) registered with %d GPUs", node.name, node.node_id, len(inventory.gpus))
         else:
             self._check_conflict(node, inventory)
@@ -269,19 +186,7 @@ class FleetState:
         """Two hosts with one node id are flagged and kept apart, never merged."""
         known = node.inventory
         if node.streams and (known.hostname != inventory.hostname or known.boot_id != inventory.boot_id):
-            reason = (
-                f"node id {node.node_id} is already reporting from host {known.hostname!r}; "
-                f"refused host {inventory.hostname!r}: give each host its own --node-id"
-            )
-            self._emit(
-                node,
-                kinds.NODE_ID_CONFLICT,
-                WARNING,
-                reason,
-                action="fix the node ids",
-                other_hostname=inventory.hostname,
-            )
-            raise NodeIdConflict(reason)
+            raise NodeIdConflict(self.recorder.conflict(node, inventory))
 
     def _rebooted(self, node: NodeRecord, boot_id: str) -> None:
         node.last_sequence = 0
@@ -289,7 +194,7 @@ class FleetState:
         for gpu in node.gpus.values():
             gpu.xids_this_boot.clear()
         if node.inventory.boot_id:
-            self._emit(node, kinds.NODE_REBOOTED, INFO, "node rebooted (new boot id)", boot_id=boot_id)
+            self.recorder.rebooted(node, boot_id)
 
     def disconnected(self, node: NodeRecord) -> None:
         node.streams = max(node.streams - 1, 0)
@@ -318,71 +223,29 @@ class FleetState:
         node.inventory = inventory
         node.inventory_version += 1
         if announce and old_driver and old_driver != inventory.driver_version:
-            self._emit(
-                node,
-                kinds.DRIVER_UPGRADED,
-                INFO,
-                f"driver {old_driver} -> {inventory.driver_version}",
-                old_driver=old_driver,
-                new_driver=inventory.driver_version,
-            )
+            self.recorder.driver_upgraded(node, old_driver, inventory.driver_version)
         present = {gpu.index: gpu for gpu in inventory.gpus}
         for index, gpu_inventory in present.items():
             record = node.gpus.get(index)
             if record is None:
                 node.gpus[index] = GpuRecord(gpu_inventory)
                 if announce:
-                    self._emit(
-                        node,
-                        kinds.GPU_ADDED,
-                        INFO,
-                        f"GPU {index} added ({gpu_inventory.name})",
-                        gpu_index=index,
-                        uuid=gpu_inventory.uuid,
-                        serial=gpu_inventory.serial,
-                    )
+                    self.recorder.gpu_added(node, gpu_inventory, again=False)
                 continue
             old = record.inventory
             if old.uuid and (old.uuid, old.serial) != (gpu_inventory.uuid, gpu_inventory.serial):
                 record.xids_this_boot.clear()
                 record.verdict = health.HEALTHY_VERDICT
                 node.health_version += 1
-                self._emit(
-                    node,
-                    kinds.GPU_REPLACED,
-                    INFO,
-                    f"GPU {index} replaced: serial {old.serial} -> {gpu_inventory.serial}",
-                    gpu_index=index,
-                    old_uuid=old.uuid,
-                    new_uuid=gpu_inventory.uuid,
-                    old_serial=old.serial,
-                    new_serial=gpu_inventory.serial,
-                )
+                self.recorder.gpu_replaced(node, old, gpu_inventory)
             elif record.missing:
-                self._emit(
-                    node,
-                    kinds.GPU_ADDED,
-                    INFO,
-                    f"GPU {index} is visible again",
-                    gpu_index=index,
-                    uuid=gpu_inventory.uuid,
-                    serial=gpu_inventory.serial,
-                )
+                self.recorder.gpu_added(node, gpu_inventory, again=True)
             record.inventory = gpu_inventory
             record.missing = False
         for index, record in node.gpus.items():
             if index not in present and not record.missing:
                 record.missing = True
-                self._emit(
-                    node,
-                    kinds.GPU_REMOVED,
-                    CRITICAL,
-                    f"GPU {index} ({record.inventory.serial}) vanished from the node's inventory",
-                    gpu_index=index,
-                    action=GONE_VERDICT.action,
-                    uuid=record.inventory.uuid,
-                    serial=record.inventory.serial,
-                )
+                self.recorder.gpu_removed(node, record.inventory, GONE_VERDICT.action)
 
     # -- reports -------------------------------------------------------------------------
 
@@ -403,7 +266,7 @@ class FleetState:
         peer_clock = health.peer_sm_clock_mhz([gpu.sample for gpu in updated if gpu.sample is not None])
         for gpu in updated:
             self._judge(node, gpu, peer_clock)
-        self._summarise_suppressed(node)
+        self.recorder.summarise_suppressed(node)
         node.agent_stats = report.agent_stats
         node.last_seen_unix_ns = time.time_ns()
         self._mark_seen(node)
@@ -417,17 +280,7 @@ class FleetState:
             code = event.code
             gpu.xid_totals[code] = gpu.xid_totals.get(code, 0) + 1
             gpu.xids_this_boot[code] = gpu.xids_this_boot.get(code, 0) + 1
-            rule = health.XID_RULES.get(code, health.UNKNOWN_XID)
-            self._emit(
-                node,
-                kinds.XID,
-                HEALTH_SEVERITY[rule.health],
-                f"XID {code}: {rule.meaning}",
-                gpu_index=sample.index,
-                action=rule.action,
-                time_unix_nano=event.time_unix_nano or None,
-                xid=str(code),
-            )
+            self.recorder.xid(node, sample.index, code, event.time_unix_nano)
         if sample.HasField("processes"):
             gpu.processes = len(sample.processes.processes)
         gpu.sample = sample
@@ -440,17 +293,7 @@ class FleetState:
         if gpu.verdict != before:
             node.health_version += 1
         if gpu.verdict.health != before.health:
-            self._emit(
-                node,
-                kinds.HEALTH_CHANGED,
-                HEALTH_SEVERITY[gpu.verdict.health],
-                f"GPU {sample.index} {before.name} -> {gpu.verdict.name}: "
-                + ("; ".join(gpu.verdict.reasons) or "no findings"),
-                gpu_index=sample.index,
-                action=gpu.verdict.action,
-                old=before.name,
-                new=gpu.verdict.name,
-            )
+            self.recorder.health_changed(node, sample.index, before, gpu.verdict)
 
     # -- liveness --------------------------------------------------------------------------
 
@@ -461,19 +304,11 @@ class FleetState:
         if node.state != UP:
             self._set_state(node, UP)
 
-    def _set_state(self, node: NodeRecord, state: query_pb2.NodeState) -> None:
+    def _set_state(self, node: NodeRecord, state: NodeState) -> None:
         log.info("node %s is %s", node.name, NODE_STATE_NAMES[state])
         before = NODE_STATE_NAMES[node.state]
         node.state = state
-        self._emit(
-            node,
-            kinds.NODE_STATE_CHANGED,
-            NODE_STATE_SEVERITY[state],
-            f"node {before} -> {NODE_STATE_NAMES[state]}",
-            action="check the node and its agent" if state != UP else "",
-            old=before,
-            new=NODE_STATE_NAMES[state],
-        )
+        self.recorder.state_changed(node, before, NODE_STATE_NAMES[state], NODE_STATE_SEVERITY[state])
 
     def sweep(self) -> list[NodeRecord]:
         """Move nodes that stopped reporting to stale, then down; return those that changed."""
@@ -489,7 +324,7 @@ class FleetState:
 
     def forget(self, node: NodeRecord) -> None:
         """An operator said the node is gone for good: drop it (an event records it)."""
-        self._emit(node, kinds.NODE_FORGOTTEN, INFO, f"node {node.name} forgotten by an operator")
+        self.recorder.forgotten(node)
         del self._nodes[node.node_id]
         self._ids_by_name.pop(node.name, None)
         self.sinks.node_removed(node)

@@ -15,7 +15,7 @@ from typing import Any
 
 import aiomqtt
 
-from tests.conftest import free_port
+from gpufleet.ports import free_port
 
 
 class Broker:

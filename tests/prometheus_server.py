@@ -11,7 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import free_port, http_get, wait_until
+from gpufleet.ports import free_port
+from tests.conftest import http_get, wait_until
 
 
 class PrometheusServer:

@@ -10,8 +10,9 @@ from collections import Counter
 from prometheus_client.parser import text_string_to_metric_families
 
 from gpufleet.cli.client import FleetClient
+from gpufleet.ports import free_port
 from gpufleet.v1 import query_pb2
-from tests.conftest import Processes, free_port, http_get, wait_until
+from tests.conftest import Processes, http_get, wait_until
 
 # About 4 faults a second over 400 simulated GPUs: XIDs keep coming during the test.
 FAULTY = ("--faults", "healthy", "--fault-rate-multiplier", "2e6")

@@ -29,7 +29,8 @@ import yaml
 import gpufleet
 from agent.main import build_parser as agent_parser
 from collector.main import build_parser as collector_parser
-from tests.conftest import ROOT, Processes, free_port, http_get, wait_until
+from gpufleet.ports import free_port
+from tests.conftest import ROOT, Processes, http_get, wait_until
 
 DEPLOY = ROOT / "deploy"
 PYPROJECT = (ROOT / "pyproject.toml").read_text()

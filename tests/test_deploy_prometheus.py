@@ -24,8 +24,9 @@ import yaml
 from agent.sources.sim import SimulatedSource
 from collector import health
 from gpufleet import wire
+from gpufleet.ports import free_port
 from gpufleet.v1 import ingest_pb2, ingest_pb2_grpc, inventory_pb2, telemetry_pb2
-from tests.conftest import ROOT, Processes, free_port, http_get, wait_until
+from tests.conftest import ROOT, Processes, http_get, wait_until
 from tests.prometheus_server import PrometheusServer, prometheus
 from tests.promtool import promtool
 

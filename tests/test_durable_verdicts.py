@@ -18,8 +18,9 @@ import pytest
 
 from gpufleet import event_kinds as kinds
 from gpufleet.cli.client import FleetClient, gpu_row
+from gpufleet.ports import free_port
 from gpufleet.v1 import query_pb2
-from tests.conftest import Processes, free_port, wait_until
+from tests.conftest import Processes, wait_until
 from tests.mqtt_broker import Broker, subscribed
 
 NODES = 6

@@ -13,8 +13,9 @@ import time
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.sources.sim import SimulatedSource
+from gpufleet.ports import free_port
 from gpufleet.v1 import inventory_pb2, telemetry_pb2
-from tests.conftest import ROOT, Processes, free_port, http_get, wait_until
+from tests.conftest import ROOT, Processes, http_get, wait_until
 
 NODES = 20
 SEED = 11

@@ -6,7 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import ROOT, Processes, free_port, wait_until
+from gpufleet.ports import free_port
+from tests.conftest import ROOT, Processes, wait_until
 
 NODE_ID = "a1b2c3d4e5f60718293a4b5c6d7e8f90"
 

@@ -18,8 +18,9 @@ import sys
 
 import grpc
 
+from gpufleet.ports import free_port
 from gpufleet.v1 import ingest_pb2
-from tests.conftest import ROOT, free_port, http_get, wait_until
+from tests.conftest import ROOT, http_get, wait_until
 from tests.test_ingest import METHOD, hello, report
 
 IDLE_CONNECTIONS = 1_100
