@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from collector import health
-from collector.exposition import escape_label_value, format_value
+from collector.exposition.textformat import escape_label_value, format_value
 from collector.sinks import Sink
 from collector.state import UP, FleetState, GpuRecord, NodeRecord
 from gpufleet.v1 import telemetry_pb2

@@ -1,0 +1,170 @@
+"""Prometheus text exposition of the fleet, built for 100,000 GPUs.
+
+Like kube-state-metrics, each node's lines are rendered once when the node
+changes and kept, one chunk per metric family; a scrape writes each family's
+HELP/TYPE once, followed by every node's chunk for it. A report's values are
+formatted by one %-operation on a template shared by nodes of the same shape.
+Each shard view keeps, per family, references to its nodes' chunks and gzip
+members of them, made again only for families that changed (docs/benchmarks.md
+has the measurements). Fleet aggregates are running totals of per-node shares,
+so a fleet-wide dashboard reads a few dozen series instead of 250,000.
+
+The package: `textformat` (the format), `catalog` (every family, once), `nodes` (one
+node's lines), `views` (shards, blocks, gzip), `aggregates` (the fleet's totals), and
+`Exposition` here, the sink that keeps them current.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterator
+
+from collector.exposition.aggregates import render_aggregates
+from collector.exposition.catalog import FAMILIES
+from collector.exposition.nodes import _NodeLines
+from collector.exposition.textformat import CONTENT_TYPE, escape_label_value, format_value
+from collector.exposition.views import Body, _View, shard_of
+from collector.sinks import Sink
+from collector.state import FleetState, NodeRecord
+from collector.totals import FleetTotals
+
+__all__ = [
+    "CONTENT_TYPE",
+    "FAMILIES",
+    "Body",
+    "Exposition",
+    "escape_label_value",
+    "format_value",
+    "render_aggregates",
+    "shard_of",
+]
+
+log = logging.getLogger(__name__)
+
+
+class Exposition(Sink):
+    """Keeps every node's rendered lines current and joins them on scrape.
+
+    Nodes that changed are rendered in small batches, REFRESH_DELAY_S after the
+    first change (when an event loop runs), so that a scrape finds little left to
+    render; a scrape renders what is left first.
+    """
+
+    # Shard views kept (least recently scraped dropped first).
+    MAX_VIEWS = 64
+    REFRESH_DELAY_S = 0.05
+
+    def __init__(
+        self, state: FleetState, extra: Callable[[], bytes] = lambda: b"", totals: FleetTotals | None = None
+    ) -> None:
+        self._state = state
+        self._extra = extra
+        self._nodes: dict[str, _NodeLines] = {}
+        self._dirty: set[str] = {node.node_id for node in state.nodes()}
+        self._totals = totals or FleetTotals()
+        self._aggregates = render_aggregates(self._totals).encode()
+        self._headers = [family.header().encode() for family in FAMILIES]
+        self._views: dict[tuple[int, int], _View] = {}
+        # How many views there are for each shard count.
+        self._shard_counts: Counter[int] = Counter()
+        self._refresh_scheduled = False
+
+    name = "exposition"
+
+    def node_removed(self, node: NodeRecord) -> None:
+        self.node_changed(node)
+
+    def node_changed(self, node: NodeRecord) -> None:
+        self._dirty.add(node.node_id)
+        if not self._refresh_scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop: refreshed on the next scrape
+                return
+            self._refresh_scheduled = True
+            loop.call_later(self.REFRESH_DELAY_S, self._scheduled_refresh)
+
+    def _scheduled_refresh(self) -> None:
+        self._refresh_scheduled = False
+        try:
+            self.refresh()
+        except Exception:
+            log.exception("rendering the exposition failed; retrying with the next change")
+
+    def refresh(self) -> int:
+        """Re-render the nodes that changed since the last refresh; return how many."""
+        if not self._dirty:
+            return 0
+        dirty, self._dirty = self._dirty, set()
+        totals = self._totals
+        shares_changed = False
+        for node_id in dirty:
+            node = self._state.get(node_id)
+            lines = self._nodes.get(node_id)
+            if node is None:
+                if lines is not None:
+                    del self._nodes[node_id]
+                    shares_changed |= totals.replace(lines.contribution, {})
+                    for view in self._views_of(lines):
+                        view.members.remove(lines)
+                        view.invalidate(f for f, chunk in enumerate(lines.chunks) if chunk)
+                continue
+            added = lines is None
+            if lines is None:
+                lines = self._nodes[node_id] = _NodeLines(node_id)
+            share = lines.contribution
+            changed = lines.render(node)
+            for view in self._views_of(lines):
+                if added:
+                    view.members.append(lines)
+                view.invalidate(changed)
+            shares_changed |= totals.replace(share, lines.contribution)
+        if shares_changed:
+            self._aggregates = render_aggregates(totals).encode()
+        return len(dirty)
+
+    def _views_of(self, lines: _NodeLines) -> Iterator[_View]:
+        for shards in self._shard_counts:
+            view = self._views.get((lines.crc % shards, shards))
+            if view is not None:
+                yield view
+
+    def _view(self, shard: int, shards: int) -> _View:
+        key = (shard, shards)
+        view = self._views.pop(key, None)
+        if view is None:
+            view = _View([lines for lines in self._nodes.values() if lines.crc % shards == shard])
+            self._shard_counts[shards] += 1
+            if len(self._views) >= self.MAX_VIEWS:
+                oldest = next(iter(self._views))
+                del self._views[oldest]
+                self._shard_counts[oldest[1]] -= 1
+                if not self._shard_counts[oldest[1]]:
+                    del self._shard_counts[oldest[1]]
+        self._views[key] = view
+        return view
+
+    def totals(self) -> FleetTotals:
+        """The fleet's running totals, current (what the aggregates are rendered from)."""
+        self.refresh()
+        return self._totals
+
+    def fleet(self) -> bytes:
+        """The small view: fleet aggregates and the collector's own metrics."""
+        self.refresh()
+        return self._aggregates + self._extra()
+
+    def nodes(self, shard: int = 0, shards: int = 1) -> Body:
+        """Every per-node and per-GPU series, or one shard of them."""
+        self.refresh()
+        view = self._view(shard, shards)
+        if view.body is None:
+            view.body = Body(view.build(self._headers))
+        return view.body
+
+    def everything(self) -> Body:
+        """Every node's and GPU's series, then the fleet aggregates and the collector's own metrics."""
+        self.refresh()
+        return Body(self._view(0, 1).build(self._headers), self.fleet())
