@@ -328,3 +328,12 @@ def test_every_metric_is_documented() -> None:
     ]
     missing = sorted({name for name in names if f"`{name}`" not in documented})
     assert not missing, f"add to docs/metrics.md: {missing}"
+
+
+def test_a_family_name_is_defined_once() -> None:
+    from collector.exposition import catalog
+
+    with pytest.raises(ValueError, match="defined twice"):
+        catalog._family("gpufleet_gpu_info", "gauge", "again")
+    names = [family.name for family in catalog.FAMILIES]
+    assert len(names) == len(set(names))
