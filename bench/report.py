@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.harness import MIB, Report
+from bench.harness import Report
+from bench.processes import MIB
 from bench.procstat import median
 
 BEGIN = "<!-- bench:results:begin (written by `python -m bench`; edits here are overwritten) -->"

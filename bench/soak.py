@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import fleet, harness, load
+from bench import fleet, harness, load, processes
 from bench.procstat import load_average, median, memory_bytes, open_fds, percentile
 
 MIB = 1024 * 1024
@@ -210,7 +210,7 @@ class Snapshot:
 
 
 class Soak:
-    def __init__(self, settings: SoakSettings, children: harness.Children) -> None:
+    def __init__(self, settings: SoakSettings, children: processes.Children) -> None:
         self.settings = settings
         self.children = children
         self.result = SoakResult(settings)
@@ -227,29 +227,29 @@ class Soak:
         print(message, flush=True)
 
     def run(self) -> SoakResult:
-        collector = harness.Collector(self.children, self._name)
+        collector = processes.Collector(self.children, self._name)
         generators = None
         try:
             generators = self._connect(collector)
             self._sample(collector)
         finally:
             if generators is not None:
-                with contextlib.suppress(harness.Failure, OSError):
+                with contextlib.suppress(processes.Failure, OSError):
                     generators.command("quit")
             collector.close()
             self.children.stop_all()
         return self.result
 
-    def _connect(self, collector: harness.Collector) -> harness.LoadGenerators:
+    def _connect(self, collector: processes.Collector) -> processes.LoadGenerators:
         nodes = self.settings.nodes
         self.say(f"connecting {nodes:,} nodes ({self.settings.gpus:,} GPUs), one gRPC stream each")
         started = time.monotonic()
-        generators = harness.LoadGenerators(
+        generators = processes.LoadGenerators(
             self.children, collector.target, nodes, REPORT_INTERVAL_S, self.settings.seed
         )
-        harness.wait_for(
+        processes.wait_for(
             f"{nodes} agent streams",
-            lambda: collector.metric(harness.STREAMS_METRIC) >= nodes,
+            lambda: collector.metric(processes.STREAMS_METRIC) >= nodes,
             timeout=60 + nodes / 100,
             interval=0.5,
         )
@@ -257,7 +257,7 @@ class Soak:
         self.say(f"connected in {self.result.connect_s:.1f} s; every node reports every 10 s")
         return generators
 
-    def _sample(self, collector: harness.Collector) -> None:
+    def _sample(self, collector: processes.Collector) -> None:
         settings = self.settings
         self._t0 = time.monotonic()
         end = self._t0 + settings.minutes * 60
@@ -276,7 +276,7 @@ class Soak:
             self.result.interrupted = True
             self.say("interrupted: stopping the collector and the load generators")
 
-    def _scrape_until(self, collector: harness.Collector, until: float) -> None:
+    def _scrape_until(self, collector: processes.Collector, until: float) -> None:
         """Scrape the fleet view and the next shard every scrape_every_s, until ``until``."""
         tick = time.monotonic()
         while (now := time.monotonic()) < until:
@@ -290,12 +290,12 @@ class Soak:
                     tick = time.monotonic() + self.settings.scrape_every_s
             time.sleep(max(0.0, min(tick, until) - time.monotonic()))
 
-    def _scrape_fleet(self, collector: harness.Collector) -> bytes:
+    def _scrape_fleet(self, collector: processes.Collector) -> bytes:
         return self._timed_get(collector, "/metrics/fleet", self._fleet_latencies, self.result.fleet_scrapes)
 
     def _timed_get(
         self,
-        collector: harness.Collector,
+        collector: processes.Collector,
         path: str,
         period: list[float],
         everything: list[tuple[float, float]],
@@ -313,17 +313,17 @@ class Soak:
         everything.append((time.monotonic() - self._t0, elapsed))
         return body
 
-    def _snapshot(self, collector: harness.Collector) -> Snapshot:
+    def _snapshot(self, collector: processes.Collector) -> Snapshot:
         body = self._scrape_fleet(collector)
         if body:  # a failed scrape (counted) keeps the counters of the one before
             self._series = parse_series(body)
         return Snapshot(time.monotonic(), collector.cpu(), self._series)
 
-    def _close_period(self, collector: harness.Collector, previous: Snapshot, current: Snapshot) -> Sample:
+    def _close_period(self, collector: processes.Collector, previous: Snapshot, current: Snapshot) -> Sample:
         pid = collector.pid
         seconds = current.at - previous.at
         before, after = previous.series, current.series
-        reports = _total(after, harness.REPORTS_METRIC) - _total(before, harness.REPORTS_METRIC)
+        reports = _total(after, processes.REPORTS_METRIC) - _total(before, processes.REPORTS_METRIC)
         gc = gc_period(before, after)
         if not self.result.gc_series:
             self.result.gc_series = sorted(key for key in after if _is_gc(_name(key)))
@@ -334,7 +334,7 @@ class Soak:
             fds=open_fds(pid),
             cores=(current.cpu_s - previous.cpu_s) / seconds,
             reports_per_s=reports / seconds,
-            streams=int(_total(after, harness.STREAMS_METRIC)),
+            streams=int(_total(after, processes.STREAMS_METRIC)),
             db_bytes=self._db_bytes(),
             scrapes=len(self._fleet_latencies) + len(self._shard_latencies),
             failed_scrapes=self._failed,
@@ -578,11 +578,11 @@ def settings_from(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
 def run(settings: SoakSettings) -> SoakResult:
     environment = harness.environment()
     if environment["protobuf_backend"] != "upb":
-        raise harness.Failure(f"protobuf runs on its {environment['protobuf_backend']!r} backend, not upb")
+        raise processes.Failure(f"protobuf runs on its {environment['protobuf_backend']!r} backend, not upb")
     environment["load_average_before"] = load_average()
     load.raise_open_files_limit(settings.nodes)  # the collector inherits it
     workdir = Path(tempfile.mkdtemp(prefix="gpufleet-soak-"))
-    children = harness.Children(workdir)
+    children = processes.Children(workdir)
     print(f"logs and database in {workdir}", flush=True)
     try:
         soak = Soak(settings, children)
@@ -601,7 +601,7 @@ def main(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     try:
         with harness.terminate_cleanly():
             result = run(settings)
-    except harness.Failure as exc:
+    except processes.Failure as exc:
         sys.exit(f"soak failed: {exc}")
     except KeyboardInterrupt:
         sys.exit("interrupted; every process it started was stopped")
