@@ -2,17 +2,21 @@
 
 Reports stay in a bounded buffer (and, optionally, a spool directory) until the
 collector acknowledges them; after a reconnect the agent resends everything after
-the collector's last acknowledged sequence number. When the buffer is full the
+the collector's last acknowledged sequence number, MAX_IN_FLIGHT_REPORTS at a time
+(the rest of a long backlog after a pause: see REPLAY_AT_ONCE). When the buffer is full the
 oldest plain-telemetry report is dropped first; reports that carry events (XIDs,
 lost GPUs, inventory changes) are dropped only past a hard cap. Every drop is
 counted. Reconnects back off exponentially with full jitter across the configured
-collector addresses, and honour the collector's retry-after hint.
+collector addresses, never longer than the report interval (see Backoff), and
+honour the collector's retry-after hint, so a restarted collector has its fleet
+back within about one interval, at the pace its admission control sets.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import logging
 import random
 import time
@@ -33,16 +37,102 @@ log = logging.getLogger(__name__)
 STABLE_CONNECTION_S = 60.0
 # On shutdown, how long to wait for the last acknowledgements.
 FLUSH_TIMEOUT_S = 3.0
+# Reports written but not yet acknowledged, at most.
+MAX_IN_FLIGHT_REPORTS = 16
+# After a reconnection, a backlog longer than this sends its first report at once
+# and the rest after a random half to whole report interval. A fleet back from a
+# long outage would otherwise replay its backlogs (30 reports a node after 5
+# minutes) all at once and keep the collector's one event loop too busy to take
+# in the hellos of the nodes still connecting; this way every node connects and
+# reports first, and the replays follow, spread over an interval.
+REPLAY_AT_ONCE = 8
 # Reports that carry events may fill this many times the buffer's size.
 EVENT_HARD_CAP_FACTOR = 4
 
 
-class CollectorRejected(Exception):
-    """The collector closed the stream before acknowledging the hello."""
+class Failure(enum.Enum):
+    """What ended a stream, as far as how soon to try again goes."""
+
+    # UNAVAILABLE: nothing listens, or the connection dropped. The collector is most
+    # likely restarting, and an attempt costs it nothing: come back soon.
+    REFUSED = "refused"
+    # Timeouts, hangs, rejections, bugs: retrying eagerly would not help.
+    STALLED = "stalled"
 
 
-class CollectorStalled(Exception):
-    """Reports went unacknowledged too long: the collector (or the path to it) hangs."""
+@dataclass(frozen=True)
+class Backoff:
+    """The delay before reconnection attempt ``attempt`` (failures since the last stable
+    connection): capped exponential backoff with full jitter, never longer than the
+    report interval.
+
+    However long the collector was away, no node waits more than one interval between
+    attempts (half of one when it was refused: the collector is down or restarting), so
+    the fleet is back within about one interval of its return; the jitter spreads the
+    fleet over that window instead of bringing it back in lockstep. A retry-after hint
+    from the collector takes the place of the backoff.
+    """
+
+    interval_s: float = 10.0
+    base_s: float = 1.0
+    cap_s: float = 30.0
+
+    def ceiling(self, attempt: int, kind: Failure) -> float:
+        """The longest delay attempt ``attempt`` may draw."""
+        cap = min(self.cap_s, self.interval_s)
+        base = self.base_s
+        if kind is Failure.REFUSED:
+            cap, base = cap / 2, base / 4
+        return min(cap, base * 2.0 ** min(attempt, 64))
+
+    def delay(
+        self, attempt: int, kind: Failure, rng: random.Random, retry_after_s: float | None = None
+    ) -> float:
+        """Seconds to wait before attempt ``attempt``: the collector's hint if it gave one."""
+        if retry_after_s is not None:
+            # The collector said when: come back then, give or take a tenth.
+            return retry_after_s * rng.uniform(1.0, 1.1)
+        return rng.uniform(0.0, self.ceiling(attempt, kind))
+
+
+class UplinkError(Exception):
+    """Why a stream to the collector ended, and how soon to try again."""
+
+    kind = Failure.STALLED
+    retry_after_s: float | None = None
+
+    @property
+    def log_key(self) -> str:
+        """Errors with the same key are logged once in a row."""
+        return str(self)
+
+
+class CollectorClosed(UplinkError):
+    """The stream ended with a status: the collector's, or gRPC's on its behalf (UNAVAILABLE)."""
+
+    def __init__(self, code: grpc.StatusCode, details: str, retry_after_s: float | None) -> None:
+        super().__init__(f"{code.name}: {details or 'the collector ended the stream'}")
+        self.code = code
+        self.retry_after_s = retry_after_s
+        if code == grpc.StatusCode.UNAVAILABLE:
+            self.kind = Failure.REFUSED
+
+    @property
+    def log_key(self) -> str:
+        # "retry in 12 ms" differs every time: one line for a busy collector, not one per hint.
+        return f"{self.code.name} with retry-after" if self.retry_after_s is not None else str(self)
+
+
+class CollectorRejected(UplinkError):
+    """The collector answered the hello with something other than its acknowledgement."""
+
+
+class CollectorStalled(UplinkError):
+    """The hello or reports went unacknowledged too long: the collector (or the path to it) hangs."""
+
+
+class _StreamEnded(Exception):
+    """The stream ended (EOF) with no error raised: its status says how."""
 
 
 @dataclass
@@ -64,7 +154,7 @@ class Uplink:
         spool: Spool | None = None,
         keepalive_s: float = wire.KEEPALIVE_TIME_MS / 1000,
         security: ClientSecurity | None = None,
-        backoff_base_s: float = 0.5,
+        backoff_base_s: float = 1.0,
         backoff_cap_s: float = 30.0,
         rng: random.Random | None = None,
     ) -> None:
@@ -74,19 +164,23 @@ class Uplink:
         self._inventory = inventory
         self._inventory_changed = False
         self._report_interval_ms = int(report_interval_s * 1000)
+        self._interval_s = report_interval_s
         self._channel_options = wire.client_options(int(keepalive_s * 1000))
         self._security = security or ClientSecurity()
         # gRPC skips keepalive pings while data is being written, and writes into a
         # hung peer's socket succeed for a while: so the acknowledgements are watched too.
         self._ack_timeout_s = keepalive_s + min(wire.KEEPALIVE_TIMEOUT_MS / 1000, keepalive_s)
         self._waiting_for_ack_since: float | None = None
+        self._writing: asyncio.Future[None] | None = None
         self._buffer: list[Pending] = []
         self._max_buffered = max_buffered_reports
         self._spool = spool
         self._last_sent = 0
+        # Where this stream resumed, and until when the rest of a long backlog waits.
+        self._resumed_after = 0
+        self._replay_held_until = 0.0
         self._rng = rng or random.Random()
-        self._backoff_base = backoff_base_s
-        self._backoff_cap = backoff_cap_s
+        self._backoff = Backoff(report_interval_s, backoff_base_s, backoff_cap_s)
         self._wakeup = asyncio.Event()
         self._first_hello = True
         self.stats = telemetry_pb2.AgentStats()
@@ -145,15 +239,11 @@ class Uplink:
         while True:
             target = self._targets[attempt % len(self._targets)]
             started = time.monotonic()
-            retry_after_s = None
+            failure: UplinkError | None = None
             try:
                 await self._session(target, stop)
-            except (grpc.aio.AioRpcError, CollectorRejected, CollectorStalled) as exc:
-                retry_after_s = _retry_after_s(exc)
-                error = _describe(exc)
-                if error != last_error and retry_after_s is None:
-                    log.warning("collector %s: %s; retrying with backoff", target, error)
-                last_error = error
+            except UplinkError as exc:
+                failure = exc
             except Exception:
                 # A bug must not end delivery for good: log it and reconnect.
                 log.exception("uplink to %s failed; reconnecting", target)
@@ -163,11 +253,13 @@ class Uplink:
                 return
             if time.monotonic() - started >= STABLE_CONNECTION_S:
                 attempt = 0
-            if retry_after_s is not None:
-                # The collector said when: come back then, give or take a tenth.
-                delay = retry_after_s * self._rng.uniform(1.0, 1.1)
-            else:
-                delay = self._rng.uniform(0, min(self._backoff_cap, self._backoff_base * 2**attempt))
+            kind = failure.kind if failure else Failure.STALLED
+            retry_after_s = failure.retry_after_s if failure else None
+            delay = self._backoff.delay(attempt, kind, self._rng, retry_after_s)
+            if failure is not None and failure.log_key != last_error:
+                self._log_failure(target, failure, delay)
+            last_error = failure.log_key if failure else ""
+            if retry_after_s is None:
                 attempt += 1
             self.stats.reconnects_total += 1
             with contextlib.suppress(asyncio.TimeoutError):
@@ -175,42 +267,71 @@ class Uplink:
             if stop.is_set():
                 return
 
+    def _log_failure(self, target: str, failure: UplinkError, delay_s: float) -> None:
+        if failure.retry_after_s is not None:
+            log.info("collector %s is busy (%s); trying again in %.1f s, as asked", target, failure, delay_s)
+            return
+        log.warning(
+            "collector %s: %s; retrying in %.1f s, then backing off up to %.1f s",
+            target,
+            failure,
+            delay_s,
+            self._backoff.ceiling(64, failure.kind),
+        )
+
     async def _session(self, target: str, stop: asyncio.Event) -> None:
         async with self._security.aio_channel(target, self._channel_options) as channel:
             stub = ingest_pb2_grpc.IngestServiceStub(channel)
             call = stub.Connect(metadata=self._security.metadata())
-            hello = ingest_pb2.Hello(
-                protocol_version=wire.PROTOCOL_VERSION,
-                inventory=self._inventory,
-                report_interval_ms=self._report_interval_ms,
-            )
-            await call.write(ingest_pb2.AgentMessage(hello=hello))
-            self._inventory_changed = False
-            answer = await call.read()
-            if answer is grpc.aio.EOF or not answer.HasField("hello_ack"):
-                await call  # raises the collector's status if it sent one
-                raise CollectorRejected("stream closed before the hello was acknowledged")
-            self._on_hello_ack(answer.hello_ack.last_acked_sequence)
-            self.connected.set()
-            log.info(
-                "connected to collector %s (resuming after sequence %d)",
-                target,
-                answer.hello_ack.last_acked_sequence,
-            )
-            reader = asyncio.create_task(self._read_acks(call), name="uplink-acks")
-            stopping = asyncio.create_task(stop.wait(), name="uplink-stop")
+            call.add_done_callback(self._stop_writing)
             try:
-                await self._send_loop(call, reader, stopping)
-                if stop.is_set():
-                    await call.done_writing()
-                    with contextlib.suppress(asyncio.TimeoutError):
-                        await asyncio.wait_for(asyncio.shield(reader), FLUSH_TIMEOUT_S)
-                if reader.done():
-                    reader.result()
+                await self._stream(call, target, stop)
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, _StreamEnded):
+                # However the end showed itself (a failed read or write, an EOF),
+                # the call's status says why, and when to come back.
+                raise await _closed(call) from None
             finally:
-                for task in (reader, stopping):
-                    task.cancel()
                 call.cancel()
+
+    async def _stream(self, call: grpc.aio.StreamStreamCall, target: str, stop: asyncio.Event) -> None:
+        try:
+            last_acked = await asyncio.wait_for(self._hello(call), self._ack_timeout_s)
+        except asyncio.TimeoutError:
+            raise CollectorStalled(f"the hello went unanswered for {self._ack_timeout_s:.0f} s") from None
+        self._on_hello_ack(last_acked)
+        self._hold_long_replay()
+        self.connected.set()
+        log.info("connected to collector %s (resuming after sequence %d)", target, last_acked)
+        reader = asyncio.create_task(self._read_acks(call), name="uplink-acks")
+        stopping = asyncio.create_task(stop.wait(), name="uplink-stop")
+        try:
+            await self._send_loop(call, reader, stopping)
+            if stop.is_set():
+                await self._flush(call, reader)
+                return
+            reader.result()  # the reader is done: this raises the stream's error, if any
+            raise _StreamEnded
+        finally:
+            for task in (reader, stopping):
+                task.cancel()
+            # Collect the reader's error, if any: the call's status tells the same story.
+            await asyncio.gather(reader, stopping, return_exceptions=True)
+
+    async def _hello(self, call: grpc.aio.StreamStreamCall) -> int:
+        """Introduce the node; the collector's last acknowledged sequence number for it."""
+        hello = ingest_pb2.Hello(
+            protocol_version=wire.PROTOCOL_VERSION,
+            inventory=self._inventory,
+            report_interval_ms=self._report_interval_ms,
+        )
+        await self._write(call, ingest_pb2.AgentMessage(hello=hello), None)
+        self._inventory_changed = False
+        answer = await call.read()
+        if answer is grpc.aio.EOF:
+            raise _StreamEnded
+        if not answer.HasField("hello_ack"):
+            raise CollectorRejected(f"the collector answered the hello with {answer.WhichOneof('kind')!r}")
+        return int(answer.hello_ack.last_acked_sequence)
 
     async def _send_loop(
         self, call: grpc.aio.StreamStreamCall, reader: asyncio.Task[None], stopping: asyncio.Task[bool]
@@ -219,17 +340,7 @@ class Uplink:
         while True:
             self._wakeup.clear()
             while (report := self._next_unsent()) is not None:
-                try:
-                    await asyncio.wait_for(
-                        call.write(ingest_pb2.AgentMessage(report=report)), self._ack_timeout_s
-                    )
-                except asyncio.TimeoutError:
-                    raise CollectorStalled(
-                        f"a report could not be written for {self._ack_timeout_s:.0f} s"
-                    ) from None
-                except asyncio.InvalidStateError:
-                    await call  # the collector ended the stream: raises its status
-                    raise CollectorRejected("the collector closed the stream") from None
+                await self._write(call, ingest_pb2.AgentMessage(report=report), self._ack_timeout_s)
                 self._last_sent = report.sequence
                 if self._waiting_for_ack_since is None:
                     self._waiting_for_ack_since = time.monotonic()
@@ -238,9 +349,7 @@ class Uplink:
             waker = asyncio.create_task(self._wakeup.wait(), name="uplink-wakeup")
             try:
                 await asyncio.wait(
-                    (waker, reader, stopping),
-                    return_when=asyncio.FIRST_COMPLETED,
-                    timeout=self._ack_timeout_s,
+                    (waker, reader, stopping), return_when=asyncio.FIRST_COMPLETED, timeout=self._idle_s()
                 )
             finally:
                 waker.cancel()
@@ -248,13 +357,77 @@ class Uplink:
             if since is not None and time.monotonic() - since > self._ack_timeout_s:
                 raise CollectorStalled(f"no acknowledgement for {self._ack_timeout_s:.0f} s")
 
-    def _next_unsent(self) -> ingest_pb2.Report | None:
-        return next((p.report for p in self._buffer if p.report.sequence > self._last_sent), None)
+    async def _write(
+        self, call: grpc.aio.StreamStreamCall, message: ingest_pb2.AgentMessage, timeout_s: float | None
+    ) -> None:
+        """Write ``message``; _StreamEnded if the stream ended first, CollectorStalled if it hung."""
+        self._writing = writing = asyncio.ensure_future(call.write(message))
+        try:
+            await asyncio.wait((writing,), timeout=timeout_s)
+        finally:
+            self._writing = None
+            hung = writing.cancel()  # True only if it had not finished
+        if hung:
+            raise CollectorStalled(f"a message could not be written for {timeout_s:.0f} s")
+        if writing.cancelled():
+            raise _StreamEnded
+        writing.result()
+
+    def _stop_writing(self, call: grpc.aio.Call) -> None:
+        """The stream ended: stop the write under way. gRPC would fail it and put an
+        INTERNAL error of its own in place of the collector's status (and retry-after)."""
+        if self._writing is not None:
+            self._writing.cancel()
+
+    async def _flush(self, call: grpc.aio.StreamStreamCall, reader: asyncio.Task[None]) -> None:
+        """On shutdown: write what is left and wait for the acknowledgements, briefly."""
+
+        async def write_the_rest() -> None:
+            while (report := self._next_unsent(flushing=True)) is not None:
+                await self._write(call, ingest_pb2.AgentMessage(report=report), None)
+                self._last_sent = report.sequence
+            await call.done_writing()
+            await asyncio.shield(reader)
+
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(write_the_rest(), FLUSH_TIMEOUT_S)
+        if reader.done():
+            reader.result()
+
+    def _hold_long_replay(self) -> None:
+        """Right after the hello: hold back the rest of a long backlog (see REPLAY_AT_ONCE)."""
+        self._resumed_after = self._last_sent
+        unsent = sum(1 for p in self._buffer if p.report.sequence > self._last_sent)
+        self._replay_held_until = 0.0
+        if unsent > REPLAY_AT_ONCE:
+            self._replay_held_until = time.monotonic() + self._rng.uniform(0.5, 1.0) * self._interval_s
+
+    def _idle_s(self) -> float:
+        """How long the send loop may wait: until a held replay is due, at most the ack timeout."""
+        held_s = self._replay_held_until - time.monotonic()
+        return min(self._ack_timeout_s, held_s) if held_s > 0 else self._ack_timeout_s
+
+    def _next_unsent(self, *, flushing: bool = False) -> ingest_pb2.Report | None:
+        """The next report to write, in order: none while MAX_IN_FLIGHT_REPORTS await
+        acknowledgement or a long replay is held back, unless ``flushing``."""
+        # The buffer holds unacknowledged reports in order: the first ones are in flight.
+        in_flight = next((i for i, p in enumerate(self._buffer) if p.report.sequence > self._last_sent), None)
+        if in_flight is None:
+            return None
+        report = self._buffer[in_flight].report
+        if flushing:
+            return report
+        if in_flight >= MAX_IN_FLIGHT_REPORTS:
+            return None
+        if self._last_sent > self._resumed_after and time.monotonic() < self._replay_held_until:
+            return None
+        return report
 
     async def _read_acks(self, call: grpc.aio.StreamStreamCall) -> None:
         while (message := await call.read()) is not grpc.aio.EOF:
             if message.HasField("report_ack"):
                 self._trim(message.report_ack.sequence)
+                self._wakeup.set()  # room in the window for the next report
 
     def _on_hello_ack(self, last_acked: int) -> None:
         if self._first_hello and last_acked >= self._first_new_sequence:
@@ -293,17 +466,20 @@ def _carries_events(report: ingest_pb2.Report) -> bool:
     )
 
 
-def _retry_after_s(exc: Exception) -> float | None:
-    if not isinstance(exc, grpc.aio.AioRpcError) or exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+async def _closed(call: grpc.aio.StreamStreamCall) -> CollectorClosed:
+    """The status ``call`` ended with, as the project's exception."""
+    call.cancel()  # a no-op on a finished call; makes sure the status below arrives
+    code = await call.code()
+    details = await call.details()
+    trailing = await call.trailing_metadata()
+    return CollectorClosed(code, details, _retry_after_s(code, trailing))
+
+
+def _retry_after_s(code: grpc.StatusCode, trailing: grpc.aio.Metadata | None) -> float | None:
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
         return None
-    for key, value in exc.trailing_metadata() or ():
+    for key, value in trailing or ():
         if key == wire.RETRY_AFTER_KEY:
             with contextlib.suppress(ValueError):
                 return max(int(value), 1) / 1000
     return None
-
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, grpc.aio.AioRpcError):
-        return f"{exc.code().name}: {exc.details()}"
-    return str(exc)

@@ -12,7 +12,7 @@ from agent.sources.sim import SimulatedSource
 from agent.spool import Spool
 from agent.uplink import EVENT_HARD_CAP_FACTOR, Uplink
 from collector.service import Collector, CollectorConfig
-from tests.conftest import free_port
+from gpufleet.ports import free_port
 from tests.fleet import inventory_for
 
 
