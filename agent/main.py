@@ -12,11 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import gpufleet
-from agent import identity
-from agent.node import Delivery, NodeAgent, NodeIdentity, Schedule, node_inventory
-from agent.sources.base import GpuSource, SourceUnavailable
-from agent.sources.faults import PRESETS, FaultModel
-from agent.sources.models import MODELS
+from gpufleet.agent import identity
+from gpufleet.agent.node import Delivery, NodeAgent, NodeIdentity, Schedule, node_inventory
+from gpufleet.agent.sources.base import GpuSource, SourceUnavailable
+from gpufleet.agent.sources.faults import PRESETS, FaultModel
+from gpufleet.agent.sources.models import MODELS
 from gpufleet.plausible import drop_implausible
 from gpufleet.security import SecuritySettingsError, add_client_security_flags, client_security
 from gpufleet.settings import (
@@ -37,7 +37,7 @@ from gpufleet.settings import (
 from gpufleet.signals import stop_on_signals
 from gpufleet.wire import message_dict
 
-log = logging.getLogger("agent")
+log = logging.getLogger("gpufleet.agent")
 
 DEFAULT_COLLECTOR = "127.0.0.1:50051"
 # Simulated nodes per rack: a 40 kW rack holds about four 8-GPU H100 servers.
@@ -190,7 +190,7 @@ def host_identity(args: argparse.Namespace, labels: dict[str, str]) -> NodeIdent
 
 def open_source(args: argparse.Namespace, index: int) -> GpuSource:
     if args.source == "sim":
-        from agent.sources.sim import SimulatedSource
+        from gpufleet.agent.sources.sim import SimulatedSource
 
         faults = FaultModel(args.faults, args.fault_rate_multiplier, seed=args.seed * 1_000_003 + index + 1)
         return SimulatedSource(
@@ -201,7 +201,7 @@ def open_source(args: argparse.Namespace, index: int) -> GpuSource:
             interval_s=args.interval,
             faults=faults,
         )
-    from agent.sources.nvml import NvmlSource
+    from gpufleet.agent.sources.nvml import NvmlSource
 
     return NvmlSource()
 

@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import gpufleet
-from agent.sources.base import GpuSource
-from agent.spool import Spool
-from agent.uplink import Uplink
+from gpufleet.agent.sources.base import GpuSource
+from gpufleet.agent.spool import Spool
+from gpufleet.agent.uplink import Uplink
 from gpufleet.plausible import drop_implausible
 from gpufleet.security import ClientSecurity
 from gpufleet.v1 import inventory_pb2, telemetry_pb2

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 
 import grpc
 
-from agent.spool import Spool
 from gpufleet import wire
+from gpufleet.agent.spool import Spool
 from gpufleet.security import ClientSecurity
 from gpufleet.v1 import ingest_pb2, ingest_pb2_grpc, inventory_pb2, telemetry_pb2
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from bench import fleet
 from bench.procstat import cpu_seconds, memory_bytes
-from collector.exposition import Exposition
-from collector.state import FleetState
+from gpufleet.collector.exposition import Exposition
+from gpufleet.collector.state import FleetState
 from gpufleet.v1 import ingest_pb2
 
 PUSHGATEWAY = "prometheus-pushgateway"

@@ -1,6 +1,6 @@
 """The benchmark's fleet: the same nodes, GPUs and values for the collector and the baselines.
 
-Every node is a simulated 8-GPU H100 server (`agent.sources.sim`). Its identity
+Every node is a simulated 8-GPU H100 server (`gpufleet.agent.sources.sim`). Its identity
 and first reports follow from the seed and its index, so the load generator,
 the prometheus_client baseline and the Pushgateway baseline all describe one
 fleet. Reports are serialized once, ahead of time: a node's next report is a
@@ -14,8 +14,8 @@ import hashlib
 import time
 
 import gpufleet
-from agent.sources.sim import SimulatedSource
 from gpufleet import wire
+from gpufleet.agent.sources.sim import SimulatedSource
 from gpufleet.v1 import ingest_pb2, inventory_pb2, telemetry_pb2
 
 GPUS_PER_NODE = 8

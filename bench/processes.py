@@ -21,8 +21,8 @@ import grpc
 
 from bench import fleet
 from bench.procstat import cpu_seconds, memory_bytes
-from collector.exposition import shard_of
 from gpufleet import wire
+from gpufleet.collector.exposition import shard_of
 from gpufleet.ports import free_port
 from gpufleet.v1 import ingest_pb2, query_pb2, query_pb2_grpc
 
@@ -141,7 +141,7 @@ class Collector:
         self.process = children.start(
             name,
             python(
-                "collector.main",
+                "gpufleet.collector.main",
                 "--grpc-listen",
                 self.target,
                 "--http-listen",

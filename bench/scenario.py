@@ -161,7 +161,7 @@ class Scenario:
         agents = self.children.start(
             f"simulator-{self.gpus}",
             python(
-                "agent.main",
+                "gpufleet.agent.main",
                 "--source",
                 "sim",
                 "--nodes",
@@ -426,7 +426,8 @@ class GuestAgent:
     def __init__(self, children: Children) -> None:
         self.collector = Collector(children, "guest-collector")
         self.process = children.start(
-            "guest-agent", python("agent.main", "--source", "sim", "--collector", self.collector.target)
+            "guest-agent",
+            python("gpufleet.agent.main", "--source", "sim", "--collector", self.collector.target),
         )
         self.started = time.monotonic()
         self._cpu: float | None = None

@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from agent.sources.sim import SimulatedSource
 from gpufleet import wire
+from gpufleet.agent.sources.sim import SimulatedSource
 from gpufleet.ports import free_port
 from gpufleet.v1 import ingest_pb2
 

@@ -6,7 +6,7 @@ import logging
 
 import grpc
 
-from collector.state import FleetState
+from gpufleet.collector.state import FleetState
 from gpufleet.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -17,10 +17,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from collector import health
-from collector.exposition.textformat import escape_label_value, format_value
-from collector.sinks import Sink
-from collector.state import UP, FleetState, GpuRecord, NodeRecord
+from gpufleet.collector import health
+from gpufleet.collector.exposition.textformat import escape_label_value, format_value
+from gpufleet.collector.sinks import Sink
+from gpufleet.collector.state import UP, FleetState, GpuRecord, NodeRecord
 from gpufleet.v1 import telemetry_pb2
 
 MIB = 1024 * 1024

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
-from collector.sinks import Sink
+from gpufleet.collector.sinks import Sink
 from gpufleet.v1 import events_pb2
 
 INFO = events_pb2.SEVERITY_INFO

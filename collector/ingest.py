@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf.message import DecodeError
 
-from collector.admission import TokenBucket
-from collector.limits import LimitExceeded, Limits, check_hello, check_report, clamp_report
-from collector.selfmetrics import CollectorMetrics
-from collector.state import FleetState, NodeIdConflict, NodeRecord
-from collector.store import CommitFailed
 from gpufleet import wire
+from gpufleet.collector.admission import TokenBucket
+from gpufleet.collector.limits import LimitExceeded, Limits, check_hello, check_report, clamp_report
+from gpufleet.collector.selfmetrics import CollectorMetrics
+from gpufleet.collector.state import FleetState, NodeIdConflict, NodeRecord
+from gpufleet.collector.store import CommitFailed
 from gpufleet.v1 import ingest_pb2
 
 log = logging.getLogger(__name__)

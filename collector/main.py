@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gpufleet
-from collector.auth import BasicAuth, ServerSecurity, Tokens, TokensFileError
-from collector.http import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER
-from collector.ingest import IngestPolicy
-from collector.limits import Limits
-from collector.mqtt import MqttConfig
-from collector.service import Collector, CollectorConfig
-from collector.state import Liveness
-from collector.store import StoreBusy
+from gpufleet.collector.auth import BasicAuth, ServerSecurity, Tokens, TokensFileError
+from gpufleet.collector.http import MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER
+from gpufleet.collector.ingest import IngestPolicy
+from gpufleet.collector.limits import Limits
+from gpufleet.collector.mqtt import MqttConfig
+from gpufleet.collector.service import Collector, CollectorConfig
+from gpufleet.collector.state import Liveness
+from gpufleet.collector.store import StoreBusy
 from gpufleet.settings import (
     Parser,
     add_flag,
@@ -36,7 +36,7 @@ from gpufleet.settings import (
 )
 from gpufleet.signals import stop_on_signals
 
-log = logging.getLogger("collector")
+log = logging.getLogger("gpufleet.collector")
 
 
 def build_parser() -> argparse.ArgumentParser:

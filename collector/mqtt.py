@@ -25,12 +25,12 @@ from typing import Any
 
 import aiomqtt
 
-from collector.eventlog import EventMatch
-from collector.selfmetrics import CollectorMetrics
-from collector.sinks import Sink
-from collector.state import NODE_STATE_NAMES, FleetState, NodeRecord
-from collector.store import Store
 from gpufleet import event_kinds as kinds
+from gpufleet.collector.eventlog import EventMatch
+from gpufleet.collector.selfmetrics import CollectorMetrics
+from gpufleet.collector.sinks import Sink
+from gpufleet.collector.state import NODE_STATE_NAMES, FleetState, NodeRecord
+from gpufleet.collector.store import Store
 from gpufleet.event_kinds import event_row
 
 log = logging.getLogger(__name__)

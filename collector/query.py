@@ -9,10 +9,10 @@ from typing import Any, TypeVar
 
 import grpc
 
-from collector import health
-from collector.eventlog import EventFollowers, EventMatch
-from collector.state import UP, FleetState, GpuRecord, NodeRecord, NodeState
-from collector.totals import FleetTotals
+from gpufleet.collector import health
+from gpufleet.collector.eventlog import EventFollowers, EventMatch
+from gpufleet.collector.state import UP, FleetState, GpuRecord, NodeRecord, NodeState
+from gpufleet.collector.totals import FleetTotals
 from gpufleet.v1 import events_pb2, query_pb2, query_pb2_grpc
 
 DEFAULT_PAGE_SIZE = 1000

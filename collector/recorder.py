@@ -13,14 +13,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from collector import health
-from collector.admission import TokenBucket
-from collector.eventlog import CRITICAL, INFO, WARNING, EventLog
 from gpufleet import event_kinds as kinds
+from gpufleet.collector import health
+from gpufleet.collector.admission import TokenBucket
+from gpufleet.collector.eventlog import CRITICAL, INFO, WARNING, EventLog
 from gpufleet.v1 import events_pb2, inventory_pb2
 
 if TYPE_CHECKING:
-    from collector.state import NodeRecord
+    from gpufleet.collector.state import NodeRecord
 
 HEALTH_SEVERITY = {
     health.HEALTHY: INFO,

@@ -15,12 +15,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from collector.admin import AdminServicer
-from collector.auth import AuthInterceptor, ServerSecurity
-from collector.dcgm import DcgmExposition
-from collector.eventlog import EventFollowers
-from collector.exposition import CONTENT_TYPE, Exposition
-from collector.http import (
+from gpufleet import wire
+from gpufleet.collector.admin import AdminServicer
+from gpufleet.collector.auth import AuthInterceptor, ServerSecurity
+from gpufleet.collector.dcgm import DcgmExposition
+from gpufleet.collector.eventlog import EventFollowers
+from gpufleet.collector.exposition import CONTENT_TYPE, Exposition
+from gpufleet.collector.http import (
     MAX_CONNECTIONS,
     MAX_CONNECTIONS_PER_PEER,
     Handler,
@@ -28,15 +29,14 @@ from collector.http import (
     Request,
     Response,
 )
-from collector.ingest import SERVICE_NAME as INGEST_SERVICE
-from collector.ingest import IngestPolicy, IngestServicer, handler
-from collector.mqtt import MqttConfig, MqttPublisher
-from collector.query import QueryServicer
-from collector.recorder import EventBudget
-from collector.selfmetrics import CollectorMetrics
-from collector.state import FleetState, Liveness
-from collector.store import Store
-from gpufleet import wire
+from gpufleet.collector.ingest import SERVICE_NAME as INGEST_SERVICE
+from gpufleet.collector.ingest import IngestPolicy, IngestServicer, handler
+from gpufleet.collector.mqtt import MqttConfig, MqttPublisher
+from gpufleet.collector.query import QueryServicer
+from gpufleet.collector.recorder import EventBudget
+from gpufleet.collector.selfmetrics import CollectorMetrics
+from gpufleet.collector.state import FleetState, Liveness
+from gpufleet.collector.store import Store
 from gpufleet.v1 import admin_pb2, admin_pb2_grpc, ingest_pb2, query_pb2, query_pb2_grpc
 
 log = logging.getLogger(__name__)

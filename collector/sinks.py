@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from collector.state import NodeRecord
+    from gpufleet.collector.state import NodeRecord
     from gpufleet.v1 import events_pb2
 
 log = logging.getLogger(__name__)

@@ -12,11 +12,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from collector import health
-from collector.admission import TokenBucket
-from collector.eventlog import CRITICAL, INFO, WARNING, EventLog
-from collector.recorder import EventBudget, EventRecorder
-from collector.sinks import Sinks
+from gpufleet.collector import health
+from gpufleet.collector.admission import TokenBucket
+from gpufleet.collector.eventlog import CRITICAL, INFO, WARNING, EventLog
+from gpufleet.collector.recorder import EventBudget, EventRecorder
+from gpufleet.collector.sinks import Sinks
 from gpufleet.definitions import IDLE_UTILIZATION_PERCENT
 from gpufleet.v1 import ingest_pb2, inventory_pb2, telemetry_pb2
 

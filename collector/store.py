@@ -27,12 +27,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from collector import health
-from collector.eventlog import MIN_EVENTS_PER_NODE
-from collector.selfmetrics import CollectorMetrics
-from collector.sinks import Sink
-from collector.state import FleetState, GpuRecord, NodeRecord
 from gpufleet import event_kinds as kinds
+from gpufleet.collector import health
+from gpufleet.collector.eventlog import MIN_EVENTS_PER_NODE
+from gpufleet.collector.selfmetrics import CollectorMetrics
+from gpufleet.collector.sinks import Sink
+from gpufleet.collector.state import FleetState, GpuRecord, NodeRecord
 from gpufleet.v1 import events_pb2, inventory_pb2
 
 log = logging.getLogger(__name__)

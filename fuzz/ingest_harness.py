@@ -29,14 +29,14 @@ from pathlib import Path
 
 import grpc
 
-from agent.sources.sim import SimulatedSource
-from collector.dcgm import DcgmExposition
-from collector.exposition import Exposition
-from collector.ingest import IngestServicer
-from collector.limits import Limits
-from collector.selfmetrics import CollectorMetrics
-from collector.state import FleetState
 from gpufleet import wire
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.collector.dcgm import DcgmExposition
+from gpufleet.collector.exposition import Exposition
+from gpufleet.collector.ingest import IngestServicer
+from gpufleet.collector.limits import Limits
+from gpufleet.collector.selfmetrics import CollectorMetrics
+from gpufleet.collector.state import FleetState
 from gpufleet.plausible import PLAUSIBLE
 from gpufleet.v1 import ingest_pb2
 
@@ -254,7 +254,7 @@ def one_input(data: bytes) -> FleetState:
 
 def quiet() -> None:
     """Rejections are expected by the thousand: the collector logs only errors while fuzzing."""
-    logging.getLogger("collector").setLevel(logging.ERROR)
+    logging.getLogger("gpufleet.collector").setLevel(logging.ERROR)
 
 
 def seeds() -> list[bytes]:

@@ -10,12 +10,14 @@ import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from collector.service import Collector, CollectorConfig
-from collector.state import Liveness
+from gpufleet.collector.service import Collector, CollectorConfig
+from gpufleet.collector.state import Liveness
 from gpufleet.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,6 +56,33 @@ async def until(predicate: object, timeout: float = 15.0, what: str = "condition
     while not predicate():  # type: ignore[operator]
         assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.05)
+
+
+def local_config(**changes: Any) -> CollectorConfig:
+    """A collector's settings for a test: loopback, free ports, a short shutdown grace."""
+    settings: dict[str, Any] = {
+        "grpc_host": "127.0.0.1",
+        "grpc_port": 0,
+        "http_host": "127.0.0.1",
+        "http_port": 0,
+        "shutdown_grace_s": 0.1,
+    }
+    return CollectorConfig(**{**settings, **changes})
+
+
+@contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Exactly these GPUFLEET_* variables set (and no other of ours) while the block runs."""
+    saved = {key: value for key, value in os.environ.items() if key.startswith("GPUFLEET_")}
+    for key in saved:
+        del os.environ[key]
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key in values:
+            os.environ.pop(key, None)
+        os.environ.update(saved)
 
 
 def metric(collector: Collector, name: str, **labels: str) -> float:
@@ -95,6 +124,10 @@ class Processes:
         self.started.append(process)
         return process
 
+    def sim_fleet(self, *args: str) -> subprocess.Popen[bytes]:
+        """`gpufleet-agent --source sim` with ``args`` (nodes, interval, collector, faults...)."""
+        return self.start("gpufleet.agent.main", "--source", "sim", *args, name="agent")
+
     def log(self, process: subprocess.Popen[bytes]) -> str:
         index = self.started.index(process)
         return "\n".join(p.read_text() for p in self._log_dir.glob(f"*-{index}.log"))
@@ -115,7 +148,7 @@ class Processes:
         if "--db" not in extra:
             extra = ("--db", str(self._log_dir / "collector.db"), *extra)
         process = self.start(
-            "collector.main",
+            "gpufleet.collector.main",
             "--grpc-listen",
             f"127.0.0.1:{grpc_port}",
             "--http-listen",

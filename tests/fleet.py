@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import hashlib
 
-from agent.sources.sim import SimulatedSource
-from collector.dcgm import DcgmExposition
-from collector.exposition import Exposition
-from collector.state import FleetState, NodeRecord
 from gpufleet import wire
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.collector.dcgm import DcgmExposition
+from gpufleet.collector.exposition import Exposition
+from gpufleet.collector.state import FleetState, NodeRecord
 from gpufleet.v1 import ingest_pb2, inventory_pb2
 
 

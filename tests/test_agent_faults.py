@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from agent import main as agent_main
-from agent import node
-from agent.node import NodeAgent, NodeIdentity, Schedule
-from agent.sources.nvml import NvmlSource
-from agent.sources.sim import SimulatedSource
-from agent.uplink import Uplink
+from gpufleet.agent import main as agent_main
+from gpufleet.agent import node
+from gpufleet.agent.node import NodeAgent, NodeIdentity, Schedule
+from gpufleet.agent.sources.nvml import NvmlSource
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.agent.uplink import Uplink
 from gpufleet.v1 import inventory_pb2, telemetry_pb2
 from tests.conftest import ROOT
 from tests.fake_nvml import a100_table, fake_node, h100_table
@@ -223,7 +223,7 @@ async def test_a_node_agent_without_an_inventory_gives_up_alone() -> None:
 def run_main(
     args: list[str], monkeypatch: pytest.MonkeyPatch, sources: list[object] | Callable[..., object]
 ) -> int:
-    """agent.main.main(args) with these sources for its nodes (or this open_source); its exit status."""
+    """The agent's main(args) with these sources for its nodes (or this open_source); its exit status."""
     opener = sources if callable(sources) else lambda _args, index: sources[index]
     monkeypatch.setattr(agent_main, "open_source", opener)
     for name in [name for name in os.environ if name.startswith("GPUFLEET_")]:
@@ -286,7 +286,7 @@ def test_sigterm_stops_a_running_agent_with_exit_0(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "agent.main",
+            "gpufleet.agent.main",
             "--source",
             "sim",
             "--collector",

@@ -9,10 +9,10 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from agent.sources.models import MIB
-from agent.sources.sim import SimulatedSource
-from collector import dcgm
-from collector.state import FleetState, NodeRecord
+from gpufleet.agent.sources.models import MIB
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.collector import dcgm
+from gpufleet.collector.state import FleetState, NodeRecord
 from gpufleet.v1 import ingest_pb2, telemetry_pb2
 from tests.conftest import ROOT, Processes, wait_until
 from tests.fleet import add_node, dcgm_view, simulated_fleet
@@ -216,7 +216,7 @@ NOT_FROM_NVML = ['DCGM_FI_PROF_PIPE_TENSOR_ACTIVE{instance=~"$instance", gpu=~"$
 def test_dashboard_12239_queries_return_the_simulated_values(processes: Processes, tmp_path: Path) -> None:
     _, target, base = processes.collector()
     processes.start(
-        "agent.main",
+        "gpufleet.agent.main",
         *("--source", "sim", "--nodes", str(NODES), "--seed", str(SEED), "--interval", "3600"),
         *("--collector", target),
     )

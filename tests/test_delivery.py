@@ -53,8 +53,14 @@ def assert_every_xid_counted_once(target: str, base: str, nodes: int) -> int:
 def test_kill_9_the_collector_every_xid_counted_exactly_once(processes: Processes) -> None:
     grpc_port, http_port = free_port(), free_port()
     collector, target, base = processes.collector(grpc_port=grpc_port, http_port=http_port)
-    agents = processes.start(
-        "agent.main", "--source", "sim", "--nodes", "50", "--interval", "0.5", "--collector", target, *FAULTY
+    agents = processes.sim_fleet(
+        "--nodes",
+        "50",
+        "--interval",
+        "0.5",
+        "--collector",
+        target,
+        *FAULTY,
     )
     wait_until(lambda: sum(xids_per_node(base).values()) >= 5, timeout=30, what="XIDs flowing")
     before = xids_per_node(base)
@@ -76,10 +82,7 @@ def test_kill_9_the_collector_every_xid_counted_exactly_once(processes: Processe
 
 def test_a_hung_collector_is_noticed_and_everything_arrives_after(processes: Processes) -> None:
     collector, target, base = processes.collector()
-    agents = processes.start(
-        "agent.main",
-        "--source",
-        "sim",
+    agents = processes.sim_fleet(
         "--nodes",
         "10",
         "--interval",
@@ -108,9 +111,7 @@ def test_a_hung_collector_is_noticed_and_everything_arrives_after(processes: Pro
 
 def test_admission_control_spreads_a_reconnection_storm(processes: Processes) -> None:
     _, target, base = processes.collector("--admission-rate", "20", "--admission-burst", "5")
-    processes.start(
-        "agent.main", "--source", "sim", "--nodes", "60", "--interval", "1", "--collector", target
-    )
+    processes.sim_fleet("--nodes", "60", "--interval", "1", "--collector", target)
     wait_until(lambda: b'state="up"} 60' in http_get(f"{base}/metrics/fleet")[1], timeout=30, what="60 nodes")
     _, body, _ = http_get(f"{base}/metrics/fleet")
     rejections = next(

@@ -10,14 +10,11 @@ files agree with each other (images, ports, names).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from importlib.metadata import distribution
 from pathlib import Path
 from typing import Any
@@ -27,10 +24,10 @@ import pytest
 import yaml
 
 import gpufleet
-from agent.main import build_parser as agent_parser
-from collector.main import build_parser as collector_parser
+from gpufleet.agent.main import build_parser as agent_parser
+from gpufleet.collector.main import build_parser as collector_parser
 from gpufleet.ports import free_port
-from tests.conftest import ROOT, Processes, http_get, wait_until
+from tests.conftest import ROOT, Processes, environment, http_get, wait_until
 
 DEPLOY = ROOT / "deploy"
 PYPROJECT = (ROOT / "pyproject.toml").read_text()
@@ -68,28 +65,13 @@ def env_file(path: Path) -> dict[str, str]:
     return {key: value for key, value in pairs}
 
 
-@contextmanager
-def environment(values: dict[str, str]) -> Iterator[None]:
-    """GPUFLEET_* variables set for the parsers, and nothing else of ours."""
-    saved = {key: value for key, value in os.environ.items() if key.startswith("GPUFLEET_")}
-    for key in saved:
-        del os.environ[key]
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key in values:
-            os.environ.pop(key, None)
-        os.environ.update(saved)
-
-
 def parse(program: str, args: list[str], env: dict[str, str]) -> argparse.Namespace:
     """What the program makes of this command line and environment; fails on what it refuses."""
     assert program in PARSERS, program
     flags = env_names(program)
     unknown = sorted(set(env) - flags)
     assert not unknown, f"{program} has no flags for {unknown}"
-    with environment(env):
+    with environment(**env):
         try:
             return PARSERS[program]().parse_args(args)
         except SystemExit:

@@ -21,9 +21,9 @@ import grpc
 import pytest
 import yaml
 
-from agent.sources.sim import SimulatedSource
-from collector import health
 from gpufleet import wire
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.collector import health
 from gpufleet.ports import free_port
 from gpufleet.v1 import ingest_pb2, ingest_pb2_grpc, inventory_pb2, telemetry_pb2
 from tests.conftest import ROOT, Processes, http_get, wait_until
@@ -173,9 +173,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer
         _, target, base = procs.collector("--stale-after-intervals", "2", "--down-after-intervals", "3")
         sim = ("--source", "sim", "--interval", "1", "--collector", target)
         gone = procs.start(
-            "agent.main", *sim, "--node-offset", "100", "--hostname", "gone", "--cluster", "faults"
+            "gpufleet.agent.main", *sim, "--node-offset", "100", "--hostname", "gone", "--cluster", "faults"
         )
-        procs.start("agent.main", *sim, "--nodes", str(SIM_NODES), "--clusters", "2", "--seed", "3")
+        procs.start("gpufleet.agent.main", *sim, "--nodes", str(SIM_NODES), "--clusters", "2", "--seed", "3")
         streamed = [StreamedNode(target, FAULTY, FaultySource()), StreamedNode(target, IDLE, IdleSource())]
         for node in streamed:
             node.start()

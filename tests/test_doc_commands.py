@@ -57,10 +57,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     processes = Processes(tmp_path_factory.mktemp("doc-commands"))
     try:
         _, target, base = processes.collector()
-        processes.start(
-            "agent.main",
-            "--source",
-            "sim",
+        processes.sim_fleet(
             "--nodes",
             str(NODES),
             "--interval",

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from collector.health import XID_RULES
-from collector.selfmetrics import CollectorMetrics
 from gpufleet import event_kinds as kinds
+from gpufleet.collector.health import XID_RULES
+from gpufleet.collector.selfmetrics import CollectorMetrics
 from tests.conftest import ROOT
 
 

@@ -59,10 +59,7 @@ def test_verdicts_survive_kill_9_and_restart(processes: Processes, broker: Broke
     grpc_port, http_port = free_port(), free_port()
     mqtt = ("--mqtt-broker", f"127.0.0.1:{broker.port}", *PATIENT)
     collector, target, _ = processes.collector(*mqtt, grpc_port=grpc_port, http_port=http_port)
-    agent = processes.start(
-        "agent.main",
-        "--source",
-        "sim",
+    agent = processes.sim_fleet(
         "--nodes",
         str(NODES),
         "--interval",

@@ -12,7 +12,7 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.sources.sim import SimulatedSource
+from gpufleet.agent.sources.sim import SimulatedSource
 from gpufleet.ports import free_port
 from gpufleet.v1 import inventory_pb2, telemetry_pb2
 from tests.conftest import ROOT, Processes, http_get, wait_until
@@ -51,10 +51,7 @@ def expected_fleet() -> dict[str, tuple[inventory_pb2.NodeInventory, list[teleme
 
 def test_every_simulated_gpu_appears_with_the_simulated_values(processes: Processes) -> None:
     _, target, base = processes.collector()
-    processes.start(
-        "agent.main",
-        "--source",
-        "sim",
+    processes.sim_fleet(
         "--nodes",
         str(NODES),
         "--seed",
@@ -93,10 +90,7 @@ def test_every_simulated_gpu_appears_with_the_simulated_values(processes: Proces
 
 def test_cli_tables_csv_and_filters(processes: Processes) -> None:
     _, target, _ = processes.collector()
-    processes.start(
-        "agent.main",
-        "--source",
-        "sim",
+    processes.sim_fleet(
         "--nodes",
         "4",
         "--interval",
@@ -135,7 +129,11 @@ def test_unreachable_collector_is_one_line_and_a_nonzero_exit() -> None:
 
 def test_agent_without_nvml_suggests_the_simulator() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "agent.main", "--once"], capture_output=True, text=True, cwd=ROOT, timeout=60
+        [sys.executable, "-m", "gpufleet.agent.main", "--once"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "--source sim" in result.stderr and "Traceback" not in result.stderr
@@ -143,7 +141,7 @@ def test_agent_without_nvml_suggests_the_simulator() -> None:
 
 def test_agent_once_prints_inventory_and_a_sample() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "agent.main", "--source", "sim", "--once", "--model", "B200"],
+        [sys.executable, "-m", "gpufleet.agent.main", "--source", "sim", "--once", "--model", "B200"],
         capture_output=True,
         text=True,
         cwd=ROOT,
@@ -157,9 +155,7 @@ def test_agent_once_prints_inventory_and_a_sample() -> None:
 
 def test_sigterm_stops_agent_and_collector_cleanly(processes: Processes) -> None:
     collector, target, base = processes.collector()
-    agent = processes.start(
-        "agent.main", "--source", "sim", "--nodes", "3", "--interval", "0.5", "--collector", target
-    )
+    agent = processes.sim_fleet("--nodes", "3", "--interval", "0.5", "--collector", target)
     wait_until(lambda: b'state="up"} 3' in http_get(f"{base}/metrics/fleet")[1], what="3 nodes up")
     for process in (agent, collector):
         started = time.monotonic()
@@ -170,9 +166,7 @@ def test_sigterm_stops_agent_and_collector_cleanly(processes: Processes) -> None
 
 def test_killed_agents_become_stale_then_down(processes: Processes) -> None:
     _, target, base = processes.collector("--stale-after-intervals", "3", "--down-after-intervals", "6")
-    agent = processes.start(
-        "agent.main", "--source", "sim", "--nodes", "2", "--interval", "0.5", "--collector", target
-    )
+    agent = processes.sim_fleet("--nodes", "2", "--interval", "0.5", "--collector", target)
     wait_until(lambda: b'state="up"} 2' in http_get(f"{base}/metrics/fleet")[1], what="2 nodes up")
     agent.send_signal(signal.SIGKILL)
     wait_until(lambda: b'state="stale"} 2' in http_get(f"{base}/metrics/fleet")[1], timeout=10, what="stale")
@@ -185,10 +179,7 @@ def test_killed_agents_become_stale_then_down(processes: Processes) -> None:
 
 def test_events_listed_and_followed(processes: Processes) -> None:
     _, target, _ = processes.collector()
-    processes.start(
-        "agent.main",
-        "--source",
-        "sim",
+    processes.sim_fleet(
         "--nodes",
         "5",
         "--interval",

@@ -9,9 +9,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from agent.sources.sim import SimulatedSource
-from collector.exposition import Body, Exposition, escape_label_value, shard_of
-from collector.state import FleetState
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.collector.exposition import Body, Exposition, escape_label_value, shard_of
+from gpufleet.collector.state import FleetState
 from gpufleet.v1 import ingest_pb2, telemetry_pb2
 from tests.fleet import add_node, exposition_of, simulated_fleet
 from tests.promtool import check_metrics
@@ -319,7 +319,7 @@ def test_xids_are_counted_per_code() -> None:
 
 
 def test_every_metric_is_documented() -> None:
-    from collector.exposition import FAMILIES
+    from gpufleet.collector.exposition import FAMILIES
     from tests.conftest import ROOT
 
     documented = (ROOT / "docs" / "metrics.md").read_text()
@@ -331,7 +331,7 @@ def test_every_metric_is_documented() -> None:
 
 
 def test_a_family_name_is_defined_once() -> None:
-    from collector.exposition import catalog
+    from gpufleet.collector.exposition import catalog
 
     with pytest.raises(ValueError, match="defined twice"):
         catalog._family("gpufleet_gpu_info", "gauge", "again")

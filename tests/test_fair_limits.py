@@ -6,13 +6,14 @@ from pathlib import Path
 
 import grpc
 
-from agent.sources.sim import SimulatedSource
-from collector.eventlog import EventMatch
-from collector.ingest import IngestPolicy
-from collector.limits import Limits
-from collector.service import Collector, CollectorConfig
 from gpufleet import event_kinds as kinds
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.collector.eventlog import EventMatch
+from gpufleet.collector.ingest import IngestPolicy
+from gpufleet.collector.limits import Limits
+from gpufleet.collector.service import Collector
 from gpufleet.v1 import ingest_pb2
+from tests.conftest import local_config
 from tests.test_ingest import METHOD, exchange, hello, report
 
 STORM_REPORTS, STORM_GPUS, STORM_XIDS = 15, 64, 256
@@ -30,13 +31,8 @@ def storm_report(sequence: int) -> bytes:
 
 async def started(tmp_path: Path, **limits: float) -> Collector:
     collector = Collector(
-        CollectorConfig(
-            grpc_host="127.0.0.1",
-            grpc_port=0,
-            http_host="127.0.0.1",
-            http_port=0,
+        local_config(
             db_path=tmp_path / "fleet.db",
-            shutdown_grace_s=0.1,
             ingest=IngestPolicy(limits=Limits(**limits)),  # type: ignore[arg-type]
         )
     )

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.sources.faults import FAULT_KINDS, FaultModel
-from agent.sources.sim import SimulatedSource
-from collector.mqtt import MqttConfig
-from collector.service import Collector, CollectorConfig
-from tests.conftest import ROOT, http_get, metric, until
+from gpufleet.agent.sources.faults import FAULT_KINDS, FaultModel
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.collector.mqtt import MqttConfig
+from gpufleet.collector.service import Collector
+from tests.conftest import ROOT, http_get, local_config, metric, until
 from tests.fleet import add_node
 from tests.mqtt_broker import Broker, subscribed
 
@@ -58,13 +58,8 @@ async def test_fault_kinds_to_verdicts_everywhere(tmp_path: Path) -> None:
     broker = Broker(tmp_path)
     broker.start()
     collector = Collector(
-        CollectorConfig(
-            grpc_host="127.0.0.1",
-            grpc_port=0,
-            http_host="127.0.0.1",
-            http_port=0,
+        local_config(
             db_path=tmp_path / "collector.db",
-            shutdown_grace_s=0.1,
             mqtt=MqttConfig(host="127.0.0.1", port=broker.port),
         )
     )

@@ -80,10 +80,7 @@ def restart_and_measure(processes: Processes, grpc_port: int, http_port: int) ->
 def test_the_fleet_reports_within_two_intervals_of_a_collector_restart_or_crash(processes: Processes) -> None:
     grpc_port, http_port = free_port(), free_port()
     collector, target, base = processes.collector(grpc_port=grpc_port, http_port=http_port)
-    fleet = processes.start(
-        "agent.main",
-        "--source",
-        "sim",
+    fleet = processes.sim_fleet(
         "--nodes",
         str(NODES),
         "--interval",

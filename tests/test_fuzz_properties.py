@@ -24,11 +24,11 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from agent.sources.sim import SimulatedSource
-from collector.exposition import Exposition, escape_label_value
-from collector.limits import LimitExceeded, Limits, check_inventory, check_report, clamp_report
-from collector.state import FleetState, NodeIdConflict, NodeRecord
 from gpufleet import wire
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.collector.exposition import Exposition, escape_label_value
+from gpufleet.collector.limits import LimitExceeded, Limits, check_inventory, check_report, clamp_report
+from gpufleet.collector.state import FleetState, NodeIdConflict, NodeRecord
 from gpufleet.plausible import PLAUSIBLE
 from gpufleet.v1 import ingest_pb2, inventory_pb2, telemetry_pb2
 from tests.fleet import add_node, dcgm_view, exposition_of, inventory_for

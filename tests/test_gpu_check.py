@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from agent.main import print_once
-from agent.node import NodeIdentity
-from agent.sources.nvml import NvmlSource
+from gpufleet.agent.main import print_once
+from gpufleet.agent.node import NodeIdentity
+from gpufleet.agent.sources.nvml import NvmlSource
 from tests.conftest import ROOT
 from tests.fake_nvml import fake_node, h100_table
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from collector import health
+from gpufleet.collector import health
 from gpufleet.v1 import telemetry_pb2
 
 OK = telemetry_pb2.GPU_READ_STATUS_OK

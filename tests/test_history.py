@@ -7,16 +7,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent.node import Delivery, NodeAgent, NodeIdentity, Schedule
-from agent.sources.sim import SimulatedSource
-from collector import health
-from collector.eventlog import EventMatch
-from collector.service import Collector, CollectorConfig
-from collector.state import DOWN, FleetState
 from gpufleet import event_kinds as kinds
 from gpufleet import wire
+from gpufleet.agent.node import Delivery, NodeAgent, NodeIdentity, Schedule
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.collector import health
+from gpufleet.collector.eventlog import EventMatch
+from gpufleet.collector.service import Collector
+from gpufleet.collector.state import DOWN, FleetState
 from gpufleet.v1 import ingest_pb2
-from tests.conftest import ROOT, Processes, until
+from tests.conftest import ROOT, Processes, local_config, until
 from tests.fleet import add_node, inventory_for
 
 
@@ -91,7 +91,10 @@ async def test_the_agent_notices_a_replaced_gpu_and_tells_the_collector(collecto
     stop = asyncio.Event()
     task = asyncio.create_task(agent.run(stop))
     try:
-        await until(lambda: agent.uplink is not None and agent.uplink.connected.is_set(), what="the agent")
+        await until(
+            lambda: agent.uplink is not None and agent.uplink.connected.is_set(),
+            what="the agent",
+        )
         source.replace_gpu(5)
         await until(lambda: kinds.GPU_REPLACED in history(collector.state), what="the replacement")
     finally:
@@ -101,16 +104,7 @@ async def test_the_agent_notices_a_replaced_gpu_and_tells_the_collector(collecto
 
 async def test_gpufleet_history_shows_a_nodes_changes(tmp_path: Path, processes: Processes) -> None:
     db = tmp_path / "collector.db"
-    prepared = Collector(
-        CollectorConfig(
-            grpc_host="127.0.0.1",
-            grpc_port=0,
-            http_host="127.0.0.1",
-            http_port=0,
-            db_path=db,
-            shutdown_grace_s=0.1,
-        )
-    )
+    prepared = Collector(local_config(db_path=db))
     await prepared.start()
     source = SimulatedSource("A100", 8, seed=0)
     node = add_node(prepared.state, source, 0)

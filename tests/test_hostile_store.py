@@ -14,11 +14,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from agent.sources.sim import SimulatedSource
-from collector import store
-from collector.service import Collector, CollectorConfig
-from collector.store import StoreBusy
-from tests.conftest import http_get, metric
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.collector import store
+from gpufleet.collector.service import Collector, CollectorConfig
+from gpufleet.collector.store import StoreBusy
+from tests.conftest import http_get, local_config, metric
 from tests.fleet import add_node
 from tests.test_ingest import exchange, hello, report
 
@@ -27,14 +27,7 @@ ON_ANY_PORT = ("--grpc-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0")
 
 
 def config(db: Path) -> CollectorConfig:
-    return CollectorConfig(
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        http_host="127.0.0.1",
-        http_port=0,
-        db_path=db,
-        shutdown_grace_s=0.1,
-    )
+    return local_config(db_path=db)
 
 
 @pytest.fixture
@@ -159,7 +152,7 @@ def test_the_collector_refuses_to_start_on_a_locked_database_in_one_line(tmp_pat
     locked = tmp_path / "fleet.db"
     with exclusively_locked(locked):
         result = subprocess.run(
-            [sys.executable, "-m", "collector.main", "--db", str(locked), *ON_ANY_PORT],
+            [sys.executable, "-m", "gpufleet.collector.main", "--db", str(locked), *ON_ANY_PORT],
             capture_output=True,
             text=True,
             timeout=60,

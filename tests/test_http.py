@@ -11,10 +11,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from agent.sources.sim import SimulatedSource
-from collector.http import GZIP_PIECE_BYTES, HttpServer, Request, Response, gzip_pieces
-from collector.service import Collector
-from collector.state import FleetState
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.collector.http import GZIP_PIECE_BYTES, HttpServer, Request, Response, gzip_pieces
+from gpufleet.collector.service import Collector
+from gpufleet.collector.state import FleetState
 from tests.fleet import add_node, exposition_of, simulated_fleet
 from tests.promtool import check_metrics
 

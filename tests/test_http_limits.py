@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from collector.http import MAX_BODY_BYTES, RETRY_AFTER_S, HttpServer, Request, Response
 from gpufleet.cli import certs
+from gpufleet.collector.http import MAX_BODY_BYTES, RETRY_AFTER_S, HttpServer, Request, Response
 from tests.test_http import closed, exchange, read_response
 
 GET = b"GET /small HTTP/1.1\r\nHost: x\r\n\r\n"

@@ -7,10 +7,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from agent.sources.sim import SimulatedSource
-from collector.eventlog import EventMatch
-from collector.service import Collector
 from gpufleet import wire
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.collector.eventlog import EventMatch
+from gpufleet.collector.service import Collector
 from gpufleet.v1 import ingest_pb2
 from tests.conftest import metric
 from tests.fleet import inventory_for

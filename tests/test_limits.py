@@ -10,15 +10,15 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import pytest
 
-from agent.sources.sim import SimulatedSource
-from agent.uplink import Uplink
-from collector.eventlog import EventMatch
-from collector.ingest import IngestPolicy
-from collector.limits import Limits
-from collector.service import Collector, CollectorConfig
 from gpufleet import wire
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.agent.uplink import Uplink
+from gpufleet.collector.eventlog import EventMatch
+from gpufleet.collector.ingest import IngestPolicy
+from gpufleet.collector.limits import Limits
+from gpufleet.collector.service import Collector
 from gpufleet.v1 import ingest_pb2
-from tests.conftest import http_get, metric
+from tests.conftest import http_get, local_config, metric
 from tests.fleet import inventory_for
 from tests.test_ingest import METHOD, exchange, hello, report
 
@@ -34,12 +34,7 @@ async def limited() -> AsyncIterator[Collector]:
         hello_timeout_s=0.5,
     )
     collector = Collector(
-        CollectorConfig(
-            grpc_host="127.0.0.1",
-            grpc_port=0,
-            http_host="127.0.0.1",
-            http_port=0,
-            shutdown_grace_s=0.1,
+        local_config(
             ingest=IngestPolicy(limits=limits),
         )
     )
@@ -216,12 +211,7 @@ async def test_a_flood_of_connections_does_not_starve_the_fleet() -> None:
     """300 connections that never say hello, while one agent reports: every report still goes
     through, each acknowledged within a second."""
     collector = Collector(
-        CollectorConfig(
-            grpc_host="127.0.0.1",
-            grpc_port=0,
-            http_host="127.0.0.1",
-            http_port=0,
-            shutdown_grace_s=0.1,
+        local_config(
             ingest=IngestPolicy(limits=Limits(hello_timeout_s=3)),
         )
     )

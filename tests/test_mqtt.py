@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.sources.sim import SimulatedSource
-from collector.mqtt import MqttConfig
-from collector.service import Collector, CollectorConfig
-from tests.conftest import http_get, metric, until
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.collector.mqtt import MqttConfig
+from gpufleet.collector.service import Collector, CollectorConfig
+from tests.conftest import http_get, local_config, metric, until
 from tests.fleet import add_node
 from tests.mqtt_broker import Broker, subscribed
 
@@ -30,13 +30,8 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
 def collector_config(
     broker: Broker, tmp_path: Path, username: str | None = None, password: str | None = None
 ) -> CollectorConfig:
-    return CollectorConfig(
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        http_host="127.0.0.1",
-        http_port=0,
+    return local_config(
         db_path=tmp_path / "collector.db",
-        shutdown_grace_s=0.1,
         mqtt=MqttConfig(host="127.0.0.1", port=broker.port, username=username, password=password),
     )
 
@@ -107,7 +102,7 @@ async def test_broker_unreachable_at_start_then_events_flow(
 ) -> None:
     broker = Broker(tmp_path)  # not started yet
     collector = Collector(collector_config(broker, tmp_path))
-    caplog.set_level(logging.WARNING, logger="collector.mqtt")
+    caplog.set_level(logging.WARNING, logger="gpufleet.collector.mqtt")
     await collector.start()
     try:
         add_node(collector.state, SimulatedSource("H100", 8), 0)
@@ -128,7 +123,7 @@ async def test_broker_unreachable_at_start_then_events_flow(
 async def test_wrong_credentials_are_said_clearly(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     broker = Broker(tmp_path, users={"gpufleet": "right"})
     broker.start()
-    caplog.set_level(logging.WARNING, logger="collector.mqtt")
+    caplog.set_level(logging.WARNING, logger="gpufleet.collector.mqtt")
     collector = Collector(collector_config(broker, tmp_path, username="gpufleet", password="wrong"))
     await collector.start()
     try:

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from agent.sources import nvml as nvml_source
-from agent.sources.base import SourceUnavailable
-from agent.sources.nvml import NvmlNames, NvmlSource
+from gpufleet.agent.sources import nvml as nvml_source
+from gpufleet.agent.sources.base import SourceUnavailable
+from gpufleet.agent.sources.nvml import NvmlNames, NvmlSource
 from gpufleet.v1 import telemetry_pb2
 from tests.conftest import wait_until
 from tests.fake_nvml import (

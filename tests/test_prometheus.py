@@ -12,10 +12,7 @@ NODES = 25
 
 def test_prometheus_counts_the_fleets_gpus(processes: Processes, tmp_path: Path) -> None:
     _, target, base = processes.collector()
-    processes.start(
-        "agent.main",
-        "--source",
-        "sim",
+    processes.sim_fleet(
         "--nodes",
         str(NODES),
         "--interval",

@@ -5,8 +5,8 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from agent.sources.sim import SimulatedSource
-from collector.service import Collector
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.collector.service import Collector
 from gpufleet.v1 import query_pb2, query_pb2_grpc
 from tests.fleet import add_node
 

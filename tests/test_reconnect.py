@@ -12,8 +12,9 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import pytest
 
-from agent.sources.sim import SimulatedSource
-from agent.uplink import (
+from gpufleet import wire
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.agent.uplink import (
     MAX_IN_FLIGHT_REPORTS,
     REPLAY_AT_ONCE,
     Backoff,
@@ -22,11 +23,11 @@ from agent.uplink import (
     Failure,
     Uplink,
 )
-from collector.ingest import SERVICE_NAME, IngestPolicy
-from collector.service import Collector, CollectorConfig
-from gpufleet import wire
+from gpufleet.collector.ingest import SERVICE_NAME, IngestPolicy
+from gpufleet.collector.service import Collector, CollectorConfig
 from gpufleet.ports import free_port
 from gpufleet.v1 import ingest_pb2
+from tests.conftest import local_config
 from tests.fleet import inventory_for
 from tests.test_uplink import running, until
 
@@ -200,12 +201,7 @@ async def test_admission_control_of_the_real_collector_paces_the_reconnection(
 ) -> None:
     caplog.set_level(logging.INFO)
     collector = Collector(
-        CollectorConfig(
-            grpc_host="127.0.0.1",
-            grpc_port=0,
-            http_host="127.0.0.1",
-            http_port=0,
-            shutdown_grace_s=0.1,
+        local_config(
             ingest=IngestPolicy(admission_rate_per_s=2.0, admission_burst=1),
         )
     )

@@ -14,15 +14,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from agent.sources.sim import SimulatedSource
-from agent.uplink import Uplink
-from collector.auth import BasicAuth, ServerSecurity, Tokens
-from collector.ingest import IngestPolicy
-from collector.service import Collector, CollectorConfig
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.agent.uplink import Uplink
 from gpufleet.cli import certs
+from gpufleet.collector.auth import BasicAuth, ServerSecurity, Tokens
+from gpufleet.collector.ingest import IngestPolicy
+from gpufleet.collector.service import Collector, CollectorConfig
 from gpufleet.security import ClientSecurity
 from gpufleet.v1 import query_pb2, query_pb2_grpc
-from tests.conftest import ROOT, http_get, metric
+from tests.conftest import ROOT, http_get, local_config, metric
 from tests.fleet import inventory_for
 
 SECRETS = {
@@ -58,12 +58,7 @@ def tokens_file(tmp_path: Path) -> Path:
 
 async def start(security: ServerSecurity, bind: bool = False) -> Collector:
     collector = Collector(
-        CollectorConfig(
-            grpc_host="127.0.0.1",
-            grpc_port=0,
-            http_host="127.0.0.1",
-            http_port=0,
-            shutdown_grace_s=0.1,
+        local_config(
             security=security,
             ingest=IngestPolicy(bind_node_id_to_certificate=bind),
         )
@@ -95,7 +90,7 @@ async def report_once(
             errors.append(record.getMessage())
 
     handler = Catch(level=logging.WARNING)
-    logging.getLogger("agent.uplink").addHandler(handler)
+    logging.getLogger("gpufleet.agent.uplink").addHandler(handler)
     task = asyncio.create_task(uplink.run(stop))
     try:
         deadline = asyncio.get_running_loop().time() + timeout
@@ -105,7 +100,7 @@ async def report_once(
     finally:
         stop.set()
         await task
-        logging.getLogger("agent.uplink").removeHandler(handler)
+        logging.getLogger("gpufleet.agent.uplink").removeHandler(handler)
 
 
 def client(pki: Path, name: str | None, ca: Path | None = None, token: str | None = None) -> ClientSecurity:
@@ -237,7 +232,7 @@ async def test_metrics_need_a_read_token_or_basic_auth(with_tokens: Collector) -
 
 
 async def test_an_open_collector_on_a_public_address_warns_once(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.WARNING, logger="collector.service")
+    caplog.set_level(logging.WARNING, logger="gpufleet.collector.service")
     collector = Collector(
         CollectorConfig(
             grpc_host="0.0.0.0", grpc_port=0, http_host="127.0.0.1", http_port=0, shutdown_grace_s=0.1

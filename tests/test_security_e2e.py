@@ -60,10 +60,7 @@ def test_the_documented_mutual_tls_setup_works(tmp_path: Path, processes: Proces
         tls_ca=pki / "ca.pem",
     )
     target = f"localhost:{grpc_port}"
-    processes.start(
-        "agent.main",
-        "--source",
-        "sim",
+    processes.sim_fleet(
         "--node-id",
         NODE_ID,
         "--hostname",

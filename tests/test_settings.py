@@ -8,18 +8,17 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from agent.main import build_parser as agent_parser
-from collector.main import BrokerAddress, broker_address
-from collector.main import build_parser as collector_parser
+from gpufleet.agent.main import build_parser as agent_parser
 from gpufleet.cli.main import build_parser as cli_parser
 from gpufleet.cli.main import sort_value_attached
+from gpufleet.collector.main import BrokerAddress, broker_address
+from gpufleet.collector.main import build_parser as collector_parser
 from gpufleet.settings import ENV_ATTRIBUTE, unknown_variables, warn_unknown_variables
-from tests.conftest import ROOT
+from tests.conftest import ROOT, environment
 
 PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
     "gpufleet-collector": collector_parser,
@@ -28,20 +27,6 @@ PARSERS: dict[str, Callable[[], argparse.ArgumentParser]] = {
 }
 # Fails every check a typed setting has: numbers, HOST:PORT, files, choices, booleans, KEY=VALUE.
 BAD = "not-a-valid-value/!"
-
-
-@contextmanager
-def environment(**values: str) -> Iterator[None]:
-    saved = {key: value for key, value in os.environ.items() if key.startswith("GPUFLEET_")}
-    for key in saved:
-        del os.environ[key]
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key in values:
-            os.environ.pop(key, None)
-        os.environ.update(saved)
 
 
 def env_actions(parser: argparse.ArgumentParser) -> Iterator[argparse.Action]:
@@ -111,7 +96,15 @@ def test_the_free_text_settings_are_only_these() -> None:
 def test_security_settings_fail_closed_at_start(env: str, value: str) -> None:
     """The real program: exit 2, one line, no traceback, never a server without its protection."""
     result = subprocess.run(
-        [sys.executable, "-m", "collector.main", "--grpc-listen", "127.0.0.1:0", "--http-listen", ":0"],
+        [
+            sys.executable,
+            "-m",
+            "gpufleet.collector.main",
+            "--grpc-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            ":0",
+        ],
         capture_output=True,
         text=True,
         cwd=ROOT,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.sources.models import MIB, MODELS
-from agent.sources.sim import REASON_GPU_IDLE, SimulatedSource
+from gpufleet.agent.sources.models import MIB, MODELS
+from gpufleet.agent.sources.sim import REASON_GPU_IDLE, SimulatedSource
 
 
 def test_same_seed_same_fleet_other_seed_other_fleet() -> None:

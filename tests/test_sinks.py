@@ -6,10 +6,10 @@ import logging
 
 import pytest
 
-from agent.sources.sim import SimulatedSource
-from collector.service import Collector, CollectorConfig
-from collector.sinks import Sink
-from collector.state import NodeRecord
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.collector.service import Collector, CollectorConfig
+from gpufleet.collector.sinks import Sink
+from gpufleet.collector.state import NodeRecord
 from tests.conftest import metric
 from tests.fleet import add_node
 

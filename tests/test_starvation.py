@@ -35,7 +35,7 @@ def test_idle_http_connections_starve_neither_metrics_nor_agents(tmp_path: objec
         [
             "bash",
             "-c",
-            f"ulimit -n {FILE_LIMIT} && exec {sys.executable} -m collector.main --db none "
+            f"ulimit -n {FILE_LIMIT} && exec {sys.executable} -m gpufleet.collector.main --db none "
             f"--grpc-listen 127.0.0.1:{grpc_port} --http-listen 127.0.0.1:{http_port}",
         ],
         cwd=ROOT,

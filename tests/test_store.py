@@ -10,22 +10,18 @@ from pathlib import Path
 
 import pytest
 
-from agent.sources.sim import SimulatedSource
-from collector.eventlog import EventMatch
-from collector.service import Collector, CollectorConfig
-from collector.state import DOWN, Liveness
-from collector.store import CommitFailed
 from gpufleet import event_kinds as kinds
-from tests.conftest import metric
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.collector.eventlog import EventMatch
+from gpufleet.collector.service import Collector, CollectorConfig
+from gpufleet.collector.state import DOWN, Liveness
+from gpufleet.collector.store import CommitFailed
+from tests.conftest import local_config, metric
 from tests.fleet import add_node
 
 
 def config(db: Path, liveness: Liveness | None = None) -> CollectorConfig:
-    return CollectorConfig(
-        grpc_host="127.0.0.1",
-        grpc_port=0,
-        http_host="127.0.0.1",
-        http_port=0,
+    return local_config(
         db_path=db,
         liveness=liveness or Liveness(),
         shutdown_grace_s=0.1,

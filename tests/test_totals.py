@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.sources.sim import SimulatedSource
-from collector.eventlog import EventFollowers
-from collector.exposition import Exposition
-from collector.query import QueryServicer
-from collector.state import STALE, FleetState
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.collector.eventlog import EventFollowers
+from gpufleet.collector.exposition import Exposition
+from gpufleet.collector.query import QueryServicer
+from gpufleet.collector.state import STALE, FleetState
 from gpufleet.v1 import ingest_pb2, query_pb2, telemetry_pb2
 from tests.fleet import add_node, exposition_of
 

@@ -8,10 +8,10 @@ import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from agent.sources.sim import SimulatedSource
-from agent.spool import Spool
-from agent.uplink import EVENT_HARD_CAP_FACTOR, Uplink
-from collector.service import Collector, CollectorConfig
+from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.agent.spool import Spool
+from gpufleet.agent.uplink import EVENT_HARD_CAP_FACTOR, Uplink
+from gpufleet.collector.service import Collector, CollectorConfig
 from gpufleet.ports import free_port
 from tests.fleet import inventory_for
 

@@ -694,7 +694,7 @@ def run_smi() -> str:
 def agent_command() -> list[str]:
     """``gpufleet-agent --once`` from this interpreter's environment."""
     script = Path(sys.executable).with_name("gpufleet-agent")
-    base = [str(script)] if script.exists() else [sys.executable, "-m", "agent.main"]
+    base = [str(script)] if script.exists() else [sys.executable, "-m", "gpufleet.agent.main"]
     # The node id is not compared; a fixed one spares hosts without /etc/machine-id.
     return [*base, "--once", "--node-id", "gpu-check", "--log-level", "warning"]
 
@@ -715,7 +715,7 @@ def time_sample(nvml: Any = None, repeats: int = 5) -> tuple[float, int]:
 
     ``nvml``: the pynvml module (imported when None) or a stand-in with its API.
     """
-    from agent.sources.nvml import NvmlSource
+    from gpufleet.agent.sources.nvml import NvmlSource
 
     source = NvmlSource(nvml, watch_xids=False)
     try:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.sources.base import SourceUnavailable
+from gpufleet.agent.sources.base import SourceUnavailable
 from gpufleet.v1 import inventory_pb2, telemetry_pb2
 
 log = logging.getLogger(__name__)

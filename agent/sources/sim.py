@@ -13,8 +13,8 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from agent.sources.faults import FAULT_KINDS, FaultModel, FaultState
-from agent.sources.models import MIB, MODELS, GpuModel
+from gpufleet.agent.sources.faults import FAULT_KINDS, FaultModel, FaultState
+from gpufleet.agent.sources.models import MIB, MODELS, GpuModel
 from gpufleet.v1 import inventory_pb2, telemetry_pb2
 
 # Clock event reason bits (gpu-fleet-facts.md section 5).

@@ -21,14 +21,14 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 
-from collector.exposition.aggregates import render_aggregates
-from collector.exposition.catalog import FAMILIES
-from collector.exposition.nodes import _NodeLines
-from collector.exposition.textformat import CONTENT_TYPE, escape_label_value, format_value
-from collector.exposition.views import Body, _View, shard_of
-from collector.sinks import Sink
-from collector.state import FleetState, NodeRecord
-from collector.totals import FleetTotals
+from gpufleet.collector.exposition.aggregates import render_aggregates
+from gpufleet.collector.exposition.catalog import FAMILIES
+from gpufleet.collector.exposition.nodes import _NodeLines
+from gpufleet.collector.exposition.textformat import CONTENT_TYPE, escape_label_value, format_value
+from gpufleet.collector.exposition.views import Body, _View, shard_of
+from gpufleet.collector.sinks import Sink
+from gpufleet.collector.state import FleetState, NodeRecord
+from gpufleet.collector.totals import FleetTotals
 
 __all__ = [
     "CONTENT_TYPE",

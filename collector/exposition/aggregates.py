@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from collector.exposition.catalog import FLEET_GPUS, FLEET_IDLE, FLEET_NODES, FLEET_POWER, FLEET_UTILIZATION
-from collector.exposition.textformat import escape_label_value, format_value
-from collector.totals import FleetTotals
+from gpufleet.collector.exposition.catalog import (
+    FLEET_GPUS,
+    FLEET_IDLE,
+    FLEET_NODES,
+    FLEET_POWER,
+    FLEET_UTILIZATION,
+)
+from gpufleet.collector.exposition.textformat import escape_label_value, format_value
+from gpufleet.collector.totals import FleetTotals
 
 
 def _line(name: str, labels: str, value: float | int) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from collector.exposition.textformat import Family
+from gpufleet.collector.exposition.textformat import Family
 from gpufleet.definitions import IDLE_UTILIZATION_PERCENT
 
 FAMILIES: list[Family] = []

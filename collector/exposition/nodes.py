@@ -11,9 +11,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from collector import health
-from collector.exposition.aggregates import _line
-from collector.exposition.catalog import (
+from gpufleet.collector import health
+from gpufleet.collector.exposition.aggregates import _line
+from gpufleet.collector.exposition.catalog import (
     FAMILIES,
     GPU_HEALTH,
     GPU_INFO,
@@ -33,9 +33,9 @@ from collector.exposition.catalog import (
     NODE_STATE,
     SAMPLE_GAUGES,
 )
-from collector.exposition.textformat import escape_label_value
-from collector.state import NODE_STATE_NAMES, UP, GpuRecord, NodeRecord
-from collector.totals import Contribution, ModelShare, contribution
+from gpufleet.collector.exposition.textformat import escape_label_value
+from gpufleet.collector.state import NODE_STATE_NAMES, UP, GpuRecord, NodeRecord
+from gpufleet.collector.totals import Contribution, ModelShare, contribution
 from gpufleet.v1 import telemetry_pb2
 
 log = logging.getLogger(__name__)

@@ -8,11 +8,11 @@ import logging
 import zlib
 from collections.abc import Iterable, Iterator, Sequence
 
-from collector.exposition.catalog import (
+from gpufleet.collector.exposition.catalog import (
     NODE_FAMILY_COUNT,
 )
-from collector.exposition.nodes import _NodeLines
-from collector.http import gzip_member
+from gpufleet.collector.exposition.nodes import _NodeLines
+from gpufleet.collector.http import gzip_member
 
 log = logging.getLogger(__name__)
 

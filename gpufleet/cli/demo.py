@@ -88,7 +88,7 @@ def run_demo(nodes: int, interval: float, grpc_port: int, http_port: int) -> int
             child(
                 "collector",
                 [
-                    "collector.main",
+                    "gpufleet.collector.main",
                     "--grpc-listen",
                     target,
                     "--http-listen",
@@ -100,7 +100,7 @@ def run_demo(nodes: int, interval: float, grpc_port: int, http_port: int) -> int
             child(
                 "agents",
                 [
-                    "agent.main",
+                    "gpufleet.agent.main",
                     "--source",
                     "sim",
                     "--nodes",

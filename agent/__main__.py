@@ -1,0 +1,5 @@
+"""`python -m gpufleet.agent`."""
+
+from gpufleet.agent.main import main
+
+main()

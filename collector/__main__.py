@@ -1,0 +1,5 @@
+"""`python -m gpufleet.collector`."""
+
+from gpufleet.collector.main import main
+
+main()
