@@ -19,6 +19,7 @@ import pytest
 from gpufleet.collector.service import Collector, CollectorConfig
 from gpufleet.collector.state import Liveness
 from gpufleet.ports import free_port
+from tests.mqtt_broker import Broker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -106,6 +107,15 @@ async def collector() -> AsyncIterator[Collector]:
     await service.start()
     yield service
     await service.stop()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A real Mosquitto on a free port, for this test."""
+    broker = Broker(tmp_path)
+    broker.start()
+    yield broker
+    broker.kill()
 
 
 class Processes:

@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from gpufleet import event_kinds as kinds
 from gpufleet.cli.client import FleetClient, gpu_row
@@ -27,14 +23,6 @@ NODES = 6
 FAULTY = ("--faults", "healthy", "--fault-rate-multiplier", "3e7")
 # Nodes stay up (not stale) for the whole test, so their GPUs show their own verdicts.
 PATIENT = ("--stale-after-intervals", "500", "--down-after-intervals", "1000")
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    broker = Broker(tmp_path)
-    broker.start()
-    yield broker
-    broker.kill()
 
 
 def verdicts(target: str) -> dict[tuple[str, int], tuple[str, tuple[str, ...], str]]:

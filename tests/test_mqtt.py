@@ -6,7 +6,7 @@ import asyncio
 import logging
 import socket
 from collections import defaultdict
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -17,14 +17,6 @@ from gpufleet.collector.service import Collector, CollectorConfig
 from tests.conftest import http_get, local_config, metric, until
 from tests.fleet import add_node
 from tests.mqtt_broker import Broker, subscribed
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[Broker]:
-    broker = Broker(tmp_path)
-    broker.start()
-    yield broker
-    broker.kill()
 
 
 def collector_config(

@@ -67,21 +67,20 @@ class FleetClient:
         answer: query_pb2.GetFleetSummaryResponse = self._call("GetFleetSummary", request)
         return answer
 
-    def nodes(self, request: query_pb2.ListNodesRequest) -> Iterator[query_pb2.NodeView]:
+    def _pages(self, method: str, request: Any, field: str) -> Iterator[Any]:
+        """Every item of a paged answer, asking for the next page until there is none."""
         while True:
-            page = self._call("ListNodes", request)
-            yield from page.nodes
+            page = self._call(method, request)
+            yield from getattr(page, field)
             if not page.next_page_token:
                 return
             request.page_token = page.next_page_token
 
+    def nodes(self, request: query_pb2.ListNodesRequest) -> Iterator[query_pb2.NodeView]:
+        return self._pages("ListNodes", request, "nodes")
+
     def gpus(self, request: query_pb2.ListGpusRequest) -> Iterator[query_pb2.GpuView]:
-        while True:
-            page = self._call("ListGpus", request)
-            yield from page.gpus
-            if not page.next_page_token:
-                return
-            request.page_token = page.next_page_token
+        return self._pages("ListGpus", request, "gpus")
 
     def forget(self, name: str) -> admin_pb2.ForgetNodeResponse:
         answer: admin_pb2.ForgetNodeResponse = self._call(
