@@ -89,6 +89,13 @@ class CollectorMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=r,
         )
+        self.gc_pause_seconds = Histogram(
+            "gpufleet_collector_gc_pause_seconds",
+            "Pauses of Python's garbage collector in the collector, by generation collected.",
+            ["generation"],
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0),
+            registry=r,
+        )
         self.admission_rejections = Counter(
             "gpufleet_collector_admission_rejections",
             "Agent streams asked to come back later because too many connected at once.",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import ipaddress
 import logging
 import time
@@ -31,6 +30,7 @@ from gpufleet.collector.http import (
 )
 from gpufleet.collector.ingest import SERVICE_NAME as INGEST_SERVICE
 from gpufleet.collector.ingest import IngestPolicy, IngestServicer, handler
+from gpufleet.collector.memory import LongLivedObjects
 from gpufleet.collector.mqtt import MqttConfig, MqttPublisher
 from gpufleet.collector.query import QueryServicer
 from gpufleet.collector.recorder import EventBudget
@@ -45,9 +45,6 @@ QUERY_SERVICE = query_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name
 # How often nodes are checked for silence, and rendered lines refreshed.
 HOUSEKEEPING_INTERVAL_S = 1.0
 MAX_SHARDS = 1024
-# The long-lived records are frozen again (after a collection) once the fleet grew this much.
-FREEZE_GROWTH = 1.25
-FREEZE_MIN_NODES = 100
 
 
 @dataclass(frozen=True)
@@ -110,14 +107,14 @@ class Collector:
         )
         self._health = health.aio.HealthServicer()
         self._ready = False
-        self._frozen_nodes = 0
+        self.memory = LongLivedObjects(self.metrics.gc_pause_seconds)
         self._housekeeping: asyncio.Task[None] | None = None
         self.grpc_port = config.grpc_port
         self.http_port = config.http_port
 
     async def start(self) -> None:
         self.store.open()
-        self._freeze_long_lived()
+        self.memory.settle()
         self.state.sinks.start()
         security = self.config.security
         interceptors = []
@@ -199,22 +196,11 @@ class Collector:
             await self._grpc.stop(self.config.shutdown_grace_s)
         await self._http.stop()
         await self.state.sinks.stop(self.config.shutdown_grace_s)
+        self.memory.close()
 
     async def wait(self) -> None:
         if self._grpc is not None:
             await self._grpc.wait_for_termination()
-
-    def _freeze_long_lived(self) -> None:
-        """Move the fleet's long-lived records out of the collected generations, garbage first.
-
-        Full collections over 100,000 GPUs' records took 0.4-0.7 s (docs/benchmarks.md).
-        This runs after the restore and again only when the fleet has grown by a good share
-        (nodes registering), never in steady state, and always collects first, so no garbage
-        is ever frozen: a process that runs for months does not leak through it.
-        """
-        gc.collect()
-        gc.freeze()
-        self._frozen_nodes = len(self.state)
 
     async def _housekeep(self) -> None:
         while True:
@@ -222,8 +208,7 @@ class Collector:
             try:
                 self.state.sweep()
                 self.exposition.refresh()
-                if len(self.state) >= FREEZE_GROWTH * self._frozen_nodes + FREEZE_MIN_NODES:
-                    self._freeze_long_lived()
+                self.memory.settle()
             except Exception:
                 log.exception("housekeeping failed; retrying in %.0f s", HOUSEKEEPING_INTERVAL_S)
 

@@ -23,16 +23,18 @@ from gpufleet.definitions import IDLE_UTILIZATION_PERCENT
 Contribution = dict[tuple[str, ...], int]
 
 
-@dataclass(slots=True)
 class ModelShare:
-    """What a node's GPUs of one model add up to, while the node is rendered."""
+    """What a node's GPUs of one model add up to, while the node is rendered (slots: it is hot)."""
 
-    healths: Counter[str] = field(default_factory=Counter)
-    utilization_percent: int = 0
-    measured: int = 0
-    idle: int = 0
-    milliwatts: int = 0
-    powered: int = 0
+    __slots__ = ("healths", "idle", "measured", "milliwatts", "powered", "utilization_percent")
+
+    def __init__(self) -> None:
+        self.healths: dict[str, int] = {}
+        self.utilization_percent = 0
+        self.measured = 0
+        self.idle = 0
+        self.milliwatts = 0
+        self.powered = 0
 
     def reachable(self, utilization_percent: int | None, milliwatts: int | None) -> None:
         if utilization_percent is not None:

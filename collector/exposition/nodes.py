@@ -199,7 +199,9 @@ class _NodeLines:
             part = by_model.get(model)
             if part is None:
                 part = by_model[model] = ModelShare()
-            part.healths[_HEALTH_NAMES[health_now]] += 1
+            healths = part.healths
+            name = _HEALTH_NAMES[health_now]
+            healths[name] = healths.get(name, 0) + 1
             sample = gpu.sample
             if not (up and sample is not None and not gpu.missing and sample.read_status == _OK):
                 oks.append(False)
