@@ -13,6 +13,7 @@ from gpufleet.agent.spool import Spool
 from gpufleet.agent.uplink import EVENT_HARD_CAP_FACTOR, Uplink
 from gpufleet.collector.service import Collector, CollectorConfig
 from gpufleet.ports import free_port
+from tests.conftest import metric
 from tests.fleet import inventory_for
 
 
@@ -80,7 +81,7 @@ async def test_reports_made_while_the_collector_is_away_arrive_after_it_returns(
             await until(lambda: uplink.last_acked_sequence == 8)
             node = collector.state.find("node-0000")
             assert node is not None and node.last_sequence == 8
-            assert collector.metrics.reports._value.get() == 5
+            assert metric(collector, "gpufleet_collector_reports_total") == 5
         finally:
             await collector.stop()
 
@@ -99,7 +100,9 @@ async def test_collector_restart_resends_what_was_not_acknowledged() -> None:
         second = await start_collector(port)
         try:
             await until(lambda: uplink.last_acked_sequence == 3)
-            assert second.metrics.reports._value.get() == 2  # 2 and 3; 1 was acknowledged before
+            assert (
+                metric(second, "gpufleet_collector_reports_total") == 2
+            )  # 2 and 3; 1 was acknowledged before
             assert uplink.stats.reconnects_total >= 1
         finally:
             await second.stop()
@@ -116,8 +119,8 @@ async def test_a_restarted_agent_continues_the_sequence_the_collector_knows(coll
     after.submit(source.sample(with_processes=False))
     async with running(after):
         await until(lambda: after.last_acked_sequence == 4)
-    assert collector.metrics.reports._value.get() == 4
-    assert collector.metrics.duplicate_reports._value.get() == 0
+    assert metric(collector, "gpufleet_collector_reports_total") == 4
+    assert metric(collector, "gpufleet_collector_duplicate_reports_total") == 0
 
 
 async def test_spooled_reports_survive_an_agent_restart(tmp_path: Path) -> None:
