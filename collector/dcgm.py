@@ -14,11 +14,14 @@ are rendered when it changed and kept; a scrape joins them.
 
 from __future__ import annotations
 
+import zlib
+
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from gpufleet.collector import health
 from gpufleet.collector.exposition.textformat import escape_label_value, format_value
+from gpufleet.collector.exposition.views import Body, ShardViews
 from gpufleet.collector.sinks import Sink
 from gpufleet.collector.state import UP, FleetState, GpuRecord, NodeRecord
 from gpufleet.v1 import telemetry_pb2
@@ -257,18 +260,30 @@ def render_node(node: NodeRecord, last_xids: dict[int, int]) -> list[bytes]:
     return ["".join(family_lines).encode() for family_lines in lines]
 
 
+class _DcgmLines:
+    """One node's dcgm-style lines, one chunk per family (kept and changed in place)."""
+
+    __slots__ = ("chunks", "crc")
+
+    def __init__(self, node_id: str) -> None:
+        self.crc = zlib.crc32(node_id.encode())
+        self.chunks: list[bytes] = [b""] * len(HEADERS)
+
+
 class DcgmExposition(Sink):
-    """Keeps every node's dcgm-style lines, re-rendered only when the node changed."""
+    """Keeps every node's dcgm-style lines, re-rendered only when the node changed, and serves
+    them through the same shard views (cached gzip members per block) as the gpufleet exposition."""
 
     name = "dcgm-view"
 
     def __init__(self, state: FleetState) -> None:
         self._state = state
-        self._chunks: dict[str, list[bytes]] = {}
+        self._lines: dict[str, _DcgmLines] = {}
         # The last XID per node and GPU index: DCGM's XID field keeps the latest code.
         self._last_xids: dict[str, dict[int, int]] = {}
         self._dirty: set[str] = set()
-        self._body: bytes | None = None
+        self._views = ShardViews(HEADERS)
+        self._rendered: tuple[Body, bytes] | None = None
         for node in state.nodes():
             # XIDs that came before this view: only the order codes were first seen in is known.
             self._last_xids[node.node_id] = {
@@ -286,26 +301,33 @@ class DcgmExposition(Sink):
             if gpu.sample is not None and gpu.sample.xid_events:
                 last[index] = gpu.sample.xid_events[-1].code
 
+    def _refresh(self) -> None:
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, set()
+        for node_id in dirty:
+            node = self._state.get(node_id)
+            if node is None:
+                self._lines.pop(node_id, None)
+                self._last_xids.pop(node_id, None)
+                self._views.removed(node_id)
+                continue
+            lines = self._lines.get(node_id)
+            if lines is None:
+                lines = self._lines[node_id] = _DcgmLines(node_id)
+            chunks = render_node(node, self._last_xids.get(node_id, {}))
+            changed = [family for family, chunk in enumerate(chunks) if chunk != lines.chunks[family]]
+            lines.chunks = chunks
+            self._views.changed(node_id, lines, changed)
+
+    def body(self, shard: int = 0, shards: int = 1) -> Body:
+        """The dcgm-exporter compatible exposition, or one shard of it; only changed nodes render again."""
+        self._refresh()
+        return self._views.body(shard, shards)
+
     def render(self) -> bytes:
-        """The dcgm-exporter compatible exposition; only nodes that changed are rendered again."""
-        state = self._state
-        if self._dirty:
-            dirty, self._dirty = self._dirty, set()
-            for node_id in dirty:
-                node = state.get(node_id)
-                if node is None:
-                    self._chunks.pop(node_id, None)
-                    self._last_xids.pop(node_id, None)
-                else:
-                    self._chunks[node_id] = render_node(node, self._last_xids.get(node_id, {}))
-            self._body = None
-        if self._body is None:
-            parts: list[bytes] = []
-            chunks = list(self._chunks.values())
-            for family, header in enumerate(HEADERS):
-                family_parts = [node_chunks[family] for node_chunks in chunks if node_chunks[family]]
-                if family_parts:
-                    parts.append(header)
-                    parts.extend(family_parts)
-            self._body = b"".join(parts)
-        return self._body
+        """The whole view as bytes (the same bytes while nothing changed)."""
+        body = self.body()
+        if self._rendered is None or self._rendered[0] is not body:
+            self._rendered = (body, bytes(body))
+        return self._rendered[1]

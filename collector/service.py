@@ -245,7 +245,8 @@ class Collector:
 
     async def _metrics_dcgm(self, request: Request) -> Response:
         """dcgm-exporter compatible names and labels, for its dashboards and alerts."""
-        return Response(body=self.dcgm.render(), content_type=CONTENT_TYPE)
+        shard, shards = _shard_params(request)
+        return Response(body=self.dcgm.body(shard, shards), content_type=CONTENT_TYPE)
 
     async def _healthz(self, request: Request) -> Response:
         return Response(body=b"ok\n")

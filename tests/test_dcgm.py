@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import re
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from prometheus_client.samples import Sample
 from gpufleet.agent.sources.models import MIB
 from gpufleet.agent.sources.sim import SimulatedSource
 from gpufleet.collector import dcgm
+from gpufleet.collector.exposition import shard_of
 from gpufleet.collector.state import FleetState, NodeRecord
 from gpufleet.v1 import ingest_pb2, telemetry_pb2
 from tests.conftest import ROOT, Processes, wait_until
@@ -273,3 +275,26 @@ def test_dashboard_12239_queries_return_the_simulated_values(processes: Processe
         assert abs(total_power - sum(v["DCGM_FI_DEV_POWER_USAGE"] for v in expected.values())) < 1e-6
         # A common dcgm-exporter alert works too: no GPU has had an XID.
         assert server.scalar("count(DCGM_FI_DEV_XID_ERRORS == 0)") == NODES * 8
+
+
+def test_dcgm_shards_add_up_to_the_whole_and_gzip_decodes_to_the_same() -> None:
+    """The dcgm view is served through the same shard views as /metrics/nodes."""
+    state, sources = simulated_fleet(12)
+    view = dcgm_view(state)
+    whole = sorted(line for line in view.render().decode().splitlines() if not line.startswith("#"))
+    shards = [view.body(shard, 4) for shard in range(4)]
+    parts = sorted(
+        line for body in shards for line in bytes(body).decode().splitlines() if not line.startswith("#")
+    )
+    assert parts == whole and whole
+    assert gzip.decompress(b"".join(shards[0].gzip_chunks())) == bytes(shards[0])
+    assert view.body(0, 4) is shards[0]  # nothing changed: the same body, its gzip members kept
+    changed = state.find("node-0000")
+    assert changed is not None
+    state.apply_report(
+        changed,
+        ingest_pb2.Report(sequence=changed.last_sequence + 1, gpus=sources[0].sample(with_processes=False)),
+    )
+    fresh = [view.body(shard, 4) for shard in range(4)]
+    changed_shards = [shard for shard in range(4) if fresh[shard] is not shards[shard]]
+    assert changed_shards == [shard_of(changed.node_id, 4)]  # only the shard of the node that changed

@@ -25,7 +25,7 @@ from gpufleet.collector.exposition.aggregates import render_aggregates
 from gpufleet.collector.exposition.catalog import FAMILIES
 from gpufleet.collector.exposition.nodes import _NodeLines
 from gpufleet.collector.exposition.textformat import CONTENT_TYPE, escape_label_value, format_value
-from gpufleet.collector.exposition.views import Body, _View, shard_of
+from gpufleet.collector.exposition.views import Body, ShardViews, shard_of
 from gpufleet.collector.sinks import Sink
 from gpufleet.collector.state import FleetState, NodeRecord
 from gpufleet.collector.totals import FleetTotals
@@ -65,10 +65,7 @@ class Exposition(Sink):
         self._dirty: set[str] = {node.node_id for node in state.nodes()}
         self._totals = totals or FleetTotals()
         self._aggregates = render_aggregates(self._totals).encode()
-        self._headers = [family.header().encode() for family in FAMILIES]
-        self._views: dict[tuple[int, int], _View] = {}
-        # How many views there are for each shard count.
-        self._shard_counts: Counter[int] = Counter()
+        self._views = ShardViews([family.header().encode() for family in FAMILIES], self.MAX_VIEWS)
         self._refresh_scheduled = False
 
     name = "exposition"
@@ -107,44 +104,16 @@ class Exposition(Sink):
                 if lines is not None:
                     del self._nodes[node_id]
                     shares_changed |= totals.replace(lines.contribution, {})
-                    for view in self._views_of(lines):
-                        view.members.remove(lines)
-                        view.invalidate(f for f, chunk in enumerate(lines.chunks) if chunk)
+                    self._views.removed(node_id)
                 continue
-            added = lines is None
             if lines is None:
                 lines = self._nodes[node_id] = _NodeLines(node_id)
             share = lines.contribution
-            changed = lines.render(node)
-            for view in self._views_of(lines):
-                if added:
-                    view.members.append(lines)
-                view.invalidate(changed)
+            self._views.changed(node_id, lines, lines.render(node))
             shares_changed |= totals.replace(share, lines.contribution)
         if shares_changed:
             self._aggregates = render_aggregates(totals).encode()
         return len(dirty)
-
-    def _views_of(self, lines: _NodeLines) -> Iterator[_View]:
-        for shards in self._shard_counts:
-            view = self._views.get((lines.crc % shards, shards))
-            if view is not None:
-                yield view
-
-    def _view(self, shard: int, shards: int) -> _View:
-        key = (shard, shards)
-        view = self._views.pop(key, None)
-        if view is None:
-            view = _View([lines for lines in self._nodes.values() if lines.crc % shards == shard])
-            self._shard_counts[shards] += 1
-            if len(self._views) >= self.MAX_VIEWS:
-                oldest = next(iter(self._views))
-                del self._views[oldest]
-                self._shard_counts[oldest[1]] -= 1
-                if not self._shard_counts[oldest[1]]:
-                    del self._shard_counts[oldest[1]]
-        self._views[key] = view
-        return view
 
     def totals(self) -> FleetTotals:
         """The fleet's running totals, current (what the aggregates are rendered from)."""
@@ -159,12 +128,9 @@ class Exposition(Sink):
     def nodes(self, shard: int = 0, shards: int = 1) -> Body:
         """Every per-node and per-GPU series, or one shard of them."""
         self.refresh()
-        view = self._view(shard, shards)
-        if view.body is None:
-            view.body = Body(view.build(self._headers))
-        return view.body
+        return self._views.body(shard, shards)
 
     def everything(self) -> Body:
         """Every node's and GPU's series, then the fleet aggregates and the collector's own metrics."""
         self.refresh()
-        return Body(self._view(0, 1).build(self._headers), self.fleet())
+        return Body(self._views.segments(), self.fleet())

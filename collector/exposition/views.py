@@ -6,12 +6,13 @@ import bisect
 import itertools
 import logging
 import zlib
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Protocol
 
 from gpufleet.collector.exposition.catalog import (
     NODE_FAMILY_COUNT,
 )
-from gpufleet.collector.exposition.nodes import _NodeLines
 from gpufleet.collector.http import gzip_member
 
 log = logging.getLogger(__name__)
@@ -128,13 +129,23 @@ class Body:
         return b"".join(self.gzip_chunks())
 
 
+class Chunked(Protocol):
+    """One node's lines for a view: a chunk of text per family, and a stable hash for its shard."""
+
+    @property
+    def crc(self) -> int: ...
+
+    @property
+    def chunks(self) -> Sequence[bytes]: ...
+
+
 class _View:
     """The nodes of one shard and their lines, one segment per family, built on demand."""
 
-    def __init__(self, members: list[_NodeLines]) -> None:
+    def __init__(self, members: list[Chunked], families: int) -> None:
         self.members = members
-        self.segments: list[_Segment | None] = [None] * NODE_FAMILY_COUNT
-        self.built = [False] * NODE_FAMILY_COUNT
+        self.segments: list[_Segment | None] = [None] * families
+        self.built = [False] * families
         self.body: Body | None = None
 
     def invalidate(self, families: Iterable[int]) -> None:
@@ -152,3 +163,73 @@ class _View:
                 segments[family] = _Segment(headers[family], chunks) if chunks else None
                 self.built[family] = True
         return [segment for segment in segments if segment is not None]
+
+
+class ShardViews:
+    """The shard views of one exposition (shard I of N), kept up to date as nodes change.
+
+    The least recently scraped views are dropped past ``max_views``. Both the gpufleet
+    exposition and the dcgm-compatible one serve their scrapes from here: bodies with their
+    gzip members, rebuilt only for families whose lines changed.
+    """
+
+    def __init__(self, headers: Sequence[bytes], max_views: int = 64) -> None:
+        self.headers = list(headers)
+        self.members: dict[str, Chunked] = {}
+        self._max_views = max_views
+        self._views: dict[tuple[int, int], _View] = {}
+        # How many views there are for each shard count.
+        self._shard_counts: Counter[int] = Counter()
+
+    def _views_of(self, lines: Chunked) -> Iterator[_View]:
+        for shards in self._shard_counts:
+            view = self._views.get((lines.crc % shards, shards))
+            if view is not None:
+                yield view
+
+    def changed(self, node_id: str, lines: Chunked, families: Iterable[int]) -> None:
+        """``lines`` (new, or already a member) changed in ``families``."""
+        added = node_id not in self.members
+        self.members[node_id] = lines
+        families = list(families)
+        for view in self._views_of(lines):
+            if added:
+                view.members.append(lines)
+            view.invalidate(families)
+
+    def removed(self, node_id: str) -> None:
+        lines = self.members.pop(node_id, None)
+        if lines is None:
+            return
+        for view in self._views_of(lines):
+            view.members.remove(lines)
+            view.invalidate(family for family, chunk in enumerate(lines.chunks) if chunk)
+
+    def __len__(self) -> int:
+        """How many views are kept."""
+        return len(self._views)
+
+    def view(self, shard: int, shards: int) -> _View:
+        key = (shard, shards)
+        view = self._views.pop(key, None)
+        if view is None:
+            members = [lines for lines in self.members.values() if lines.crc % shards == shard]
+            view = _View(members, len(self.headers))
+            self._shard_counts[shards] += 1
+            if len(self._views) >= self._max_views:
+                oldest = next(iter(self._views))
+                del self._views[oldest]
+                self._shard_counts[oldest[1]] -= 1
+                if not self._shard_counts[oldest[1]]:
+                    del self._shard_counts[oldest[1]]
+        self._views[key] = view
+        return view
+
+    def body(self, shard: int = 0, shards: int = 1) -> Body:
+        view = self.view(shard, shards)
+        if view.body is None:
+            view.body = Body(view.build(self.headers))
+        return view.body
+
+    def segments(self, shard: int = 0, shards: int = 1) -> list[_Segment]:
+        return self.view(shard, shards).build(self.headers)
