@@ -1,14 +1,11 @@
 """One node's stream to the collector: hello, reports, acknowledgements, reconnection.
 
-Reports stay in a bounded buffer (and, optionally, a spool directory) until the
-collector acknowledges them; after a reconnect the agent resends everything after
-the collector's last acknowledged sequence number, MAX_IN_FLIGHT_REPORTS at a time
-(the rest of a long backlog after a pause: see REPLAY_AT_ONCE). When the buffer is full the
-oldest plain-telemetry report is dropped first; reports that carry events (XIDs,
-lost GPUs, inventory changes) are dropped only past a hard cap. Every drop is
-counted. Reconnects back off exponentially with full jitter across the configured
-collector addresses, never longer than the report interval (see Backoff), and
-honour the collector's retry-after hint, so a restarted collector has its fleet
+Reports stay in the node's ReportBuffer (agent/buffer.py: numbering, caps, spool) until the
+collector acknowledges them; after a reconnect the agent resends everything after the
+collector's last acknowledged sequence number, MAX_IN_FLIGHT_REPORTS at a time (the rest of a
+long backlog after a pause: see REPLAY_AT_ONCE). Reconnects back off exponentially with full
+jitter across the configured collector addresses, never longer than the report interval (see
+Backoff), and honour the collector's retry-after hint, so a restarted collector has its fleet
 back within about one interval, at the pace its admission control sets.
 """
 
@@ -26,6 +23,7 @@ from dataclasses import dataclass
 import grpc
 
 from gpufleet import wire
+from gpufleet.agent.buffer import ReportBuffer
 from gpufleet.agent.spool import Spool
 from gpufleet.security import ClientSecurity
 from gpufleet.v1 import ingest_pb2, ingest_pb2_grpc, inventory_pb2, telemetry_pb2
@@ -46,8 +44,6 @@ MAX_IN_FLIGHT_REPORTS = 16
 # in the hellos of the nodes still connecting; this way every node connects and
 # reports first, and the replays follow, spread over an interval.
 REPLAY_AT_ONCE = 8
-# Reports that carry events may fill this many times the buffer's size.
-EVENT_HARD_CAP_FACTOR = 4
 
 
 class Failure(enum.Enum):
@@ -135,12 +131,6 @@ class _StreamEnded(Exception):
     """The stream ended (EOF) with no error raised: its status says how."""
 
 
-@dataclass
-class Pending:
-    report: ingest_pb2.Report
-    carries_events: bool
-
-
 class Uplink:
     """Delivers one node's reports to the collector, in order, at least once."""
 
@@ -172,9 +162,8 @@ class Uplink:
         self._ack_timeout_s = keepalive_s + min(wire.KEEPALIVE_TIMEOUT_MS / 1000, keepalive_s)
         self._waiting_for_ack_since: float | None = None
         self._writing: asyncio.Future[None] | None = None
-        self._buffer: list[Pending] = []
-        self._max_buffered = max_buffered_reports
-        self._spool = spool
+        self.stats = telemetry_pb2.AgentStats()
+        self._buffer = ReportBuffer(max_buffered_reports, self.stats, spool)
         self._last_sent = 0
         # Where this stream resumed, and until when the rest of a long backlog waits.
         self._resumed_after = 0
@@ -182,19 +171,8 @@ class Uplink:
         self._rng = rng or random.Random()
         self._backoff = Backoff(report_interval_s, backoff_base_s, backoff_cap_s)
         self._wakeup = asyncio.Event()
-        self._first_hello = True
-        self.stats = telemetry_pb2.AgentStats()
         self.connected = asyncio.Event()
         self.last_acked_sequence = 0
-        self._next_sequence = 1
-        if spool is not None:
-            self.stats.reports_dropped_total += spool.discard_other_boots()
-            self._buffer = [Pending(report, _carries_events(report)) for report in spool.load()]
-            if self._buffer:
-                self._next_sequence = self._buffer[-1].report.sequence + 1
-                log.info("resuming %d spooled reports", len(self._buffer))
-        # Reports numbered by this process start here (spooled ones keep their numbers).
-        self._first_new_sequence = self._next_sequence
 
     @property
     def buffered(self) -> int:
@@ -207,30 +185,13 @@ class Uplink:
 
     def submit(self, gpus: Sequence[telemetry_pb2.GpuSample], *, carries_events: bool = False) -> None:
         """Queue a report of ``gpus``; it is sent as soon as the stream allows."""
-        report = ingest_pb2.Report(sequence=self._next_sequence, time_unix_nano=time.time_ns(), gpus=gpus)
+        report = ingest_pb2.Report(time_unix_nano=time.time_ns(), gpus=gpus)
         report.agent_stats.CopyFrom(self.stats)
         if self._inventory_changed:
             report.inventory.CopyFrom(self._inventory)
             self._inventory_changed = False
-        self._next_sequence += 1
-        self._buffer.append(Pending(report, carries_events or _carries_events(report)))
-        if self._spool is not None:
-            self._spool.write(report)
-        self._enforce_cap()
+        self._buffer.add(report, events=carries_events)
         self._wakeup.set()
-
-    def _enforce_cap(self) -> None:
-        while len(self._buffer) > self._max_buffered:
-            victim = next((i for i, p in enumerate(self._buffer) if not p.carries_events), None)
-            if victim is None:
-                if len(self._buffer) <= self._max_buffered * EVENT_HARD_CAP_FACTOR:
-                    return
-                victim = 0
-                self.stats.event_reports_dropped_total += 1
-            dropped = self._buffer.pop(victim)
-            self.stats.reports_dropped_total += 1
-            if self._spool is not None:
-                self._spool.remove(dropped.report.sequence)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Keep a stream open until ``stop`` is set, then flush what is buffered (briefly)."""
@@ -397,7 +358,7 @@ class Uplink:
     def _hold_long_replay(self) -> None:
         """Right after the hello: hold back the rest of a long backlog (see REPLAY_AT_ONCE)."""
         self._resumed_after = self._last_sent
-        unsent = sum(1 for p in self._buffer if p.report.sequence > self._last_sent)
+        unsent = self._buffer.count_after(self._last_sent)
         self._replay_held_until = 0.0
         if unsent > REPLAY_AT_ONCE:
             self._replay_held_until = time.monotonic() + self._rng.uniform(0.5, 1.0) * self._interval_s
@@ -411,10 +372,10 @@ class Uplink:
         """The next report to write, in order: none while MAX_IN_FLIGHT_REPORTS await
         acknowledgement or a long replay is held back, unless ``flushing``."""
         # The buffer holds unacknowledged reports in order: the first ones are in flight.
-        in_flight = next((i for i, p in enumerate(self._buffer) if p.report.sequence > self._last_sent), None)
-        if in_flight is None:
+        found = self._buffer.first_after(self._last_sent)
+        if found is None:
             return None
-        report = self._buffer[in_flight].report
+        in_flight, report = found
         if flushing:
             return report
         if in_flight >= MAX_IN_FLIGHT_REPORTS:
@@ -430,18 +391,7 @@ class Uplink:
                 self._wakeup.set()  # room in the window for the next report
 
     def _on_hello_ack(self, last_acked: int) -> None:
-        if self._first_hello and last_acked >= self._first_new_sequence:
-            # This process restarted within the same boot: continue the numbering
-            # the collector knows, instead of having fresh reports taken as duplicates.
-            shift = last_acked + 1 - self._first_new_sequence
-            renumbered = [p.report for p in self._buffer if p.report.sequence >= self._first_new_sequence]
-            for report in renumbered:
-                report.sequence += shift
-            if self._spool is not None:
-                self._spool.renumber(renumbered, shift)
-            self._next_sequence += shift
-            self._first_new_sequence += shift
-        self._first_hello = False
+        self._buffer.resume_after(last_acked)
         self._trim(last_acked)
         self._last_sent = last_acked
 
@@ -450,20 +400,7 @@ class Uplink:
             # Progress: the clock restarts for whatever is still unacknowledged.
             self._waiting_for_ack_since = time.monotonic() if acked < self._last_sent else None
         self.last_acked_sequence = max(self.last_acked_sequence, acked)
-        keep = 0
-        while keep < len(self._buffer) and self._buffer[keep].report.sequence <= acked:
-            if self._spool is not None:
-                self._spool.remove(self._buffer[keep].report.sequence)
-            keep += 1
-        if keep:
-            del self._buffer[:keep]
-
-
-def _carries_events(report: ingest_pb2.Report) -> bool:
-    """Reports an operator must not lose: XIDs, lost GPUs, inventory changes."""
-    return report.HasField("inventory") or any(
-        gpu.xid_events or gpu.read_status == telemetry_pb2.GPU_READ_STATUS_LOST for gpu in report.gpus
-    )
+        self._buffer.acknowledged(acked)
 
 
 async def _closed(call: grpc.aio.StreamStreamCall) -> CollectorClosed:

@@ -15,7 +15,6 @@ are rendered when it changed and kept; a scrape joins them.
 from __future__ import annotations
 
 import zlib
-
 from collections.abc import Callable
 from dataclasses import dataclass
 

@@ -13,7 +13,7 @@ in the node's inventory, and its latest read succeeded.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gpufleet.definitions import IDLE_UTILIZATION_PERCENT
 

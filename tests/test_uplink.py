@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gpufleet.agent.sources.sim import SimulatedSource
 from gpufleet.agent.spool import Spool
-from gpufleet.agent.uplink import EVENT_HARD_CAP_FACTOR, Uplink
+from gpufleet.agent.uplink import Uplink
 from gpufleet.collector.service import Collector, CollectorConfig
 from gpufleet.ports import free_port
 from tests.conftest import metric
@@ -160,30 +160,6 @@ async def test_spooled_reports_of_an_earlier_boot_are_discarded_and_counted(tmp_
     before.submit(source.sample(with_processes=False))
     after = Uplink(["127.0.0.1:1"], inventory, spool=Spool(tmp_path, inventory.node_id, "boot-new"))
     assert after.buffered == 0 and after.stats.reports_dropped_total == 1
-
-
-def test_a_full_buffer_drops_telemetry_before_events() -> None:
-    source = SimulatedSource("H100", 8, seed=0)
-    uplink = Uplink(["127.0.0.1:1"], inventory_for(source, 0), max_buffered_reports=4)
-    uplink.submit(source.sample(with_processes=False))
-    source.inject(0, "hbm")
-    uplink.submit(source.sample(with_processes=False))  # sequence 2 carries XIDs 48 and 63
-    for _ in range(6):
-        uplink.submit(source.sample(with_processes=False))
-    kept = [p.report.sequence for p in uplink._buffer]
-    assert 2 in kept and len(kept) == 4
-    assert uplink.stats.reports_dropped_total == 4 and uplink.stats.event_reports_dropped_total == 0
-    uplink.submit(source.sample(with_processes=False), carries_events=True)
-    assert uplink._buffer[0].report.sequence == 2  # events outlive newer telemetry
-
-
-def test_events_are_dropped_only_past_the_hard_cap() -> None:
-    source = SimulatedSource("H100", 8, seed=0)
-    uplink = Uplink(["127.0.0.1:1"], inventory_for(source, 0), max_buffered_reports=2)
-    for _ in range(2 * EVENT_HARD_CAP_FACTOR + 3):
-        uplink.submit(source.sample(with_processes=False), carries_events=True)
-    assert uplink.buffered == 2 * EVENT_HARD_CAP_FACTOR
-    assert uplink.stats.event_reports_dropped_total == 3
 
 
 async def test_failover_to_the_next_collector_address(collector: Collector) -> None:

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 from gpufleet.collector.exposition.aggregates import render_aggregates
 from gpufleet.collector.exposition.catalog import FAMILIES

@@ -10,9 +10,6 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Protocol
 
-from gpufleet.collector.exposition.catalog import (
-    NODE_FAMILY_COUNT,
-)
 from gpufleet.collector.http import gzip_member
 
 log = logging.getLogger(__name__)
