@@ -29,16 +29,19 @@ class LongLivedObjects:
         self._clock = clock
         self._last_full = clock()
         self._started_at: float | None = None
+        self._generation_names = {generation: str(generation) for generation in range(3)}
         gc.callbacks.append(self._timed)
 
     def _timed(self, phase: str, info: dict[str, Any]) -> None:
         if phase == "start":
             self._started_at = time.perf_counter()
-        elif self._started_at is not None:
-            self._pauses.labels(str(info.get("generation", ""))).observe(
-                time.perf_counter() - self._started_at
+            return
+        # Taken first: observing allocates, which may start (and time) a collection of its own.
+        started, self._started_at = self._started_at, None
+        if started is not None:
+            self._pauses.labels(self._generation_names[info.get("generation", 0)]).observe(
+                time.perf_counter() - started
             )
-            self._started_at = None
 
     def settle(self) -> None:
         """Collect what is new, then freeze what survived (once a second, and after the restore)."""
