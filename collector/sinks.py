@@ -20,6 +20,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# What a sink is told of, as it happens.
+TOLD = ("node_changed", "node_removed", "event")
+
+
 class Sink:
     """Reads the fleet as it changes. Subclasses override what they need."""
 
@@ -48,11 +52,17 @@ class Sinks(Sink):
 
     def __init__(self, on_error: Callable[[str], None] | None = None) -> None:
         self._sinks: list[Sink] = []
+        # Per kind of change, the sinks that act on it and their bound methods: node_changed
+        # runs on every report, so sinks that leave a method as Sink's no-op are not called.
+        self._told: dict[str, list[tuple[Sink, Callable[[object], None]]]] = {what: [] for what in TOLD}
         self.on_error = on_error
         self._logged: set[tuple[str, str, str]] = set()
 
     def add(self, sink: Sink) -> None:
         self._sinks.append(sink)
+        for what, listeners in self._told.items():
+            if getattr(type(sink), what) is not getattr(Sink, what):
+                listeners.append((sink, getattr(sink, what)))
 
     def __iter__(self) -> Iterator[Sink]:
         return iter(self._sinks)
@@ -66,9 +76,9 @@ class Sinks(Sink):
             self.on_error(sink.name)
 
     def _tell(self, what: str, argument: object) -> None:
-        for sink in self._sinks:
+        for sink, method in self._told[what]:
             try:
-                getattr(sink, what)(argument)
+                method(argument)
             except Exception as exc:
                 self._failed(sink, what, exc)
 

@@ -51,6 +51,7 @@ class Exposition(Sink):
     render; a scrape renders what is left first.
     """
 
+    name = "exposition"
     # Shard views kept (least recently scraped dropped first).
     MAX_VIEWS = 64
     REFRESH_DELAY_S = 0.05
@@ -66,8 +67,6 @@ class Exposition(Sink):
         self._aggregates = render_aggregates(self._totals).encode()
         self._views = ShardViews([family.header().encode() for family in FAMILIES], self.MAX_VIEWS)
         self._refresh_scheduled = False
-
-    name = "exposition"
 
     def node_removed(self, node: NodeRecord) -> None:
         self.node_changed(node)
