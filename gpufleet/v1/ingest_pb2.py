@@ -22,29 +22,30 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from gpufleet.v1 import allocation_pb2 as gpufleet_dot_v1_dot_allocation__pb2
 from gpufleet.v1 import inventory_pb2 as gpufleet_dot_v1_dot_inventory__pb2
 from gpufleet.v1 import telemetry_pb2 as gpufleet_dot_v1_dot_telemetry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gpufleet/v1/ingest.proto\x12\x0bgpufleet.v1\x1a\x1bgpufleet/v1/inventory.proto\x1a\x1bgpufleet/v1/telemetry.proto\"b\n\x0c\x41gentMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.gpufleet.v1.HelloH\x00\x12%\n\x06report\x18\x02 \x01(\x0b\x32\x13.gpufleet.v1.ReportH\x00\x42\x06\n\x04kind\"t\n\x10\x43ollectorMessage\x12*\n\thello_ack\x18\x01 \x01(\x0b\x32\x15.gpufleet.v1.HelloAckH\x00\x12,\n\nreport_ack\x18\x02 \x01(\x0b\x32\x16.gpufleet.v1.ReportAckH\x00\x42\x06\n\x04kind\"l\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12-\n\tinventory\x18\x02 \x01(\x0b\x32\x1a.gpufleet.v1.NodeInventory\x12\x1a\n\x12report_interval_ms\x18\x03 \x01(\r\"\'\n\x08HelloAck\x12\x1b\n\x13last_acked_sequence\x18\x01 \x01(\x04\"\xb5\x01\n\x06Report\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x16\n\x0etime_unix_nano\x18\x02 \x01(\x06\x12$\n\x04gpus\x18\x03 \x03(\x0b\x32\x16.gpufleet.v1.GpuSample\x12,\n\x0b\x61gent_stats\x18\x04 \x01(\x0b\x32\x17.gpufleet.v1.AgentStats\x12-\n\tinventory\x18\x05 \x01(\x0b\x32\x1a.gpufleet.v1.NodeInventory\"\x1d\n\tReportAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x32X\n\rIngestService\x12G\n\x07\x43onnect\x12\x19.gpufleet.v1.AgentMessage\x1a\x1d.gpufleet.v1.CollectorMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18gpufleet/v1/ingest.proto\x12\x0bgpufleet.v1\x1a\x1cgpufleet/v1/allocation.proto\x1a\x1bgpufleet/v1/inventory.proto\x1a\x1bgpufleet/v1/telemetry.proto\"b\n\x0c\x41gentMessage\x12#\n\x05hello\x18\x01 \x01(\x0b\x32\x12.gpufleet.v1.HelloH\x00\x12%\n\x06report\x18\x02 \x01(\x0b\x32\x13.gpufleet.v1.ReportH\x00\x42\x06\n\x04kind\"t\n\x10\x43ollectorMessage\x12*\n\thello_ack\x18\x01 \x01(\x0b\x32\x15.gpufleet.v1.HelloAckH\x00\x12,\n\nreport_ack\x18\x02 \x01(\x0b\x32\x16.gpufleet.v1.ReportAckH\x00\x42\x06\n\x04kind\"\x9b\x01\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12-\n\tinventory\x18\x02 \x01(\x0b\x32\x1a.gpufleet.v1.NodeInventory\x12\x1a\n\x12report_interval_ms\x18\x03 \x01(\r\x12-\n\x0b\x61llocations\x18\x04 \x01(\x0b\x32\x18.gpufleet.v1.Allocations\"\'\n\x08HelloAck\x12\x1b\n\x13last_acked_sequence\x18\x01 \x01(\x04\"\xe4\x01\n\x06Report\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x16\n\x0etime_unix_nano\x18\x02 \x01(\x06\x12$\n\x04gpus\x18\x03 \x03(\x0b\x32\x16.gpufleet.v1.GpuSample\x12,\n\x0b\x61gent_stats\x18\x04 \x01(\x0b\x32\x17.gpufleet.v1.AgentStats\x12-\n\tinventory\x18\x05 \x01(\x0b\x32\x1a.gpufleet.v1.NodeInventory\x12-\n\x0b\x61llocations\x18\x06 \x01(\x0b\x32\x18.gpufleet.v1.Allocations\"\x1d\n\tReportAck\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x32X\n\rIngestService\x12G\n\x07\x43onnect\x12\x19.gpufleet.v1.AgentMessage\x1a\x1d.gpufleet.v1.CollectorMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gpufleet.v1.ingest_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGENTMESSAGE']._serialized_start=99
-  _globals['_AGENTMESSAGE']._serialized_end=197
-  _globals['_COLLECTORMESSAGE']._serialized_start=199
-  _globals['_COLLECTORMESSAGE']._serialized_end=315
-  _globals['_HELLO']._serialized_start=317
-  _globals['_HELLO']._serialized_end=425
-  _globals['_HELLOACK']._serialized_start=427
-  _globals['_HELLOACK']._serialized_end=466
-  _globals['_REPORT']._serialized_start=469
-  _globals['_REPORT']._serialized_end=650
-  _globals['_REPORTACK']._serialized_start=652
-  _globals['_REPORTACK']._serialized_end=681
-  _globals['_INGESTSERVICE']._serialized_start=683
-  _globals['_INGESTSERVICE']._serialized_end=771
+  _globals['_AGENTMESSAGE']._serialized_start=129
+  _globals['_AGENTMESSAGE']._serialized_end=227
+  _globals['_COLLECTORMESSAGE']._serialized_start=229
+  _globals['_COLLECTORMESSAGE']._serialized_end=345
+  _globals['_HELLO']._serialized_start=348
+  _globals['_HELLO']._serialized_end=503
+  _globals['_HELLOACK']._serialized_start=505
+  _globals['_HELLOACK']._serialized_end=544
+  _globals['_REPORT']._serialized_start=547
+  _globals['_REPORT']._serialized_end=775
+  _globals['_REPORTACK']._serialized_start=777
+  _globals['_REPORTACK']._serialized_end=806
+  _globals['_INGESTSERVICE']._serialized_start=808
+  _globals['_INGESTSERVICE']._serialized_end=896
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from gpufleet.v1 import allocation_pb2 as _allocation_pb2
 from gpufleet.v1 import inventory_pb2 as _inventory_pb2
 from gpufleet.v1 import telemetry_pb2 as _telemetry_pb2
 from google.protobuf.internal import containers as _containers
@@ -25,14 +26,16 @@ class CollectorMessage(_message.Message):
     def __init__(self, hello_ack: _Optional[_Union[HelloAck, _Mapping]] = ..., report_ack: _Optional[_Union[ReportAck, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "inventory", "report_interval_ms")
+    __slots__ = ("protocol_version", "inventory", "report_interval_ms", "allocations")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     INVENTORY_FIELD_NUMBER: _ClassVar[int]
     REPORT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     inventory: _inventory_pb2.NodeInventory
     report_interval_ms: int
-    def __init__(self, protocol_version: _Optional[int] = ..., inventory: _Optional[_Union[_inventory_pb2.NodeInventory, _Mapping]] = ..., report_interval_ms: _Optional[int] = ...) -> None: ...
+    allocations: _allocation_pb2.Allocations
+    def __init__(self, protocol_version: _Optional[int] = ..., inventory: _Optional[_Union[_inventory_pb2.NodeInventory, _Mapping]] = ..., report_interval_ms: _Optional[int] = ..., allocations: _Optional[_Union[_allocation_pb2.Allocations, _Mapping]] = ...) -> None: ...
 
 class HelloAck(_message.Message):
     __slots__ = ("last_acked_sequence",)
@@ -41,18 +44,20 @@ class HelloAck(_message.Message):
     def __init__(self, last_acked_sequence: _Optional[int] = ...) -> None: ...
 
 class Report(_message.Message):
-    __slots__ = ("sequence", "time_unix_nano", "gpus", "agent_stats", "inventory")
+    __slots__ = ("sequence", "time_unix_nano", "gpus", "agent_stats", "inventory", "allocations")
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIME_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
     AGENT_STATS_FIELD_NUMBER: _ClassVar[int]
     INVENTORY_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
     sequence: int
     time_unix_nano: int
     gpus: _containers.RepeatedCompositeFieldContainer[_telemetry_pb2.GpuSample]
     agent_stats: _telemetry_pb2.AgentStats
     inventory: _inventory_pb2.NodeInventory
-    def __init__(self, sequence: _Optional[int] = ..., time_unix_nano: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[_telemetry_pb2.GpuSample, _Mapping]]] = ..., agent_stats: _Optional[_Union[_telemetry_pb2.AgentStats, _Mapping]] = ..., inventory: _Optional[_Union[_inventory_pb2.NodeInventory, _Mapping]] = ...) -> None: ...
+    allocations: _allocation_pb2.Allocations
+    def __init__(self, sequence: _Optional[int] = ..., time_unix_nano: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[_telemetry_pb2.GpuSample, _Mapping]]] = ..., agent_stats: _Optional[_Union[_telemetry_pb2.AgentStats, _Mapping]] = ..., inventory: _Optional[_Union[_inventory_pb2.NodeInventory, _Mapping]] = ..., allocations: _Optional[_Union[_allocation_pb2.Allocations, _Mapping]] = ...) -> None: ...
 
 class ReportAck(_message.Message):
     __slots__ = ("sequence",)

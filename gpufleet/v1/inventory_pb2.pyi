@@ -42,7 +42,7 @@ class NodeInventory(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., hostname: _Optional[str] = ..., boot_id: _Optional[str] = ..., datacenter: _Optional[str] = ..., cluster: _Optional[str] = ..., rack: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., agent_version: _Optional[str] = ..., driver_version: _Optional[str] = ..., cuda_version: _Optional[str] = ..., nvml_version: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[GpuInventory, _Mapping]]] = ...) -> None: ...
 
 class GpuInventory(_message.Message):
-    __slots__ = ("index", "uuid", "serial", "name", "architecture", "compute_capability", "pci_bus_id", "memory_total_bytes", "power_limit_default_milliwatts", "power_limit_enforced_milliwatts", "power_limit_min_milliwatts", "power_limit_max_milliwatts", "max_sm_clock_mhz", "max_memory_clock_mhz", "vbios_version", "mig_enabled", "ecc_enabled", "persistence_enabled", "nvlink_link_count")
+    __slots__ = ("index", "uuid", "serial", "name", "architecture", "compute_capability", "pci_bus_id", "memory_total_bytes", "power_limit_default_milliwatts", "power_limit_enforced_milliwatts", "power_limit_min_milliwatts", "power_limit_max_milliwatts", "max_sm_clock_mhz", "max_memory_clock_mhz", "vbios_version", "mig_enabled", "ecc_enabled", "persistence_enabled", "nvlink_link_count", "mig_instances")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     UUID_FIELD_NUMBER: _ClassVar[int]
     SERIAL_FIELD_NUMBER: _ClassVar[int]
@@ -62,6 +62,7 @@ class GpuInventory(_message.Message):
     ECC_ENABLED_FIELD_NUMBER: _ClassVar[int]
     PERSISTENCE_ENABLED_FIELD_NUMBER: _ClassVar[int]
     NVLINK_LINK_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MIG_INSTANCES_FIELD_NUMBER: _ClassVar[int]
     index: int
     uuid: str
     serial: str
@@ -81,4 +82,21 @@ class GpuInventory(_message.Message):
     ecc_enabled: bool
     persistence_enabled: bool
     nvlink_link_count: int
-    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., serial: _Optional[str] = ..., name: _Optional[str] = ..., architecture: _Optional[str] = ..., compute_capability: _Optional[str] = ..., pci_bus_id: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., power_limit_default_milliwatts: _Optional[int] = ..., power_limit_enforced_milliwatts: _Optional[int] = ..., power_limit_min_milliwatts: _Optional[int] = ..., power_limit_max_milliwatts: _Optional[int] = ..., max_sm_clock_mhz: _Optional[int] = ..., max_memory_clock_mhz: _Optional[int] = ..., vbios_version: _Optional[str] = ..., mig_enabled: _Optional[bool] = ..., ecc_enabled: _Optional[bool] = ..., persistence_enabled: _Optional[bool] = ..., nvlink_link_count: _Optional[int] = ...) -> None: ...
+    mig_instances: _containers.RepeatedCompositeFieldContainer[MigInventory]
+    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., serial: _Optional[str] = ..., name: _Optional[str] = ..., architecture: _Optional[str] = ..., compute_capability: _Optional[str] = ..., pci_bus_id: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ..., power_limit_default_milliwatts: _Optional[int] = ..., power_limit_enforced_milliwatts: _Optional[int] = ..., power_limit_min_milliwatts: _Optional[int] = ..., power_limit_max_milliwatts: _Optional[int] = ..., max_sm_clock_mhz: _Optional[int] = ..., max_memory_clock_mhz: _Optional[int] = ..., vbios_version: _Optional[str] = ..., mig_enabled: _Optional[bool] = ..., ecc_enabled: _Optional[bool] = ..., persistence_enabled: _Optional[bool] = ..., nvlink_link_count: _Optional[int] = ..., mig_instances: _Optional[_Iterable[_Union[MigInventory, _Mapping]]] = ...) -> None: ...
+
+class MigInventory(_message.Message):
+    __slots__ = ("index", "uuid", "gpu_instance_id", "compute_instance_id", "profile", "memory_total_bytes")
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    GPU_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    PROFILE_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    index: int
+    uuid: str
+    gpu_instance_id: int
+    compute_instance_id: int
+    profile: str
+    memory_total_bytes: int
+    def __init__(self, index: _Optional[int] = ..., uuid: _Optional[str] = ..., gpu_instance_id: _Optional[int] = ..., compute_instance_id: _Optional[int] = ..., profile: _Optional[str] = ..., memory_total_bytes: _Optional[int] = ...) -> None: ...

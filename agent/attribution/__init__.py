@@ -1,0 +1,1 @@
+"""Who holds each GPU: the kubelet's pod-resources API, Slurm, and the GPUs' own processes."""
