@@ -19,7 +19,9 @@ class Target:
     gpu_instance_id: int | None = None
 
     def allocation(self, source: str, **values: str) -> allocation_pb2.Allocation:
-        allocation = allocation_pb2.Allocation(gpu_index=self.gpu_index, source=source, **values)
+        allocation = allocation_pb2.Allocation(gpu_index=self.gpu_index, source=source)
+        for name, value in values.items():
+            setattr(allocation, name, value)
         if self.gpu_instance_id is not None:
             allocation.gpu_instance_id = self.gpu_instance_id
         return allocation
