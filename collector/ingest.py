@@ -20,7 +20,14 @@ from google.protobuf.message import DecodeError
 
 from gpufleet import wire
 from gpufleet.collector.admission import TokenBucket
-from gpufleet.collector.limits import LimitExceeded, Limits, check_hello, check_report, clamp_report
+from gpufleet.collector.limits import (
+    LimitExceeded,
+    Limits,
+    bound_allocations,
+    check_hello,
+    check_report,
+    clamp_report,
+)
 from gpufleet.collector.selfmetrics import CollectorMetrics
 from gpufleet.collector.state import FleetState, NodeIdConflict, NodeRecord
 from gpufleet.collector.store import CommitFailed
@@ -230,6 +237,8 @@ class IngestServicer:
             )
         if self._state.get(inventory.node_id) is None:
             await self._admit_new_node(context)
+        if hello.HasField("allocations") and (cut := bound_allocations(hello.allocations, self._limits)):
+            self._metrics.attribution_truncated.inc(cut)
         try:
             return self._state.hello(hello)
         except NodeIdConflict as exc:
@@ -304,6 +313,8 @@ class IngestServicer:
             )
         if touched := clamp_report(report, time.time_ns(), self._limits):
             self._metrics.implausible_values.inc(touched)
+        if report.HasField("allocations") and (cut := bound_allocations(report.allocations, self._limits)):
+            self._metrics.attribution_truncated.inc(cut)
         return report
 
 

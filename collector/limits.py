@@ -8,10 +8,12 @@ to now, both counted. Nothing an agent sends reaches /metrics or MQTT unescaped.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+from gpufleet.allocations import bound
 from gpufleet.plausible import drop_implausible
-from gpufleet.v1 import ingest_pb2, inventory_pb2
+from gpufleet.v1 import allocation_pb2, ingest_pb2, inventory_pb2, telemetry_pb2
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,8 @@ class Limits:
     # Identity, version and other strings (hostname, UUID, serial, model name...).
     max_string_length: int = 256
     max_processes_per_gpu: int = 1024
+    # NVML allows at most 7 MIG instances on a GPU.
+    max_mig_instances_per_gpu: int = 8
     max_xids_per_gpu_report: int = 256
     # A report stamped further ahead than this is taken as stamped now.
     max_clock_skew_s: float = 300.0
@@ -72,6 +76,7 @@ INVENTORY_STRINGS = (
     "nvml_version",
 )
 GPU_STRINGS = ("uuid", "serial", "name", "architecture", "compute_capability", "pci_bus_id", "vbios_version")
+MIG_STRINGS = ("uuid", "profile")
 
 
 def _check_strings(message: object, fields: tuple[str, ...], limit: int, where: str) -> None:
@@ -104,6 +109,28 @@ def check_inventory(inventory: inventory_pb2.NodeInventory, limits: Limits) -> N
                 "gpu_index", f"GPU index {gpu.index}; the limit is {limits.max_gpus_per_node - 1}"
             )
         _check_strings(gpu, GPU_STRINGS, limits.max_string_length, f"GPU {gpu.index} ")
+        _check_mig_count(len(gpu.mig_instances), gpu.index, limits)
+        for mig in gpu.mig_instances:
+            _check_strings(mig, MIG_STRINGS, limits.max_string_length, f"GPU {gpu.index} MIG {mig.index} ")
+
+
+def _check_mig_count(count: int, index: int, limits: Limits) -> None:
+    if count > limits.max_mig_instances_per_gpu:
+        raise LimitExceeded(
+            "mig_instances",
+            f"{count} MIG instances on GPU {index}; the limit is {limits.max_mig_instances_per_gpu}",
+        )
+
+
+def _check_processes(processes: Sequence[telemetry_pb2.GpuProcess], where: str, limits: Limits) -> None:
+    if len(processes) > limits.max_processes_per_gpu:
+        raise LimitExceeded(
+            "processes", f"{len(processes)} processes on {where}; the limit is {limits.max_processes_per_gpu}"
+        )
+    if any(len(p.name) > limits.max_string_length for p in processes):
+        raise LimitExceeded(
+            "string_length", f"a process name on {where} is over {limits.max_string_length} characters"
+        )
 
 
 def check_hello(hello: ingest_pb2.Hello, limits: Limits) -> None:
@@ -139,18 +166,29 @@ def check_report(report: ingest_pb2.Report, limits: Limits) -> None:
                 f"{len(gpu.xid_events)} XIDs for GPU {gpu.index} in one report; "
                 f"the limit is {limits.max_xids_per_gpu_report}",
             )
-        processes = gpu.processes.processes
-        if len(processes) > limits.max_processes_per_gpu:
-            raise LimitExceeded(
-                "processes",
-                f"{len(processes)} processes on GPU {gpu.index}; the limit is {limits.max_processes_per_gpu}",
-            )
-        if len(gpu.read_error) > limits.max_string_length or any(
-            len(p.name) > limits.max_string_length for p in processes
-        ):
+        _check_processes(gpu.processes.processes, f"GPU {gpu.index}", limits)
+        if len(gpu.read_error) > limits.max_string_length:
             raise LimitExceeded(
                 "string_length", f"a string of GPU {gpu.index} is over {limits.max_string_length} characters"
             )
+        _check_mig_count(len(gpu.mig_instances), gpu.index, limits)
+        for mig in gpu.mig_instances:
+            _check_processes(mig.processes.processes, f"GPU {gpu.index} MIG {mig.gpu_instance_id}", limits)
+
+
+def bound_allocations(allocations: allocation_pb2.Allocations, limits: Limits) -> int:
+    """Cut what a node says about who holds its GPUs to the limits; return the values cut or dropped.
+
+    Attribution comes from outside the agent (pod and job names): over-long values are cut and
+    extra allocations dropped, never refused, so that the node's telemetry still counts.
+    """
+    cut = bound(allocations)
+    kept = [a for a in allocations.allocations if a.gpu_index < limits.max_gpus_per_node]
+    if len(kept) != len(allocations.allocations):
+        cut += len(allocations.allocations) - len(kept)
+        del allocations.allocations[:]
+        allocations.allocations.extend(kept)
+    return cut
 
 
 def clamp_report(report: ingest_pb2.Report, now_ns: int, limits: Limits) -> int:

@@ -30,6 +30,7 @@ from gpufleet.settings import (
     pem_file,
     positive_float,
     positive_int,
+    price_pair,
     readable_file,
     setup_logging,
     warn_unknown_variables,
@@ -130,6 +131,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         type=readable_file,
         help="'user:password' lines for --metrics-auth basic",
+    )
+    add_flag(
+        parser,
+        "--price",
+        action="append",
+        type=price_pair,
+        default=[],
+        help="MODEL=PRICE per GPU-hour (repeatable, e.g. H100=2.50): count what allocated and idle "
+        "GPUs cost (docs/attribution.md); MODEL matches part of the GPU's name",
     )
     limits = parser.add_argument_group("limits on what agents send")
     defaults = Limits()
@@ -389,6 +399,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         security=server_security(args),
         http_max_connections=args.http_max_connections,
         http_max_connections_per_peer=args.http_max_connections_per_peer,
+        prices=dict(args.price),
     )
     raise_open_files_limit()
     with contextlib.suppress(asyncio.CancelledError):

@@ -42,6 +42,11 @@ class CollectorMetrics:
             "Values from agents outside physical ranges (dropped) or timestamps from the future (clamped).",
             registry=r,
         )
+        self.attribution_truncated = Counter(
+            "gpufleet_collector_attribution_values_truncated",
+            "Attribution values from agents cut to the length limit, and allocations dropped over the limit.",
+            registry=r,
+        )
         self.denied = Counter(
             "gpufleet_collector_denied_calls",
             "gRPC calls refused for a missing, unknown or too weak token, by the scope they needed.",

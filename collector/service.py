@@ -37,6 +37,7 @@ from gpufleet.collector.recorder import EventBudget
 from gpufleet.collector.selfmetrics import CollectorMetrics
 from gpufleet.collector.state import FleetState, Liveness
 from gpufleet.collector.store import Store
+from gpufleet.collector.workload import Prices, WorkloadLedger
 from gpufleet.v1 import admin_pb2, admin_pb2_grpc, ingest_pb2, query_pb2, query_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ class CollectorConfig:
     # HTTP connections in all and from one address (idle ones make room for new ones).
     http_max_connections: int = MAX_CONNECTIONS
     http_max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER
+    # Price per GPU-hour by model (part of its name), for what allocated and idle GPUs cost.
+    prices: dict[str, float] = field(default_factory=dict)
 
 
 class Collector:
@@ -80,14 +83,15 @@ class Collector:
         )
         self.store = Store(config.db_path, self.state, self.metrics)
         self.metrics.store_uncommitted_seconds.set_function(self.store.uncommitted_seconds)
-        self.exposition = Exposition(self.state, self.metrics.render)
+        self.workloads = WorkloadLedger(self.state, Prices(config.prices))
+        self.exposition = Exposition(self.state, lambda: self.workloads.render() + self.metrics.render())
         self.dcgm = DcgmExposition(self.state)
         self.followers = EventFollowers()
         self.mqtt = MqttPublisher(config.mqtt, self.state, self.metrics, self.store) if config.mqtt else None
         # Every reader of the fleet's changes, in one place: told in this order, stopped in reverse.
         sinks = self.state.sinks
         sinks.on_error = lambda sink: self.metrics.sink_errors.labels(sink).inc()
-        for sink in (self.store, self.exposition, self.dcgm, self.followers, self.mqtt):
+        for sink in (self.store, self.exposition, self.workloads, self.dcgm, self.followers, self.mqtt):
             if sink is not None:
                 sinks.add(sink)
         self._grpc: grpc.aio.Server | None = None

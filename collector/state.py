@@ -18,7 +18,7 @@ from gpufleet.collector.eventlog import CRITICAL, INFO, WARNING, EventLog
 from gpufleet.collector.recorder import EventBudget, EventRecorder
 from gpufleet.collector.sinks import Sinks
 from gpufleet.definitions import IDLE_UTILIZATION_PERCENT
-from gpufleet.v1 import ingest_pb2, inventory_pb2, telemetry_pb2
+from gpufleet.v1 import allocation_pb2, ingest_pb2, inventory_pb2, telemetry_pb2
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,10 @@ class NodeRecord:
     inventory_version: int = 0
     # Bumped when a GPU's verdict or its XIDs since boot change (the store keeps both).
     health_version: int = 0
+    # Who holds the node's GPUs, as its agent said last (None: it attributes nothing);
+    # the version is bumped when they change.
+    allocations: allocation_pb2.Allocations | None = None
+    allocation_version: int = 0
     # The node's budget of XID and health events, what it went over by (per kind), and when last said.
     event_budget: TokenBucket | None = None
     suppressed: dict[str, int] = field(default_factory=dict)
@@ -98,6 +102,17 @@ class NodeRecord:
     @property
     def cluster(self) -> str:
         return self.inventory.cluster
+
+    def set_allocations(self, allocations: allocation_pb2.Allocations) -> None:
+        if allocations != self.allocations:
+            self.allocations = allocations
+            self.allocation_version += 1
+
+    def allocations_of(self, gpu_index: int) -> list[allocation_pb2.Allocation]:
+        """The allocations of one GPU and of its MIG instances."""
+        if self.allocations is None:
+            return []
+        return [a for a in self.allocations.allocations if a.gpu_index == gpu_index]
 
     def gpu_verdict(self, gpu: GpuRecord) -> health.Verdict:
         if self.state != UP:
@@ -177,6 +192,8 @@ class FleetState:
                 self._rebooted(node, inventory.boot_id)
             node.interval_s = interval_s
             self._set_inventory(node, inventory)
+        if hello.HasField("allocations"):
+            node.set_allocations(hello.allocations)
         node.streams += 1
         self._mark_seen(node)
         self._changed(node)
@@ -256,6 +273,8 @@ class FleetState:
         node.last_sequence = report.sequence
         if report.HasField("inventory"):
             self._set_inventory(node, report.inventory)
+        if report.HasField("allocations"):
+            node.set_allocations(report.allocations)
         updated = []
         for sample in report.gpus:
             gpu = node.gpus.get(sample.index)

@@ -253,3 +253,17 @@ def label_pair(value: str) -> str:
     """A KEY=VALUE flag value, checked."""
     labels_from_pairs([value])
     return value
+
+
+def price_pair(value: str) -> tuple[str, float]:
+    """A MODEL=PRICE flag value: a GPU model (part of its name) and a price per GPU-hour."""
+    model, sep, price = value.partition("=")
+    if not sep or not model.strip():
+        raise argparse.ArgumentTypeError(f"expected MODEL=PRICE (e.g. H100=2.50), got {value!r}")
+    try:
+        amount = float(price)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"the price in {value!r} is not a number") from None
+    if not 0 < amount < float("inf"):
+        raise argparse.ArgumentTypeError(f"the price in {value!r} must be a positive number")
+    return model.strip(), amount

@@ -72,6 +72,7 @@ GPU_POWER_LIMIT = _family("gpufleet_gpu_power_limit_watts", "gauge", "Enforced p
 AS_IS = "%d"
 PERCENT = "%de-2"
 MILLI = "%de-3"
+PPM = "%de-6"
 NANO = "%de-9"
 MEGA = "%de6"
 
@@ -80,12 +81,26 @@ MEGA = "%de6"
 class SampleGauge:
     family: int
     field: str
-    value_format: str  # the integer in base units: AS_IS, PERCENT, MILLI, NANO or MEGA
+    value_format: str  # the integer in base units: AS_IS, PERCENT, MILLI, PPM, NANO or MEGA
 
 
 def _gauge(name: str, type_: str, help_: str, field_name: str, value_format: str = AS_IS) -> SampleGauge:
     return SampleGauge(_family(name, type_, help_), field_name, value_format)
 
+
+# NVML GPM's activity ratios: (sample field, the metric's stem, what it measures). The same
+# fields are on a GPU's sample and on each of its MIG instances' samples.
+ACTIVITY_FIELDS: list[tuple[str, str, str]] = [
+    ("graphics_active_ppm", "graphics_active", "Fraction of time the graphics or compute engine was busy"),
+    ("sm_active_ppm", "sm_active", "Fraction of time at least one warp was resident on an SM, over all SMs"),
+    ("sm_occupancy_ppm", "sm_occupancy", "Resident warps as a fraction of the SMs' maximum"),
+    ("tensor_active_ppm", "tensor_active", "Fraction of time any tensor core pipe was active"),
+    ("dram_active_ppm", "dram_active", "Device memory bandwidth used, as a fraction of the peak"),
+    ("fp64_active_ppm", "fp64_active", "Fraction of time the FP64 pipe was active"),
+    ("fp32_active_ppm", "fp32_active", "Fraction of time the FP32 pipe was active"),
+    ("fp16_active_ppm", "fp16_active", "Fraction of time the FP16 pipe was active"),
+]
+GPM_NOTE = "(0-1, NVML GPM over the report interval; absent where unsupported)"
 
 # Telemetry fields exported one series per GPU, converted to base units.
 SAMPLE_GAUGES: list[SampleGauge] = [
@@ -189,6 +204,22 @@ SAMPLE_GAUGES: list[SampleGauge] = [
         "NVML recovery action: 0 none, 1 GPU reset, 2 node reboot, 3 drain P2P, 4 drain and reset.",
         "recovery_action",
     ),
+    *(
+        _gauge(f"gpufleet_gpu_{stem}_ratio", "gauge", f"{what} {GPM_NOTE}.", field_name, PPM)
+        for field_name, stem, what in ACTIVITY_FIELDS
+    ),
+    _gauge(
+        "gpufleet_gpu_nvlink_transmit_bytes_per_second",
+        "gauge",
+        "NVLink transmit throughput over all links (NVML GPM).",
+        "nvlink_tx_bytes_per_second",
+    ),
+    _gauge(
+        "gpufleet_gpu_nvlink_receive_bytes_per_second",
+        "gauge",
+        "NVLink receive throughput over all links (NVML GPM).",
+        "nvlink_rx_bytes_per_second",
+    ),
 ]
 
 # Telemetry fields exported as one family, told apart by labels.
@@ -237,6 +268,36 @@ LABELLED_GAUGES: list[tuple[int, list[tuple[str, str, str]]]] = [
     ),
 ]
 GPU_PROCESSES = _family("gpufleet_gpu_processes", "gauge", "Compute processes running on the GPU.")
+NODE_AGENT_ATTRIBUTION_ERRORS = _family(
+    "gpufleet_node_agent_attribution_errors_total",
+    "counter",
+    "Attribution reads that failed on the node (kubelet errors, unreadable job files or environments).",
+)
+NODE_AGENT_ATTRIBUTION_TRUNCATED = _family(
+    "gpufleet_node_agent_attribution_values_truncated_total",
+    "counter",
+    "Attribution values the node's agent cut to the length limit or dropped over the count limit.",
+)
+NODE_ATTRIBUTION_AVAILABLE = _family(
+    "gpufleet_node_attribution_available",
+    "gauge",
+    "1 if the node's agent could read this attribution source (kubernetes, slurm) in its latest refresh.",
+)
+GPU_ALLOCATION_INFO = _family(
+    "gpufleet_gpu_allocation_info",
+    "gauge",
+    "Who holds the GPU or its MIG instance (value 1, one series per workload); join on (node, gpu).",
+)
+MIG_INFO = _family(
+    "gpufleet_mig_info", "gauge", "A MIG instance (value 1): its uuid, profile and compute instance id."
+)
+MIG_MEMORY_TOTAL = _family("gpufleet_mig_memory_total_bytes", "gauge", "The MIG instance's memory.")
+MIG_MEMORY_USED = _family("gpufleet_mig_memory_used_bytes", "gauge", "The MIG instance's memory in use.")
+MIG_PROCESSES = _family("gpufleet_mig_processes", "gauge", "Compute processes running on the MIG instance.")
+MIG_ACTIVITY: list[tuple[int, str]] = [
+    (_family(f"gpufleet_mig_{stem}_ratio", "gauge", f"{what}, of the MIG instance {GPM_NOTE}."), field_name)
+    for field_name, stem, what in ACTIVITY_FIELDS
+]
 
 NODE_FAMILY_COUNT = len(FAMILIES)
 
@@ -260,4 +321,57 @@ FLEET_IDLE = _named(
 )
 FLEET_POWER = _named(
     Family("gpufleet_fleet_power_watts", "gauge", "Power drawn by reachable GPUs, by cluster.")
+)
+
+# -- workloads (collector/workload.py): GPU counts in GPU-equivalents (a MIG instance is its slices / 7) --
+
+WORKLOAD_GPUS = _named(
+    Family(
+        "gpufleet_workload_gpus", "gauge", "GPUs allocated, by cluster and workload (namespace, job, user)."
+    )
+)
+WORKLOAD_IDLE_GPUS = _named(
+    Family(
+        "gpufleet_workload_idle_gpus",
+        "gauge",
+        "Allocated GPUs that are idle, by workload and measure (by: utilization, sm_active).",
+    )
+)
+WORKLOAD_GPU_SECONDS = _named(
+    Family(
+        "gpufleet_workload_gpu_seconds_total", "counter", "GPU-seconds allocated, by cluster and workload."
+    )
+)
+WORKLOAD_IDLE_GPU_SECONDS = _named(
+    Family(
+        "gpufleet_workload_idle_gpu_seconds_total",
+        "counter",
+        "GPU-seconds allocated and idle, by workload and measure.",
+    )
+)
+WORKLOAD_COST = _named(
+    Family(
+        "gpufleet_workload_cost_total",
+        "counter",
+        "What the allocated GPU-seconds cost at the collector's --price per GPU-hour, by workload.",
+    )
+)
+WORKLOAD_IDLE_COST = _named(
+    Family(
+        "gpufleet_workload_idle_cost_total",
+        "counter",
+        "What the allocated and idle GPU-seconds cost at the collector's --price, by workload and measure.",
+    )
+)
+FLEET_ALLOCATED = _named(
+    Family(
+        "gpufleet_fleet_allocated_gpus",
+        "gauge",
+        "Reachable GPUs allocated to a workload, by cluster and model.",
+    )
+)
+FLEET_UNALLOCATED = _named(
+    Family(
+        "gpufleet_fleet_unallocated_gpus", "gauge", "Reachable GPUs no workload holds, by cluster and model."
+    )
 )

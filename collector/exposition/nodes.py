@@ -15,6 +15,7 @@ from gpufleet.collector import health
 from gpufleet.collector.exposition.aggregates import _line
 from gpufleet.collector.exposition.catalog import (
     FAMILIES,
+    GPU_ALLOCATION_INFO,
     GPU_HEALTH,
     GPU_INFO,
     GPU_MEMORY_TOTAL,
@@ -23,9 +24,17 @@ from gpufleet.collector.exposition.catalog import (
     GPU_UP,
     GPU_XIDS,
     LABELLED_GAUGES,
+    MIG_ACTIVITY,
+    MIG_INFO,
+    MIG_MEMORY_TOTAL,
+    MIG_MEMORY_USED,
+    MIG_PROCESSES,
+    NODE_AGENT_ATTRIBUTION_ERRORS,
+    NODE_AGENT_ATTRIBUTION_TRUNCATED,
     NODE_AGENT_INVALID,
     NODE_AGENT_RECONNECTS,
     NODE_AGENT_REPORTS_DROPPED,
+    NODE_ATTRIBUTION_AVAILABLE,
     NODE_FAMILY_COUNT,
     NODE_GPUS,
     NODE_INFO,
@@ -36,7 +45,7 @@ from gpufleet.collector.exposition.catalog import (
 from gpufleet.collector.exposition.textformat import escape_label_value
 from gpufleet.collector.state import NODE_STATE_NAMES, UP, GpuRecord, NodeRecord
 from gpufleet.collector.totals import Contribution, ModelShare, contribution
-from gpufleet.v1 import telemetry_pb2
+from gpufleet.v1 import allocation_pb2, telemetry_pb2
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +70,14 @@ SLOT_FIELDS = tuple(slot.field for slot in SLOTS)
 _slot_values = operator.attrgetter(*SLOT_FIELDS)
 # The families a node's template fills, in exposition order: everything that
 # changes with a report. The others change rarely and are rendered on change.
-NODE_VALUE_FAMILIES = (NODE_LAST_SEEN, NODE_AGENT_INVALID, NODE_AGENT_REPORTS_DROPPED, NODE_AGENT_RECONNECTS)
+NODE_VALUE_FAMILIES = (
+    NODE_LAST_SEEN,
+    NODE_AGENT_INVALID,
+    NODE_AGENT_REPORTS_DROPPED,
+    NODE_AGENT_RECONNECTS,
+    NODE_AGENT_ATTRIBUTION_ERRORS,
+    NODE_AGENT_ATTRIBUTION_TRUNCATED,
+)
 TEMPLATE_FAMILIES = sorted({*NODE_VALUE_FAMILIES, *(slot.family for slot in SLOTS), GPU_PROCESSES})
 _SLOTS_BY_FAMILY: dict[int, list[int]] = defaultdict(list)
 for _position, _slot in enumerate(SLOTS):
@@ -132,10 +148,12 @@ class _NodeLines:
     """
 
     __slots__ = (
+        "_allocation_key",
         "_health_key",
         "_inventory_key",
         "_label",
         "_label_bytes",
+        "_mig_key",
         "_name",
         "_state_key",
         "_up_key",
@@ -160,6 +178,8 @@ class _NodeLines:
         self._health_key: tuple[int, ...] | None = None
         self._up_key: tuple[bool, ...] | None = None
         self._xid_key: tuple[object, ...] = ()
+        self._allocation_key: int | None = None
+        self._mig_key: tuple[object, ...] = ()
 
     def render(self, node: NodeRecord) -> list[int]:
         """Bring the chunks up to date with ``node``; return the families whose lines changed."""
@@ -187,8 +207,11 @@ class _NodeLines:
             stats.invalid_values_dropped_total,
             stats.reports_dropped_total,
             stats.reconnects_total,
+            stats.attribution_errors_total,
+            stats.attribution_values_truncated_total,
         ]
         shape = []
+        mig_samples: list[tuple[int, telemetry_pb2.GpuSample]] = []
         verdicts = []
         oks = []
         by_model: dict[str, ModelShare] = {}
@@ -207,6 +230,8 @@ class _NodeLines:
                 oks.append(False)
                 continue
             oks.append(True)
+            if sample.mig_instances:
+                mig_samples.append((gpu.inventory.index, sample))
             present = tuple(map(sample.HasField, SLOT_FIELDS))
             slot_values = _slot_values(sample)
             shape.append((gpu.inventory.index, present, gpu.processes is not None))
@@ -233,6 +258,11 @@ class _NodeLines:
             )
         if self._xid_key or any(gpu.xid_totals for gpu in gpus):
             self._render_xids(gpus, new)
+        if node.allocation_version != self._allocation_key:
+            self._allocation_key = node.allocation_version
+            self._render_allocations(node, new)
+        if mig_samples or self._mig_key:
+            self._render_mig_samples(mig_samples, new)
         self._fill(_template(tuple(shape)), values, new)
         self.contribution = contribution(node.inventory.cluster, NODE_STATE_NAMES[state], by_model)
         self.chunks = tuple(new)
@@ -284,6 +314,93 @@ class _NodeLines:
         new[GPU_INFO] = self._lines(info)
         new[GPU_MEMORY_TOTAL] = self._lines(memory)
         new[GPU_POWER_LIMIT] = self._lines(power)
+        mig_info, mig_memory = [], []
+        for gpu in gpus:
+            for mig in gpu.inventory.mig_instances:
+                labels = f',gpu="{gpu.inventory.index}",mig="{mig.gpu_instance_id}"'
+                mig_info.append(
+                    (
+                        FAMILIES[MIG_INFO].name,
+                        f'{labels},uuid="{escape_label_value(mig.uuid)}",'
+                        f'profile="{escape_label_value(mig.profile)}",'
+                        f'compute_instance="{mig.compute_instance_id}"',
+                        1,
+                    )
+                )
+                if mig.HasField("memory_total_bytes"):
+                    mig_memory.append((FAMILIES[MIG_MEMORY_TOTAL].name, labels, mig.memory_total_bytes))
+        new[MIG_INFO] = self._lines(mig_info)
+        new[MIG_MEMORY_TOTAL] = self._lines(mig_memory)
+
+    def _render_allocations(self, node: NodeRecord, new: list[bytes]) -> None:
+        """One info line per allocation of a GPU (or MIG instance) the node has; sources' availability."""
+        allocations = node.allocations or allocation_pb2.Allocations()
+        lines = []
+        for allocation in allocations.allocations:
+            gpu = node.gpus.get(allocation.gpu_index)
+            if gpu is None:
+                continue
+            uuid, mig = gpu.inventory.uuid, ""
+            if allocation.HasField("gpu_instance_id"):
+                mig = str(allocation.gpu_instance_id)
+                uuid = next(
+                    (
+                        m.uuid
+                        for m in gpu.inventory.mig_instances
+                        if m.gpu_instance_id == allocation.gpu_instance_id
+                    ),
+                    "",
+                )
+            values = "".join(
+                f',{key}="{escape_label_value(value)}"'
+                for key, value in (
+                    ("namespace", allocation.namespace),
+                    ("pod", allocation.pod),
+                    ("container", allocation.container),
+                    ("job", allocation.job),
+                    ("user", allocation.user),
+                    ("account", allocation.account),
+                )
+            )
+            labels = f',gpu="{allocation.gpu_index}",uuid="{escape_label_value(uuid)}",mig="{mig}"{values}'
+            lines.append((FAMILIES[GPU_ALLOCATION_INFO].name, labels, 1))
+        new[GPU_ALLOCATION_INFO] = self._lines(dict.fromkeys(lines))
+        new[NODE_ATTRIBUTION_AVAILABLE] = self._lines(
+            (
+                FAMILIES[NODE_ATTRIBUTION_AVAILABLE].name,
+                f',source="{escape_label_value(source.name)}"',
+                int(source.available),
+            )
+            for source in {source.name: source for source in allocations.sources}.values()
+        )
+
+    def _render_mig_samples(
+        self, samples: list[tuple[int, telemetry_pb2.GpuSample]], new: list[bytes]
+    ) -> None:
+        """The MIG instances' memory, processes and activity (MIG nodes only: not templated)."""
+        key = tuple((index, tuple(sample.mig_instances)) for index, sample in samples)
+        if key == self._mig_key:
+            return
+        self._mig_key = key
+        used: list[tuple[str, str, float | int]] = []
+        processes: list[tuple[str, str, float | int]] = []
+        activity: dict[int, list[tuple[str, str, float | int]]] = {family: [] for family, _ in MIG_ACTIVITY}
+        for index, sample in samples:
+            for mig in sample.mig_instances:
+                labels = f',gpu="{index}",mig="{mig.gpu_instance_id}"'
+                if mig.HasField("memory_used_bytes"):
+                    used.append((FAMILIES[MIG_MEMORY_USED].name, labels, mig.memory_used_bytes))
+                if mig.HasField("processes"):
+                    processes.append((FAMILIES[MIG_PROCESSES].name, labels, len(mig.processes.processes)))
+                for family, field_name in MIG_ACTIVITY:
+                    if mig.HasField(field_name):
+                        activity[family].append(
+                            (FAMILIES[family].name, labels, getattr(mig, field_name) / 1e6)
+                        )
+        new[MIG_MEMORY_USED] = self._lines(used)
+        new[MIG_PROCESSES] = self._lines(processes)
+        for family, lines in activity.items():
+            new[family] = self._lines(lines)
 
     def _render_xids(self, gpus: list[GpuRecord], new: list[bytes]) -> None:
         key = tuple((gpu.inventory.index, tuple(sorted(gpu.xid_totals.items()))) for gpu in gpus)

@@ -1,0 +1,472 @@
+"""Who holds the fleet's GPUs, how much of that is idle, and what it costs: the workload ledger.
+
+Each node's agent says who holds its GPUs (Allocations, docs/attribution.md). The ledger turns
+that and the GPUs' latest samples into each node's share: GPUs allocated per workload (cluster,
+namespace, job, user), of those the idle ones by utilization and by SM activity, and GPUs no one
+holds. Shares are summed into running totals (gauges) and integrated over time into GPU-seconds
+(counters), so Prometheus can answer for any window and any price; with ``--price`` the collector
+also counts what those GPU-seconds cost.
+
+Counting is in integer units (UNITS_PER_GPU to a GPU) so that running sums stay exact: a MIG
+instance is its compute slices out of 7, and a GPU (or instance) held by several workloads is
+split evenly between them. A node counts while it is up, and a GPU while it is in the node's
+inventory; a GPU counts as idle only when its latest read succeeded and said so.
+
+Nodes that changed are taken in batches REFRESH_DELAY_S after the first change, so a transition
+(a job starts, a GPU goes idle) is dated within that delay; a node whose inputs did not change
+(the same allocations and the same idle flags) costs one comparison.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from gpufleet.collector.exposition.aggregates import _cluster_model, _line
+from gpufleet.collector.exposition.catalog import (
+    FLEET_ALLOCATED,
+    FLEET_UNALLOCATED,
+    WORKLOAD_COST,
+    WORKLOAD_GPU_SECONDS,
+    WORKLOAD_GPUS,
+    WORKLOAD_IDLE_COST,
+    WORKLOAD_IDLE_GPU_SECONDS,
+    WORKLOAD_IDLE_GPUS,
+)
+from gpufleet.collector.exposition.textformat import Family, escape_label_value
+from gpufleet.collector.sinks import Sink
+from gpufleet.collector.state import UP, FleetState, GpuRecord, NodeRecord
+from gpufleet.definitions import IDLE_SM_ACTIVE_PPM, IDLE_UTILIZATION_PERCENT
+from gpufleet.v1 import allocation_pb2, telemetry_pb2
+
+log = logging.getLogger(__name__)
+
+# 7! : a whole GPU, divisible by every MIG slice count (1-7) and by up to 7 sharing workloads.
+UNITS_PER_GPU = 5040
+MIG_SLICES_PER_GPU = 7
+# The measures by which an allocated GPU can be idle (the `by` label).
+BY_UTILIZATION = "utilization"
+BY_SM_ACTIVE = "sm_active"
+MEASURES = (BY_UTILIZATION, BY_SM_ACTIVE)
+# A workload's counters are kept this long after it last held a GPU, then dropped (its series end).
+RETENTION_S = 3600.0
+EXPIRE_EVERY_S = 60.0
+_OK = telemetry_pb2.GPU_READ_STATUS_OK
+_PROFILE_SLICES = re.compile(r"^(\d+)g\.")
+
+# (cluster, namespace, job, user)
+WorkloadKey = tuple[str, str, str, str]
+
+
+def workload_key(cluster: str, allocation: allocation_pb2.Allocation) -> WorkloadKey:
+    return (cluster, allocation.namespace, allocation.job, allocation.user)
+
+
+class Prices:
+    """A price per GPU-hour per model, from ``--price MODEL=PRICE`` (case-insensitive substring;
+    the longest matching key wins, so "H100 NVL=3" beats "H100=2.5" for an H100 NVL)."""
+
+    def __init__(self, prices: dict[str, float] | None = None) -> None:
+        self._prices = sorted(
+            ((key.lower(), price) for key, price in (prices or {}).items()), key=lambda kv: -len(kv[0])
+        )
+        self._cache: dict[str, float | None] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._prices)
+
+    def items(self) -> list[tuple[str, float]]:
+        return list(self._prices)
+
+    def per_hour(self, model: str) -> float | None:
+        if model not in self._cache:
+            name = model.lower()
+            self._cache[model] = next((price for key, price in self._prices if key in name), None)
+        return self._cache[model]
+
+
+@dataclass(slots=True)
+class Slot:
+    """A GPU or one MIG instance, as the ledger last saw it."""
+
+    gpu_index: int
+    gpu_instance_id: int | None
+    model: str
+    units: int
+    allocations: tuple[allocation_pb2.Allocation, ...]
+    # Unix times (ns): since when the same workloads hold it, and since when it is idle (0: it is not).
+    allocated_since_ns: int = 0
+    idle_since_ns: int = 0
+    idle_by: tuple[bool, bool] = (False, False)  # by utilization, by SM activity
+
+
+@dataclass(slots=True)
+class _NodeWork:
+    signature: tuple[object, ...] = ()
+    share: dict[tuple[str, ...], int] = field(default_factory=dict)
+    slots: dict[tuple[int, int | None], Slot] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Counter:
+    """Unit-seconds accrued, and the rate (units) at which it grows now."""
+
+    accrued: float = 0.0
+    rate: int = 0
+    since: float = 0.0
+    # When the rate last dropped to 0 (monotonic), for RETENTION_S.
+    zero_since: float = 0.0
+
+    def value(self, now: float) -> float:
+        return self.accrued + self.rate * (now - self.since)
+
+
+def _idle_flags(sample: telemetry_pb2.GpuSample | telemetry_pb2.MigSample) -> tuple[bool, bool]:
+    by_utilization = (
+        isinstance(sample, telemetry_pb2.GpuSample)
+        and sample.HasField("gpu_utilization_percent")
+        and sample.gpu_utilization_percent < IDLE_UTILIZATION_PERCENT
+    )
+    by_sm = sample.HasField("sm_active_ppm") and sample.sm_active_ppm < IDLE_SM_ACTIVE_PPM
+    return by_utilization, by_sm
+
+
+def mig_units(profile: str) -> int:
+    """A MIG instance's share of its GPU, in units: its compute slices out of 7 ("3g.40gb": 3)."""
+    match = _PROFILE_SLICES.match(profile)
+    slices = int(match.group(1)) if match else 1
+    return UNITS_PER_GPU * min(max(slices, 1), MIG_SLICES_PER_GPU) // MIG_SLICES_PER_GPU
+
+
+def _readable(node: NodeRecord, gpu: GpuRecord) -> telemetry_pb2.GpuSample | None:
+    sample = gpu.sample
+    if sample is None or sample.read_status != _OK:
+        return None
+    return sample
+
+
+def _signature(node: NodeRecord) -> tuple[object, ...]:
+    """What the node's share follows from: if this is unchanged, so is the share."""
+    if node.state != UP:
+        return (node.state,)
+    flags: list[tuple[int, object]] = []
+    for index, gpu in node.gpus.items():
+        if gpu.missing:
+            continue
+        sample = _readable(node, gpu)
+        if sample is None:
+            flags.append((index, None))
+        elif gpu.inventory.mig_instances:
+            flags.append((index, tuple(_idle_flags(mig) for mig in sample.mig_instances)))
+        else:
+            flags.append((index, _idle_flags(sample)))
+    return (node.state, node.allocation_version, node.inventory_version, tuple(flags))
+
+
+def _slots(node: NodeRecord) -> Iterator[tuple[Slot, tuple[bool, bool] | None]]:
+    """Every GPU (or MIG instance) of an up node, with its allocations and idle flags (None: unread)."""
+    by_target: dict[tuple[int, int | None], list[allocation_pb2.Allocation]] = {}
+    if node.allocations is not None:
+        for allocation in node.allocations.allocations:
+            gi = allocation.gpu_instance_id if allocation.HasField("gpu_instance_id") else None
+            by_target.setdefault((allocation.gpu_index, gi), []).append(allocation)
+    for index in sorted(node.gpus):
+        gpu = node.gpus[index]
+        if gpu.missing:
+            continue
+        sample = _readable(node, gpu)
+        whole = by_target.get((index, None), [])
+        migs = gpu.inventory.mig_instances
+        if not migs:
+            slot = Slot(index, None, gpu.model, UNITS_PER_GPU, tuple(whole))
+            yield slot, (_idle_flags(sample) if sample is not None else None)
+            continue
+        mig_samples = {m.gpu_instance_id: m for m in sample.mig_instances} if sample is not None else {}
+        for mig in migs:
+            gi = mig.gpu_instance_id
+            held = by_target.get((index, gi)) or whole  # a whole-GPU allocation holds every instance
+            mig_sample = mig_samples.get(gi)
+            slot = Slot(index, gi, gpu.model, mig_units(mig.profile), tuple(held))
+            yield slot, (_idle_flags(mig_sample) if mig_sample is not None else None)
+
+
+@dataclass(frozen=True)
+class WorkloadRow:
+    """One workload's GPUs now and its GPU-seconds so far (what the CLI's jobs and idle show)."""
+
+    key: WorkloadKey
+    gpus: float
+    idle_gpus: dict[str, float]
+    gpu_seconds: float
+    idle_gpu_seconds: dict[str, float]
+    cost: float | None
+    idle_cost: dict[str, float] | None
+
+
+class WorkloadLedger(Sink):
+    """Keeps each node's share of the workloads current, their totals and their GPU-seconds."""
+
+    name = "workloads"
+    REFRESH_DELAY_S = 0.5
+
+    def __init__(
+        self,
+        state: FleetState,
+        prices: Prices | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock_ns: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self._state = state
+        self.prices = prices or Prices()
+        self._clock = clock
+        self._wall_ns = wall_clock_ns
+        self._nodes: dict[str, _NodeWork] = {}
+        self._dirty: set[str] = {node.node_id for node in state.nodes()}
+        self._refresh_scheduled = False
+        # ("gpus"|"idle_utilization"|"idle_sm_active", cluster, namespace, job, user, model) -> units,
+        # ("allocated"|"unallocated", cluster, model) -> units.
+        self._totals: dict[tuple[str, ...], int] = {}
+        self._counters: dict[tuple[str, ...], _Counter] = {}
+        self._expired_at = clock()
+
+    # -- the sink ----------------------------------------------------------------------
+
+    def node_changed(self, node: NodeRecord) -> None:
+        self._dirty.add(node.node_id)
+        if not self._refresh_scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop: refreshed on the next read
+                return
+            self._refresh_scheduled = True
+            loop.call_later(self.REFRESH_DELAY_S, self._scheduled_refresh)
+
+    def node_removed(self, node: NodeRecord) -> None:
+        self.node_changed(node)
+
+    def _scheduled_refresh(self) -> None:
+        self._refresh_scheduled = False
+        try:
+            self.refresh()
+        except Exception:
+            log.exception("accounting the workloads failed; retrying with the next change")
+
+    def refresh(self) -> None:
+        """Take in the nodes that changed since the last refresh."""
+        now = self._clock()
+        if now - self._expired_at > EXPIRE_EVERY_S:
+            self._expired_at = now
+            self._expire(now)
+        if not self._dirty:
+            return
+        dirty, self._dirty = self._dirty, set()
+        now_ns = self._wall_ns()
+        for node_id in dirty:
+            node = self._state.get(node_id)
+            work = self._nodes.get(node_id)
+            if node is None:
+                if work is not None:
+                    del self._nodes[node_id]
+                    self._account(work.share, {}, now)
+                continue
+            if work is None:
+                work = self._nodes[node_id] = _NodeWork()
+            signature = _signature(node)
+            if signature == work.signature:
+                continue
+            work.signature = signature
+            share, slots = self._share(node, work.slots, now_ns)
+            self._account(work.share, share, now)
+            work.share, work.slots = share, slots
+
+    # -- shares ------------------------------------------------------------------------
+
+    def _share(
+        self, node: NodeRecord, before: dict[tuple[int, int | None], Slot], now_ns: int
+    ) -> tuple[dict[tuple[str, ...], int], dict[tuple[int, int | None], Slot]]:
+        share: dict[tuple[str, ...], int] = {}
+        slots: dict[tuple[int, int | None], Slot] = {}
+        if node.state != UP:
+            return share, slots
+        cluster = node.cluster
+        for slot, flags in _slots(node):
+            model = slot.model
+            target = (slot.gpu_index, slot.gpu_instance_id)
+            slots[target] = slot
+            key: tuple[str, ...]
+            if not slot.allocations:
+                key = ("unallocated", cluster, model)
+                share[key] = share.get(key, 0) + slot.units
+                continue
+            key = ("allocated", cluster, model)
+            share[key] = share.get(key, 0) + slot.units
+            previous = before.get(target)
+            if previous is None or previous.allocations != slot.allocations:
+                previous = None  # new holders: their time starts now
+            slot.allocated_since_ns = previous.allocated_since_ns if previous else now_ns
+            slot.idle_by = flags or (False, False)
+            if any(slot.idle_by):
+                slot.idle_since_ns = previous.idle_since_ns if previous and previous.idle_since_ns else now_ns
+            workloads = sorted({workload_key(cluster, a) for a in slot.allocations})
+            part = slot.units // len(workloads)
+            for workload in workloads:
+                for kind, counts in (
+                    ("gpus", True),
+                    ("idle_utilization", slot.idle_by[0]),
+                    ("idle_sm_active", slot.idle_by[1]),
+                ):
+                    if counts:
+                        key = (kind, *workload, model)
+                        share[key] = share.get(key, 0) + part
+        return share, slots
+
+    def _account(self, old: dict[tuple[str, ...], int], new: dict[tuple[str, ...], int], now: float) -> None:
+        if old == new:
+            return
+        totals = self._totals
+        for key in old.keys() | new.keys():
+            change = new.get(key, 0) - old.get(key, 0)
+            if not change:
+                continue
+            total = totals.get(key, 0) + change
+            if total:
+                totals[key] = total
+            else:
+                totals.pop(key, None)
+            if key[0] in ("gpus", "idle_utilization", "idle_sm_active"):
+                counter = self._counters.get(key)
+                if counter is None:
+                    counter = self._counters[key] = _Counter(since=now)
+                counter.accrued = counter.value(now)
+                counter.since = now
+                counter.rate = total
+                if not total:
+                    counter.zero_since = now
+
+    def _expire(self, now: float) -> None:
+        expired = [
+            key
+            for key, counter in self._counters.items()
+            if not counter.rate and now - counter.zero_since > RETENTION_S
+        ]
+        for key in expired:
+            del self._counters[key]
+
+    # -- readers -----------------------------------------------------------------------
+
+    def slots(self) -> Iterator[tuple[NodeRecord, Slot]]:
+        """Every GPU and MIG instance of the up nodes, as last accounted."""
+        self.refresh()
+        for node_id, work in self._nodes.items():
+            node = self._state.get(node_id)
+            if node is not None:
+                for slot in work.slots.values():
+                    yield node, slot
+
+    def rows(self) -> list[WorkloadRow]:
+        """Every workload that holds GPUs now or held some within RETENTION_S, by its key."""
+        self.refresh()
+        now = self._clock()
+        gauges: dict[WorkloadKey, dict[str, int]] = {}
+        for (kind, *rest), units in self._totals.items():
+            if kind in ("gpus", "idle_utilization", "idle_sm_active"):
+                key = (rest[0], rest[1], rest[2], rest[3])
+                per = gauges.setdefault(key, {})
+                per[kind] = per.get(kind, 0) + units
+        seconds: dict[WorkloadKey, dict[str, float]] = {}
+        costs: dict[WorkloadKey, dict[str, float]] = {}
+        for (kind, *rest), counter in self._counters.items():
+            key = (rest[0], rest[1], rest[2], rest[3])
+            value = counter.value(now) / UNITS_PER_GPU
+            per_s = seconds.setdefault(key, {})
+            per_s[kind] = per_s.get(kind, 0.0) + value
+            price = self.prices.per_hour(rest[4])
+            if price is not None:
+                per_c = costs.setdefault(key, {})
+                per_c[kind] = per_c.get(kind, 0.0) + value * price / 3600
+        rows = []
+        for key in sorted(gauges.keys() | seconds.keys()):
+            g, s, c = gauges.get(key, {}), seconds.get(key, {}), costs.get(key)
+            rows.append(
+                WorkloadRow(
+                    key=key,
+                    gpus=g.get("gpus", 0) / UNITS_PER_GPU,
+                    idle_gpus={by: g.get(f"idle_{by}", 0) / UNITS_PER_GPU for by in MEASURES},
+                    gpu_seconds=s.get("gpus", 0.0),
+                    idle_gpu_seconds={by: s.get(f"idle_{by}", 0.0) for by in MEASURES},
+                    cost=c.get("gpus", 0.0) if c is not None else None,
+                    idle_cost={by: c.get(f"idle_{by}", 0.0) for by in MEASURES} if c is not None else None,
+                )
+            )
+        return rows
+
+    def fleet_gpus(self) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
+        """Allocated and unallocated GPUs by (cluster, model)."""
+        self.refresh()
+        allocated: dict[tuple[str, str], float] = {}
+        unallocated: dict[tuple[str, str], float] = {}
+        for (kind, *rest), units in self._totals.items():
+            if kind == "allocated":
+                allocated[(rest[0], rest[1])] = units / UNITS_PER_GPU
+            elif kind == "unallocated":
+                unallocated[(rest[0], rest[1])] = units / UNITS_PER_GPU
+        return allocated, unallocated
+
+    def render(self) -> bytes:
+        """The workload families of the fleet view."""
+        rows = self.rows()
+        allocated, unallocated = self.fleet_gpus()
+        out: list[str] = []
+        _family(out, WORKLOAD_GPUS, ((_labels(row.key), row.gpus) for row in rows if row.gpus))
+        _family(
+            out,
+            WORKLOAD_IDLE_GPUS,
+            ((_labels(row.key, by), row.idle_gpus[by]) for row in rows if row.gpus for by in MEASURES),
+        )
+        _family(out, WORKLOAD_GPU_SECONDS, ((_labels(row.key), row.gpu_seconds) for row in rows))
+        _family(
+            out,
+            WORKLOAD_IDLE_GPU_SECONDS,
+            ((_labels(row.key, by), row.idle_gpu_seconds[by]) for row in rows for by in MEASURES),
+        )
+        if self.prices:
+            _family(
+                out, WORKLOAD_COST, ((_labels(row.key), row.cost) for row in rows if row.cost is not None)
+            )
+            _family(
+                out,
+                WORKLOAD_IDLE_COST,
+                (
+                    (_labels(row.key, by), row.idle_cost[by])
+                    for row in rows
+                    if row.idle_cost is not None
+                    for by in MEASURES
+                ),
+            )
+        _family(
+            out, FLEET_ALLOCATED, ((_cluster_model(*key), value) for key, value in sorted(allocated.items()))
+        )
+        _family(
+            out,
+            FLEET_UNALLOCATED,
+            ((_cluster_model(*key), value) for key, value in sorted(unallocated.items())),
+        )
+        return "".join(out).encode()
+
+
+def _family(out: list[str], family: Family, lines: Iterable[tuple[str, float | None]]) -> None:
+    out.append(family.header())
+    out.extend(_line(family.name, labels, value) for labels, value in lines if value is not None)
+
+
+def _labels(key: WorkloadKey, by: str | None = None) -> str:
+    cluster, namespace, job, user = key
+    labels = (
+        f'cluster="{escape_label_value(cluster)}",namespace="{escape_label_value(namespace)}",'
+        f'job="{escape_label_value(job)}",user="{escape_label_value(user)}"'
+    )
+    return labels if by is None else f'{labels},by="{by}"'
