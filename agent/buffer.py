@@ -29,9 +29,11 @@ class Pending:
 
 
 def carries_events(report: ingest_pb2.Report) -> bool:
-    """Reports an operator must not lose: XIDs, lost GPUs, inventory changes."""
-    return report.HasField("inventory") or any(
-        gpu.xid_events or gpu.read_status == telemetry_pb2.GPU_READ_STATUS_LOST for gpu in report.gpus
+    """Reports an operator must not lose: XIDs, lost GPUs, inventory and allocation changes."""
+    return (
+        report.HasField("inventory")
+        or report.HasField("allocations")
+        or any(gpu.xid_events or gpu.read_status == telemetry_pb2.GPU_READ_STATUS_LOST for gpu in report.gpus)
     )
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import gpufleet
+from gpufleet.agent.attribution.refresh import Attribution
 from gpufleet.agent.sources.base import GpuSource
 from gpufleet.agent.spool import Spool
 from gpufleet.agent.uplink import Uplink
@@ -110,6 +111,7 @@ class NodeAgent:
         *,
         blocking_source: bool,
         delivery: Delivery | None = None,
+        attribution: Attribution | None = None,
     ) -> None:
         self.source = source
         self.identity = identity
@@ -122,6 +124,8 @@ class NodeAgent:
         self._source_failures = 0
         self._memory_errors: dict[int, tuple[object, ...]] = {}
         self.uplink: Uplink | None = None
+        self.attribution = attribution
+        self._allocations: object = None  # the last Allocations sent
 
     @property
     def source_errors_total(self) -> int:
@@ -269,10 +273,30 @@ class NodeAgent:
             uplink.stats.invalid_values_dropped_total = self._invalid_values_dropped
             uplink.stats.nvml_errors_total = self.source_errors_total
             uplink.stats.xid_events_total = self._xids_seen
+            await self._attribute(uplink, inventory, gpus)
             uplink.submit(gpus, carries_events=self._memory_errors_changed(gpus))
             next_at += schedule.interval_s
             if await _sleep_or_stop(stop, max(next_at - time.monotonic(), 0.0)):
                 return
+
+    async def _attribute(
+        self, uplink: Uplink, inventory: inventory_pb2.NodeInventory, gpus: Sequence[telemetry_pb2.GpuSample]
+    ) -> None:
+        """Who holds the GPUs now; a change goes to the collector with this report."""
+        attribution = self.attribution
+        if attribution is None:
+            return
+        try:
+            allocations = await attribution.refresh(inventory, gpus)
+        except Exception as exc:  # a bug in a source must not stop the node's telemetry
+            self._source_failed("attribution", exc)
+            return
+        finally:
+            uplink.stats.attribution_errors_total = attribution.errors_total
+            uplink.stats.attribution_values_truncated_total = attribution.truncated_total
+        if allocations != self._allocations:
+            self._allocations = allocations
+            uplink.update_allocations(allocations)
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:

@@ -26,7 +26,7 @@ from gpufleet import wire
 from gpufleet.agent.buffer import ReportBuffer
 from gpufleet.agent.spool import Spool
 from gpufleet.security import ClientSecurity
-from gpufleet.v1 import ingest_pb2, ingest_pb2_grpc, inventory_pb2, telemetry_pb2
+from gpufleet.v1 import allocation_pb2, ingest_pb2, ingest_pb2_grpc, inventory_pb2, telemetry_pb2
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,8 @@ class Uplink:
         self._targets = list(targets)
         self._inventory = inventory
         self._inventory_changed = False
+        self._allocations: allocation_pb2.Allocations | None = None
+        self._allocations_changed = False
         self._report_interval_ms = int(report_interval_s * 1000)
         self._interval_s = report_interval_s
         self._channel_options = wire.client_options(int(keepalive_s * 1000))
@@ -183,6 +185,11 @@ class Uplink:
         self._inventory = inventory
         self._inventory_changed = True
 
+    def update_allocations(self, allocations: allocation_pb2.Allocations) -> None:
+        """Who holds the node's GPUs changed: tell the collector with the next report (and every Hello)."""
+        self._allocations = allocations
+        self._allocations_changed = True
+
     def submit(self, gpus: Sequence[telemetry_pb2.GpuSample], *, carries_events: bool = False) -> None:
         """Queue a report of ``gpus``; it is sent as soon as the stream allows."""
         report = ingest_pb2.Report(time_unix_nano=time.time_ns(), gpus=gpus)
@@ -190,6 +197,9 @@ class Uplink:
         if self._inventory_changed:
             report.inventory.CopyFrom(self._inventory)
             self._inventory_changed = False
+        if self._allocations_changed and self._allocations is not None:
+            report.allocations.CopyFrom(self._allocations)
+            self._allocations_changed = False
         self._buffer.add(report, events=carries_events)
         self._wakeup.set()
 
@@ -285,6 +295,8 @@ class Uplink:
             inventory=self._inventory,
             report_interval_ms=self._report_interval_ms,
         )
+        if self._allocations is not None:
+            hello.allocations.CopyFrom(self._allocations)
         await self._write(call, ingest_pb2.AgentMessage(hello=hello), None)
         self._inventory_changed = False
         answer = await call.read()

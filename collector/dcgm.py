@@ -5,8 +5,12 @@ for the fields NVML provides, so that Grafana dashboard 12239 and alerts written
 for dcgm-exporter work unchanged. The node is in ``Hostname``: behind one central
 collector, ``instance`` is the collector for every GPU.
 
-Profiling fields (``DCGM_FI_PROF_*``) need DCGM's profiling module, not NVML, and
-are not served. Like the main exposition, nothing stale is served: a node that
+Profiling fields (``DCGM_FI_PROF_*``) come from NVML's GPM (Hopper and later) where the
+agent reads it, in dcgm-exporter's units; a MIG instance has its own series of them (and
+of its framebuffer), labelled ``GPU_I_PROFILE`` and ``GPU_I_ID``. A GPU someone holds gets
+dcgm-exporter's ``pod``, ``namespace`` and ``container`` labels (Kubernetes) or ``hpc_job``
+(Slurm), one copy of each series per workload when several share it. Like the main
+exposition, nothing stale is served: a node that
 stopped reporting has no series here (dcgm-exporter on a dead host has none
 either), and a GPU that does not read has only its last XID. Each node's lines
 are rendered when it changed and kept; a scrape joins them.
@@ -23,7 +27,7 @@ from gpufleet.collector.exposition.textformat import escape_label_value, format_
 from gpufleet.collector.exposition.views import Body, ShardViews
 from gpufleet.collector.sinks import Sink
 from gpufleet.collector.state import UP, FleetState, GpuRecord, NodeRecord
-from gpufleet.v1 import telemetry_pb2
+from gpufleet.v1 import allocation_pb2, inventory_pb2, telemetry_pb2
 
 MIB = 1024 * 1024
 
@@ -37,6 +41,8 @@ class DcgmFamily:
     help: str
     # The value in dcgm-exporter's unit, or None when the GPU did not report it.
     value: Value
+    # Also served per MIG instance (its sample has the same field).
+    per_mig: bool = False
 
     def header(self) -> str:
         return f"# HELP {self.name} {self.help}\n# TYPE {self.name} {self.type}\n"
@@ -57,6 +63,13 @@ def _field(name: str, divisor: int | None = None) -> Value:
 def _mib(name: str) -> Value:
     def value(sample: telemetry_pb2.GpuSample) -> int | None:
         return getattr(sample, name) // MIB if sample.HasField(name) else None
+
+    return value
+
+
+def _ppm(name: str) -> Value:
+    def value(sample: telemetry_pb2.GpuSample) -> float | None:
+        return getattr(sample, name) / 1_000_000 if sample.HasField(name) else None
 
     return value
 
@@ -120,10 +133,18 @@ FAMILIES: list[DcgmFamily] = [
         _sum("throttle_sw_thermal_nanoseconds", "throttle_hw_thermal_nanoseconds"),
     ),
     DcgmFamily(
-        "DCGM_FI_DEV_FB_FREE", "gauge", "Framebuffer memory free (in MiB).", _mib("memory_free_bytes")
+        "DCGM_FI_DEV_FB_FREE",
+        "gauge",
+        "Framebuffer memory free (in MiB).",
+        _mib("memory_free_bytes"),
+        per_mig=True,
     ),
     DcgmFamily(
-        "DCGM_FI_DEV_FB_USED", "gauge", "Framebuffer memory used (in MiB).", _mib("memory_used_bytes")
+        "DCGM_FI_DEV_FB_USED",
+        "gauge",
+        "Framebuffer memory used (in MiB).",
+        _mib("memory_used_bytes"),
+        per_mig=True,
     ),
     DcgmFamily(
         "DCGM_FI_DEV_FB_RESERVED",
@@ -203,7 +224,78 @@ FAMILIES: list[DcgmFamily] = [
         "Whether remapping of rows is pending",
         _field("row_remap_pending"),
     ),
+    *(
+        DcgmFamily(name, "gauge", help_, _ppm(field_name), per_mig=True)
+        for name, help_, field_name in (
+            (
+                "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
+                "Ratio of time the graphics engine is active.",
+                "graphics_active_ppm",
+            ),
+            (
+                "DCGM_FI_PROF_SM_ACTIVE",
+                "The ratio of cycles an SM has at least 1 warp assigned.",
+                "sm_active_ppm",
+            ),
+            (
+                "DCGM_FI_PROF_SM_OCCUPANCY",
+                "The ratio of number of warps resident on an SM.",
+                "sm_occupancy_ppm",
+            ),
+            (
+                "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE",
+                "Ratio of cycles the tensor (HMMA) pipe is active.",
+                "tensor_active_ppm",
+            ),
+            (
+                "DCGM_FI_PROF_DRAM_ACTIVE",
+                "Ratio of cycles the device memory interface is active sending or receiving data.",
+                "dram_active_ppm",
+            ),
+            (
+                "DCGM_FI_PROF_PIPE_FP64_ACTIVE",
+                "Ratio of cycles the fp64 pipes are active.",
+                "fp64_active_ppm",
+            ),
+            (
+                "DCGM_FI_PROF_PIPE_FP32_ACTIVE",
+                "Ratio of cycles the fp32 pipes are active.",
+                "fp32_active_ppm",
+            ),
+            (
+                "DCGM_FI_PROF_PIPE_FP16_ACTIVE",
+                "Ratio of cycles the fp16 pipes are active.",
+                "fp16_active_ppm",
+            ),
+        )
+    ),
+    *(
+        DcgmFamily(name, "gauge", help_, _field(field_name))
+        for name, help_, field_name in (
+            (
+                "DCGM_FI_PROF_PCIE_TX_BYTES",
+                "The rate of data transmitted over the PCIe bus, headers included, in bytes per second.",
+                "pcie_tx_bytes_per_second",
+            ),
+            (
+                "DCGM_FI_PROF_PCIE_RX_BYTES",
+                "The rate of data received over the PCIe bus, headers included, in bytes per second.",
+                "pcie_rx_bytes_per_second",
+            ),
+            (
+                "DCGM_FI_PROF_NVLINK_TX_BYTES",
+                "The rate of data transmitted over NVLink, headers excluded, in bytes per second.",
+                "nvlink_tx_bytes_per_second",
+            ),
+            (
+                "DCGM_FI_PROF_NVLINK_RX_BYTES",
+                "The rate of data received over NVLink, headers excluded, in bytes per second.",
+                "nvlink_rx_bytes_per_second",
+            ),
+        )
+    ),
 ]
+MIG_FAMILIES = [index for index, family in enumerate(FAMILIES) if family.per_mig]
 # The last XID, with its code and meaning as labels (dcgm-exporter 3.3.6 and later): served for
 # every GPU of a reporting node, lost ones too, and 0 until the first XID, as DCGM reports it.
 XID_HEADER = (
@@ -215,14 +307,43 @@ HEADERS = [family.header().encode() for family in FAMILIES] + [XID_HEADER.encode
 NAMES = [family.name for family in FAMILIES] + ["DCGM_FI_DEV_XID_ERRORS"]
 
 
-def gpu_labels(node: NodeRecord, gpu: GpuRecord) -> str:
+def gpu_labels(node: NodeRecord, gpu: GpuRecord, mig: inventory_pb2.MigInventory | None = None) -> str:
     """dcgm-exporter's labels, in its order; the node's name in ``Hostname``."""
     inv = gpu.inventory
+    instance = (
+        f',GPU_I_PROFILE="{escape_label_value(mig.profile)}",GPU_I_ID="{mig.gpu_instance_id}"' if mig else ""
+    )
     return (
         f'gpu="{inv.index}",UUID="{escape_label_value(inv.uuid)}",'
         f'pci_bus_id="{escape_label_value(inv.pci_bus_id)}",device="nvidia{inv.index}",'
-        f'modelName="{escape_label_value(inv.name)}",Hostname="{escape_label_value(node.name)}",'
+        f'modelName="{escape_label_value(inv.name)}"{instance},Hostname="{escape_label_value(node.name)}",'
         f'DCGM_FI_DRIVER_VERSION="{escape_label_value(node.inventory.driver_version)}"'
+    )
+
+
+def holder_labels(allocations: list[allocation_pb2.Allocation]) -> list[str]:
+    """dcgm-exporter's labels for who holds a GPU: one variant per workload ("" for none)."""
+    variants = []
+    for a in allocations:
+        labels = ""
+        if a.pod or a.namespace:
+            labels += (
+                f',pod="{escape_label_value(a.pod)}",namespace="{escape_label_value(a.namespace)}",'
+                f'container="{escape_label_value(a.container)}"'
+            )
+        if a.job:
+            labels += f',hpc_job="{escape_label_value(a.job)}"'
+        variants.append(labels)
+    return list(dict.fromkeys(variants)) or [""]
+
+
+def _held(allocations: list[allocation_pb2.Allocation], gpu_instance_id: int | None) -> list[str]:
+    return holder_labels(
+        [
+            a
+            for a in allocations
+            if (a.gpu_instance_id if a.HasField("gpu_instance_id") else None) == gpu_instance_id
+        ]
     )
 
 
@@ -241,9 +362,11 @@ def render_node(node: NodeRecord, last_xids: dict[int, int]) -> list[bytes]:
     lines: list[list[str]] = [[] for _ in HEADERS]
     for index in sorted(node.gpus):
         gpu = node.gpus[index]
-        labels = gpu_labels(node, gpu)
+        allocations = node.allocations_of(index)
+        variants = [gpu_labels(node, gpu) + held for held in _held(allocations, None)]
         code = last_xids.get(index, 0)
-        lines[XID].append(f"DCGM_FI_DEV_XID_ERRORS{{{labels},{_xid_labels(code)}}} {code}\n")
+        for labels in variants:
+            lines[XID].append(f"DCGM_FI_DEV_XID_ERRORS{{{labels},{_xid_labels(code)}}} {code}\n")
         sample = gpu.sample
         # A GPU that does not read, is lost or is gone from the node's inventory: its last XID only.
         if (
@@ -255,8 +378,36 @@ def render_node(node: NodeRecord, last_xids: dict[int, int]) -> list[bytes]:
         for family_index, family in enumerate(FAMILIES):
             value = family.value(sample)
             if value is not None:
-                lines[family_index].append(f"{family.name}{{{labels}}} {format_value(value)}\n")
+                text = format_value(value)
+                for labels in variants:
+                    lines[family_index].append(f"{family.name}{{{labels}}} {text}\n")
+        if sample.mig_instances:
+            _render_mig(node, gpu, sample, allocations, lines)
     return ["".join(family_lines).encode() for family_lines in lines]
+
+
+def _render_mig(
+    node: NodeRecord,
+    gpu: GpuRecord,
+    sample: telemetry_pb2.GpuSample,
+    allocations: list[allocation_pb2.Allocation],
+    lines: list[list[str]],
+) -> None:
+    """A MIG instance's framebuffer and profiling series, as dcgm-exporter serves them."""
+    instances = {mig.gpu_instance_id: mig for mig in gpu.inventory.mig_instances}
+    for mig_sample in sample.mig_instances:
+        mig = instances.get(mig_sample.gpu_instance_id)
+        if mig is None:
+            continue
+        base = gpu_labels(node, gpu, mig)
+        variants = [base + held for held in _held(allocations, mig.gpu_instance_id)]
+        for family_index in MIG_FAMILIES:
+            family = FAMILIES[family_index]
+            value = family.value(mig_sample)  # type: ignore[arg-type]  # the same field names
+            if value is not None:
+                text = format_value(value)
+                for labels in variants:
+                    lines[family_index].append(f"{family.name}{{{labels}}} {text}\n")
 
 
 class _DcgmLines:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
@@ -13,7 +14,8 @@ from gpufleet.collector import health
 from gpufleet.collector.eventlog import EventFollowers, EventMatch
 from gpufleet.collector.state import UP, FleetState, GpuRecord, NodeRecord, NodeState
 from gpufleet.collector.totals import FleetTotals
-from gpufleet.v1 import events_pb2, query_pb2, query_pb2_grpc
+from gpufleet.collector.workload import GROUPS, UNITS_PER_GPU, Slot, WorkloadLedger, group_workloads
+from gpufleet.v1 import allocation_pb2, events_pb2, query_pb2, query_pb2_grpc
 
 DEFAULT_PAGE_SIZE = 1000
 # Events a follower of StreamEvents may fall behind before it is cut off.
@@ -44,7 +46,7 @@ GPU_SORT_KEYS: dict[str, Callable[[GpuRow], Any]] = {
 }
 
 
-def gpu_view(node: NodeRecord, gpu: GpuRecord) -> query_pb2.GpuView:
+def gpu_view(node: NodeRecord, gpu: GpuRecord, slots: Sequence[Slot] = ()) -> query_pb2.GpuView:
     verdict = node.gpu_verdict(gpu)
     view = query_pb2.GpuView(
         node_id=node.node_id,
@@ -58,7 +60,21 @@ def gpu_view(node: NodeRecord, gpu: GpuRecord) -> query_pb2.GpuView:
     )
     if gpu.sample is not None:
         view.sample.CopyFrom(gpu.sample)
+    view.allocations.extend(node.allocations_of(gpu.inventory.index))
+    held = [slot for slot in slots if slot.allocations]
+    if held:
+        view.allocated_since_unix_nano = min(slot.allocated_since_ns for slot in held)
+        idle = [slot.idle_since_ns for slot in held if slot.idle_since_ns]
+        view.idle_since_unix_nano = min(idle) if len(idle) == len(held) else 0
     return view
+
+
+# The allocation fields ListGpus filters on.
+HOLDER_FILTERS = ("namespace", "pod", "job", "user")
+
+
+def _held_by(allocations: Sequence[allocation_pb2.Allocation], wanted: dict[str, str]) -> bool:
+    return any(all(getattr(a, name) == value for name, value in wanted.items()) for a in allocations)
 
 
 # The state's liveness in the wire contract's terms.
@@ -104,12 +120,20 @@ def _counts(counter: Counter[str]) -> list[query_pb2.Count]:
 
 class QueryServicer(query_pb2_grpc.QueryServiceServicer):
     def __init__(
-        self, state: FleetState, totals: Callable[[], FleetTotals], followers: EventFollowers
+        self,
+        state: FleetState,
+        totals: Callable[[], FleetTotals],
+        followers: EventFollowers,
+        workloads: WorkloadLedger | None = None,
     ) -> None:
         """``totals``: the fleet's running totals, current (the same the fleet metrics show)."""
         self._state = state
         self._totals = totals
         self._followers = followers
+        self._workloads = workloads or WorkloadLedger(state)
+
+    def _gpu_view(self, node: NodeRecord, gpu: GpuRecord) -> query_pb2.GpuView:
+        return gpu_view(node, gpu, self._workloads.gpu_slots(node.node_id, gpu.inventory.index))
 
     async def GetFleetSummary(  # noqa: N802
         self, request: query_pb2.GetFleetSummaryRequest, context: grpc.aio.ServicerContext
@@ -160,11 +184,12 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
         rows = sorted(self._matching_gpus(request), key=key, reverse=descending)
         page, token = await _page(rows, request.page_size, request.page_token, context)
         return query_pb2.ListGpusResponse(
-            gpus=[gpu_view(n, g) for n, g in page], next_page_token=token, total_size=len(rows)
+            gpus=[self._gpu_view(n, g) for n, g in page], next_page_token=token, total_size=len(rows)
         )
 
     def _matching_gpus(self, request: query_pb2.ListGpusRequest) -> list[GpuRow]:
         model = request.model.lower()
+        holders = {name: getattr(request, name) for name in HOLDER_FILTERS if getattr(request, name)}
         rows = []
         for node in self._state.nodes():
             if request.node and request.node not in (node.name, node.node_id):
@@ -177,6 +202,8 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                 if request.health and node.gpu_verdict(gpu).health != request.health:
                     continue
                 if request.idle_only and not (node.state == UP and gpu.is_idle()):
+                    continue
+                if holders and not _held_by(node.allocations_of(gpu.inventory.index), holders):
                     continue
                 rows.append((node, gpu))
         return rows
@@ -194,8 +221,44 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
         node = await self._node(request.node, context)
         return query_pb2.GetNodeResponse(
             node=node_view(node, with_inventory=True),
-            gpus=[gpu_view(node, node.gpus[i]) for i in sorted(node.gpus)],
+            gpus=[self._gpu_view(node, node.gpus[i]) for i in sorted(node.gpus)],
         )
+
+    async def ListWorkloads(  # noqa: N802
+        self, request: query_pb2.ListWorkloadsRequest, context: grpc.aio.ServicerContext
+    ) -> query_pb2.ListWorkloadsResponse:
+        group_by = request.group_by or "workload"
+        if group_by not in GROUPS:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"unknown group_by {group_by!r}; one of {', '.join(GROUPS)}"
+            )
+        ledger = self._workloads
+        groups = group_workloads(
+            ledger.slots(), group_by, request.idle_for_seconds, time.time_ns(), request.cluster
+        )
+        response = query_pb2.ListWorkloadsResponse(
+            prices=[
+                query_pb2.Price(model=model, per_gpu_hour=price) for model, price in ledger.prices.items()
+            ]
+        )
+        for group in groups:
+            view = response.workloads.add(
+                gpus=group.units / UNITS_PER_GPU,
+                nodes=len(group.nodes),
+                idle_gpus=sum(group.idle_units_by_model.values()) / UNITS_PER_GPU,
+                idle_gpu_seconds=sum(group.idle_unit_seconds_by_model.values()) / UNITS_PER_GPU,
+                since_unix_nano=group.since_ns,
+                **group.key,
+            )
+            for measure in ("utilization", "sm_active", "tensor_active"):
+                mean = group.mean(measure)
+                if mean is not None:
+                    setattr(view, f"mean_{measure}_ratio", mean)
+            for model, units in group.idle_units_by_model.items():
+                view.idle_gpus_by_model[model] = units / UNITS_PER_GPU
+            for model, unit_seconds in group.idle_unit_seconds_by_model.items():
+                view.idle_gpu_seconds_by_model[model] = unit_seconds / UNITS_PER_GPU
+        return response
 
     async def _match(
         self, event_filter: query_pb2.EventFilter, context: grpc.aio.ServicerContext

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from gpufleet import wire
+from gpufleet.allocations import Prices
 from gpufleet.collector.admin import AdminServicer
 from gpufleet.collector.auth import AuthInterceptor, ServerSecurity
 from gpufleet.collector.dcgm import DcgmExposition
@@ -37,7 +38,7 @@ from gpufleet.collector.recorder import EventBudget
 from gpufleet.collector.selfmetrics import CollectorMetrics
 from gpufleet.collector.state import FleetState, Liveness
 from gpufleet.collector.store import Store
-from gpufleet.collector.workload import Prices, WorkloadLedger
+from gpufleet.collector.workload import WorkloadLedger
 from gpufleet.v1 import admin_pb2, admin_pb2_grpc, ingest_pb2, query_pb2, query_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -132,7 +133,7 @@ class Collector:
         )
         server.add_generic_rpc_handlers((handler(ingest),))
         query_pb2_grpc.add_QueryServiceServicer_to_server(
-            QueryServicer(self.state, self.exposition.totals, self.followers), server
+            QueryServicer(self.state, self.exposition.totals, self.followers, self.workloads), server
         )
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.state), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

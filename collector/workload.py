@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
+from gpufleet.allocations import Prices
 from gpufleet.collector.exposition.aggregates import _cluster_model, _line
 from gpufleet.collector.exposition.catalog import (
     FLEET_ALLOCATED,
@@ -64,29 +65,6 @@ WorkloadKey = tuple[str, str, str, str]
 
 def workload_key(cluster: str, allocation: allocation_pb2.Allocation) -> WorkloadKey:
     return (cluster, allocation.namespace, allocation.job, allocation.user)
-
-
-class Prices:
-    """A price per GPU-hour per model, from ``--price MODEL=PRICE`` (case-insensitive substring;
-    the longest matching key wins, so "H100 NVL=3" beats "H100=2.5" for an H100 NVL)."""
-
-    def __init__(self, prices: dict[str, float] | None = None) -> None:
-        self._prices = sorted(
-            ((key.lower(), price) for key, price in (prices or {}).items()), key=lambda kv: -len(kv[0])
-        )
-        self._cache: dict[str, float | None] = {}
-
-    def __bool__(self) -> bool:
-        return bool(self._prices)
-
-    def items(self) -> list[tuple[str, float]]:
-        return list(self._prices)
-
-    def per_hour(self, model: str) -> float | None:
-        if model not in self._cache:
-            name = model.lower()
-            self._cache[model] = next((price for key, price in self._prices if key in name), None)
-        return self._cache[model]
 
 
 @dataclass(slots=True)
@@ -367,6 +345,14 @@ class WorkloadLedger(Sink):
                 for slot in work.slots.values():
                     yield node, slot
 
+    def gpu_slots(self, node_id: str, gpu_index: int) -> list[Slot]:
+        """The GPU's slot (or its MIG instances' slots), as last accounted."""
+        self.refresh()
+        work = self._nodes.get(node_id)
+        if work is None:
+            return []
+        return [slot for (index, _), slot in work.slots.items() if index == gpu_index]
+
     def rows(self) -> list[WorkloadRow]:
         """Every workload that holds GPUs now or held some within RETENTION_S, by its key."""
         self.refresh()
@@ -470,3 +456,92 @@ def _labels(key: WorkloadKey, by: str | None = None) -> str:
         f'job="{escape_label_value(job)}",user="{escape_label_value(user)}"'
     )
     return labels if by is None else f'{labels},by="{by}"'
+
+
+# -- groups of workloads, for the query API ------------------------------------------------
+
+GROUPS = ("workload", "namespace", "user", "cluster")
+
+
+@dataclass
+class WorkloadGroup:
+    """The GPUs a group of workloads holds now, as the query API reports them."""
+
+    key: dict[str, str]
+    units: int = 0
+    nodes: set[str] = field(default_factory=set)
+    idle_units_by_model: dict[str, int] = field(default_factory=dict)
+    # unit-seconds idle, per model
+    idle_unit_seconds_by_model: dict[str, float] = field(default_factory=dict)
+    since_ns: int = 0
+    # (sum of value x units, units) per measure: utilization, sm_active, tensor_active
+    means: dict[str, tuple[float, int]] = field(default_factory=dict)
+
+    def mean(self, measure: str) -> float | None:
+        total, units = self.means.get(measure, (0.0, 0))
+        return total / units if units else None
+
+
+def _group_key(group_by: str, cluster: str, allocation: allocation_pb2.Allocation) -> dict[str, str]:
+    if group_by == "workload":
+        key = {"cluster": cluster, "source": allocation.source, "user": allocation.user}
+        if allocation.job:
+            key |= {"job": allocation.job, "job_name": allocation.job_name}
+        else:
+            key |= {"namespace": allocation.namespace, "pod": allocation.pod}
+        return key
+    if group_by == "cluster":
+        return {"cluster": cluster}
+    return {"cluster": cluster, group_by: getattr(allocation, group_by)}
+
+
+def _measures(node: NodeRecord, slot: Slot) -> Iterator[tuple[str, float]]:
+    """The slot's utilization (whole GPUs only), SM and tensor activity (0-1), where reported."""
+    gpu = node.gpus.get(slot.gpu_index)
+    sample = gpu.sample if gpu is not None else None
+    if sample is None or sample.read_status != _OK:
+        return
+    values: telemetry_pb2.GpuSample | telemetry_pb2.MigSample = sample
+    if slot.gpu_instance_id is not None:
+        mig = next((m for m in sample.mig_instances if m.gpu_instance_id == slot.gpu_instance_id), None)
+        if mig is None:
+            return
+        values = mig
+    elif sample.HasField("gpu_utilization_percent"):
+        yield "utilization", sample.gpu_utilization_percent / 100
+    for measure, field_name in (("sm_active", "sm_active_ppm"), ("tensor_active", "tensor_active_ppm")):
+        if values.HasField(field_name):
+            yield measure, getattr(values, field_name) / 1_000_000
+
+
+def group_workloads(
+    slots: Iterable[tuple[NodeRecord, Slot]], group_by: str, idle_for_s: float, now_ns: int, cluster: str = ""
+) -> list[WorkloadGroup]:
+    """The held GPUs of ``slots`` by group, with the idle ones (idle at least ``idle_for_s``)."""
+    if group_by not in GROUPS:
+        raise ValueError(f"unknown grouping {group_by!r}; choose one of {', '.join(GROUPS)}")
+    groups: dict[tuple[tuple[str, str], ...], WorkloadGroup] = {}
+    for node, slot in slots:
+        if not slot.allocations or (cluster and node.cluster != cluster):
+            continue
+        keys = {tuple(sorted(_group_key(group_by, node.cluster, a).items())) for a in slot.allocations}
+        part = slot.units // len(keys)
+        idle_s = (now_ns - slot.idle_since_ns) / 1e9 if slot.idle_since_ns else -1.0
+        measures = list(_measures(node, slot))
+        for key in sorted(keys):
+            group = groups.get(key)
+            if group is None:
+                group = groups[key] = WorkloadGroup(dict(key))
+            group.units += part
+            group.nodes.add(node.node_id)
+            if not group.since_ns or slot.allocated_since_ns < group.since_ns:
+                group.since_ns = slot.allocated_since_ns
+            if idle_s >= idle_for_s:
+                model = slot.model
+                group.idle_units_by_model[model] = group.idle_units_by_model.get(model, 0) + part
+                seconds = group.idle_unit_seconds_by_model
+                seconds[model] = seconds.get(model, 0.0) + part * idle_s
+            for measure, value in measures:
+                total, units = group.means.get(measure, (0.0, 0))
+                group.means[measure] = (total + value * part, units + part)
+    return list(groups.values())

@@ -50,3 +50,26 @@ def bound(allocations: allocation_pb2.Allocations) -> int:
                 setattr(source, name, _cut(value))
                 cut += 1
     return cut
+
+
+class Prices:
+    """A price per GPU-hour per model, from ``--price MODEL=PRICE`` (case-insensitive substring;
+    the longest matching key wins, so "H100 NVL=3" beats "H100=2.5" for an H100 NVL)."""
+
+    def __init__(self, prices: dict[str, float] | None = None) -> None:
+        self._prices = sorted(
+            ((key.lower(), price) for key, price in (prices or {}).items()), key=lambda kv: -len(kv[0])
+        )
+        self._cache: dict[str, float | None] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._prices)
+
+    def items(self) -> list[tuple[str, float]]:
+        return list(self._prices)
+
+    def per_hour(self, model: str) -> float | None:
+        if model not in self._cache:
+            name = model.lower()
+            self._cache[model] = next((price for key, price in self._prices if key in name), None)
+        return self._cache[model]

@@ -67,6 +67,14 @@ def expected_values(sample: telemetry_pb2.GpuSample) -> dict[str, float]:
         "DCGM_FI_DEV_ROW_REMAP_FAILURE": int(sample.row_remap_failure),
         "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS": sample.remapped_rows_uncorrectable,
         "DCGM_FI_DEV_XID_ERRORS": 0,
+        "DCGM_FI_PROF_GR_ENGINE_ACTIVE": sample.graphics_active_ppm / 1e6,
+        "DCGM_FI_PROF_SM_ACTIVE": sample.sm_active_ppm / 1e6,
+        "DCGM_FI_PROF_SM_OCCUPANCY": sample.sm_occupancy_ppm / 1e6,
+        "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE": sample.tensor_active_ppm / 1e6,
+        "DCGM_FI_PROF_DRAM_ACTIVE": sample.dram_active_ppm / 1e6,
+        "DCGM_FI_PROF_PIPE_FP16_ACTIVE": sample.fp16_active_ppm / 1e6,
+        "DCGM_FI_PROF_PCIE_TX_BYTES": sample.pcie_tx_bytes_per_second,
+        "DCGM_FI_PROF_NVLINK_RX_BYTES": sample.nvlink_rx_bytes_per_second,
     }
 
 
@@ -298,3 +306,55 @@ def test_dcgm_shards_add_up_to_the_whole_and_gzip_decodes_to_the_same() -> None:
     fresh = [view.body(shard, 4) for shard in range(4)]
     changed_shards = [shard for shard in range(4) if fresh[shard] is not shards[shard]]
     assert changed_shards == [shard_of(changed.node_id, 4)]  # only the shard of the node that changed
+
+
+def test_holders_get_dcgm_exporters_pod_and_hpc_job_labels() -> None:
+    state = FleetState()
+    node = add_node(state, SimulatedSource("H100", 2, seed=0), 0)
+    allocations = ingest_pb2.Report(sequence=node.last_sequence + 1, time_unix_nano=1).allocations
+    allocations.allocations.add(
+        gpu_index=0, source="kubernetes", namespace="ml", pod="train-0", container="main"
+    )
+    allocations.allocations.add(gpu_index=1, source="slurm", job="4242", user="ana")
+    allocations.allocations.add(gpu_index=1, source="slurm", job="4243", user="bo")
+    node.set_allocations(allocations)
+    state.sinks.node_changed(node)
+    parsed = [s for s in samples(dcgm_view(state).render()) if s.name == "DCGM_FI_DEV_GPU_TEMP"]
+    held = {
+        (s.labels["gpu"], s.labels.get("pod"), s.labels.get("namespace"), s.labels.get("hpc_job"))
+        for s in parsed
+    }
+    # A GPU two jobs share has one copy of each series per job, as dcgm-exporter serves it.
+    assert held == {("0", "train-0", "ml", None), ("1", None, None, "4242"), ("1", None, None, "4243")}
+    container = next(s for s in parsed if s.labels["gpu"] == "0").labels["container"]
+    assert container == "main"
+
+
+def test_mig_instances_have_their_own_profiling_and_framebuffer_series() -> None:
+    state = FleetState()
+    source = SimulatedSource("H100", 1, seed=0)
+    node = add_node(state, source, 0)
+    gpu = node.gpus[0]
+    gpu.inventory.mig_instances.add(
+        index=0, uuid="MIG-a", gpu_instance_id=1, compute_instance_id=0, profile="3g.40gb"
+    )
+    gpu.inventory.mig_instances.add(
+        index=1, uuid="MIG-b", gpu_instance_id=2, compute_instance_id=0, profile="1g.10gb"
+    )
+    assert gpu.sample is not None
+    gpu.sample.mig_instances.add(gpu_instance_id=1, memory_used_bytes=3 * MIB, sm_active_ppm=500_000)
+    gpu.sample.mig_instances.add(gpu_instance_id=2, memory_used_bytes=MIB, tensor_active_ppm=250_000)
+    allocations = ingest_pb2.Report().allocations
+    allocations.allocations.add(gpu_index=0, gpu_instance_id=2, namespace="inf", pod="serve-1", container="c")
+    node.set_allocations(allocations)
+    state.sinks.node_changed(node)
+    parsed = samples(dcgm_view(state).render())
+    mig = {(s.name, s.labels["GPU_I_ID"]): s for s in parsed if "GPU_I_ID" in s.labels}
+    assert mig[("DCGM_FI_PROF_SM_ACTIVE", "1")].value == 0.5
+    assert mig[("DCGM_FI_PROF_SM_ACTIVE", "1")].labels["GPU_I_PROFILE"] == "3g.40gb"
+    assert mig[("DCGM_FI_DEV_FB_USED", "1")].value == 3
+    assert mig[("DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", "2")].value == 0.25
+    assert mig[("DCGM_FI_PROF_PIPE_TENSOR_ACTIVE", "2")].labels["pod"] == "serve-1"
+    assert "pod" not in mig[("DCGM_FI_DEV_FB_USED", "1")].labels
+    # Device-wide fields stay on the GPU itself, once.
+    assert not any(s.name == "DCGM_FI_DEV_GPU_TEMP" and "GPU_I_ID" in s.labels for s in parsed)

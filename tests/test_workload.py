@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from gpufleet import wire
+from gpufleet.allocations import Prices
 from gpufleet.collector.state import FleetState, Liveness, NodeRecord
-from gpufleet.collector.workload import RETENTION_S, Prices, WorkloadLedger, mig_units
+from gpufleet.collector.workload import RETENTION_S, WorkloadLedger, mig_units
 from gpufleet.v1 import allocation_pb2, ingest_pb2, inventory_pb2, telemetry_pb2
 
 H100 = "NVIDIA H100 80GB HBM3"

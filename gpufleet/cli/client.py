@@ -9,7 +9,8 @@ import grpc
 
 from gpufleet import wire
 from gpufleet.security import ClientSecurity
-from gpufleet.v1 import admin_pb2, admin_pb2_grpc, events_pb2, query_pb2, query_pb2_grpc
+from gpufleet.v1 import admin_pb2, admin_pb2_grpc, allocation_pb2, events_pb2, query_pb2, query_pb2_grpc
+from gpufleet.wire import message_dict
 
 GIB = 1024**3
 ADMIN_METHODS = frozenset({"ForgetNode"})
@@ -82,6 +83,10 @@ class FleetClient:
     def gpus(self, request: query_pb2.ListGpusRequest) -> Iterator[query_pb2.GpuView]:
         return self._pages("ListGpus", request, "gpus")
 
+    def workloads(self, request: query_pb2.ListWorkloadsRequest) -> query_pb2.ListWorkloadsResponse:
+        answer: query_pb2.ListWorkloadsResponse = self._call("ListWorkloads", request)
+        return answer
+
     def forget(self, name: str) -> admin_pb2.ForgetNodeResponse:
         answer: admin_pb2.ForgetNodeResponse = self._call(
             "ForgetNode", admin_pb2.ForgetNodeRequest(node=name)
@@ -142,7 +147,24 @@ def gpu_row(view: query_pb2.GpuView) -> dict[str, Any]:
         "memory_total_bytes": _optional(inv, "memory_total_bytes"),
         "temperature_celsius": _optional(sample, "gpu_temperature_celsius") if has_sample else None,
         "power_watts": _optional(sample, "power_draw_milliwatts", 1000) if has_sample else None,
+        "sm_active_ratio": _optional(sample, "sm_active_ppm", 1_000_000) if has_sample else None,
+        "tensor_active_ratio": _optional(sample, "tensor_active_ppm", 1_000_000) if has_sample else None,
+        "held_by": ", ".join(dict.fromkeys(holder(a) for a in view.allocations)),
+        "allocations": [message_dict(a) for a in view.allocations],
+        "idle_since_unix": view.idle_since_unix_nano / 1e9 or None,
     }
+
+
+def holder(allocation: allocation_pb2.Allocation) -> str:
+    """Who holds a GPU, in a few characters: "ml/train-0", "job 4242 (ana)", "user ana"."""
+    mig = f"[MIG {allocation.gpu_instance_id}] " if allocation.HasField("gpu_instance_id") else ""
+    if allocation.job:
+        who = f"job {allocation.job}" + (f" ({allocation.user})" if allocation.user else "")
+    elif allocation.pod or allocation.namespace:
+        who = f"{allocation.namespace}/{allocation.pod}"
+    else:
+        who = f"user {allocation.user}"
+    return mig + who
 
 
 def node_row(view: query_pb2.NodeView) -> dict[str, Any]:

@@ -10,9 +10,10 @@ from datetime import datetime, timezone
 from typing import Any
 
 from gpufleet import event_kinds as kinds
+from gpufleet.allocations import Prices
 from gpufleet.cli import output
 from gpufleet.cli.client import GIB, FleetClient, gpu_row, node_row
-from gpufleet.definitions import IDLE_UTILIZATION_PERCENT
+from gpufleet.definitions import IDLE_SM_ACTIVE_RATIO, IDLE_UTILIZATION_PERCENT
 from gpufleet.event_kinds import event_row
 from gpufleet.v1 import events_pb2, query_pb2
 
@@ -29,7 +30,9 @@ GPU_COLUMNS = [
     ("mem_gib", "MEM GiB"),
     ("temperature_celsius", "TEMP C"),
     ("power_watts", "POWER W"),
+    ("sm_pct", "SM%"),
     ("cluster", "CLUSTER"),
+    ("held_by", "HELD BY"),
 ]
 NODE_COLUMNS = [
     ("node", "NODE"),
@@ -47,6 +50,7 @@ def _with_table_columns(row: dict[str, Any]) -> dict[str, Any]:
     ratio, used, total = row["utilization_ratio"], row["memory_used_bytes"], row["memory_total_bytes"]
     row = dict(row)
     row["util_pct"] = None if ratio is None else round(ratio * 100)
+    row["sm_pct"] = None if row["sm_active_ratio"] is None else round(row["sm_active_ratio"] * 100)
     row["mem_gib"] = None if used is None else f"{used / GIB:.1f}/{(total or 0) / GIB:.0f}"
     return row
 
@@ -115,7 +119,15 @@ def cmd_nodes(client: FleetClient, args: argparse.Namespace) -> str:
 
 def cmd_gpus(client: FleetClient, args: argparse.Namespace) -> str:
     request = query_pb2.ListGpusRequest(
-        model=args.model, node=args.node, cluster=args.cluster, idle_only=args.idle, sort_by=args.sort
+        model=args.model,
+        node=args.node,
+        cluster=args.cluster,
+        idle_only=args.idle,
+        sort_by=args.sort,
+        namespace=args.namespace,
+        pod=args.pod,
+        job=args.job,
+        user=args.user,
     )
     if args.health:
         request.health = query_pb2.GpuHealth.Value(f"GPU_HEALTH_{args.health.upper()}")  # type: ignore[assignment]
@@ -170,11 +182,23 @@ SEVERITY_CHOICES = ("info", "warning", "critical")
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+def _seconds(value: str) -> float | None:
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", value.strip())
+    return float(match.group(1)) * DURATION_UNITS[match.group(2)] if match else None
+
+
+def parse_duration(value: str) -> float:
+    """``30s``, ``10m``, ``2h``, ``3d`` -> seconds."""
+    seconds = _seconds(value)
+    if seconds is None:
+        raise argparse.ArgumentTypeError(f"expected a duration like 30m, 2h or 1d, got {value!r}")
+    return seconds
+
+
 def parse_since(value: str) -> int:
     """``30s``, ``10m``, ``2h``, ``3d`` ago, or an ISO 8601 time -> Unix nanoseconds."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([smhd])", value.strip())
-    if match:
-        seconds = float(match.group(1)) * DURATION_UNITS[match.group(2)]
+    seconds = _seconds(value)
+    if seconds is not None:
         return int((datetime.now(timezone.utc).timestamp() - seconds) * 1e9)
     try:
         moment = datetime.fromisoformat(value)
@@ -231,3 +255,115 @@ def cmd_history(client: FleetClient, args: argparse.Namespace) -> str:
     event_filter = query_pb2.EventFilter(node=args.name, kinds=kinds.INVENTORY_KINDS)
     rows = [event_row(e) for e in client.events(event_filter)]
     return output.render(rows, [c for c in EVENT_COLUMNS if c[0] not in ("node", "action")], args.output)
+
+
+JOB_COLUMNS = [
+    ("workload", "JOB/POD"),
+    ("source", "SOURCE"),
+    ("user", "USER"),
+    ("gpus", "GPUS"),
+    ("nodes", "NODES"),
+    ("sm_pct", "SM%"),
+    ("tensor_pct", "TENSOR%"),
+    ("idle_gpus", "IDLE"),
+    ("since", "SINCE"),
+    ("cluster", "CLUSTER"),
+]
+
+
+def _gpus(value: float) -> float | int:
+    """GPU counts as integers where they are whole (MIG instances make fractions)."""
+    return int(value) if float(value).is_integer() else round(value, 2)
+
+
+def _percent(view: query_pb2.WorkloadView, field: str) -> int | None:
+    return round(getattr(view, field) * 100) if view.HasField(field) else None
+
+
+def workload_row(view: query_pb2.WorkloadView) -> dict[str, Any]:
+    """A workload (or group) as a flat row in base units (the CLI's JSON and CSV)."""
+    name = f"job {view.job}" if view.job else (f"{view.namespace}/{view.pod}" if view.pod else "")
+    return {
+        "workload": name + (f" ({view.job_name})" if view.job_name else ""),
+        "cluster": view.cluster,
+        "source": view.source,
+        "namespace": view.namespace,
+        "pod": view.pod,
+        "job": view.job,
+        "user": view.user,
+        "gpus": _gpus(view.gpus),
+        "nodes": view.nodes,
+        "idle_gpus": _gpus(view.idle_gpus),
+        "idle_gpu_hours": round(view.idle_gpu_seconds / 3600, 3),
+        "utilization_ratio": view.mean_utilization_ratio if view.HasField("mean_utilization_ratio") else None,
+        "sm_active_ratio": view.mean_sm_active_ratio if view.HasField("mean_sm_active_ratio") else None,
+        "tensor_active_ratio": view.mean_tensor_active_ratio
+        if view.HasField("mean_tensor_active_ratio")
+        else None,
+        "since_unix": view.since_unix_nano / 1e9,
+    }
+
+
+def cmd_jobs(client: FleetClient, args: argparse.Namespace) -> str:
+    answer = client.workloads(query_pb2.ListWorkloadsRequest(group_by="workload", cluster=args.cluster))
+    views = sorted(answer.workloads, key=lambda v: (-v.gpus, v.cluster, v.job, v.namespace, v.pod))
+    rows = [workload_row(v) for v in views]
+    if args.output == "table":
+        for row, view in zip(rows, views, strict=True):
+            row["sm_pct"] = _percent(view, "mean_sm_active_ratio")
+            row["tensor_pct"] = _percent(view, "mean_tensor_active_ratio")
+            row["since"] = _age(row["since_unix"])
+    return output.render(rows, JOB_COLUMNS, args.output)
+
+
+def _prices(args: argparse.Namespace, answer: query_pb2.ListWorkloadsResponse) -> Prices:
+    """The prices given to this command, or else the collector's."""
+    return Prices(dict(args.price) if args.price else {p.model: p.per_gpu_hour for p in answer.prices})
+
+
+def cmd_idle(client: FleetClient, args: argparse.Namespace) -> str:
+    """Allocated GPUs idle for at least --for, by group, the most wasteful first."""
+    by = "workload" if args.by == "job" else args.by
+    request = query_pb2.ListWorkloadsRequest(
+        group_by=by, idle_for_seconds=int(args.idle_for), cluster=args.cluster
+    )
+    answer = client.workloads(request)
+    prices = _prices(args, answer)
+    rows = []
+    for view in answer.workloads:
+        row = workload_row(view)
+        row["group"] = {"namespace": view.namespace, "user": view.user, "cluster": view.cluster}.get(
+            args.by, row["workload"]
+        )
+        priced = {model: prices.per_hour(model) for model in view.idle_gpu_seconds_by_model}
+        if prices and all(price is not None for price in priced.values()):
+            row["idle_cost_per_hour"] = round(
+                sum(gpus * (priced[model] or 0) for model, gpus in view.idle_gpus_by_model.items()), 2
+            )
+            row["idle_cost"] = round(
+                sum(s / 3600 * (priced[model] or 0) for model, s in view.idle_gpu_seconds_by_model.items()), 2
+            )
+        else:
+            row["idle_cost_per_hour"] = row["idle_cost"] = None
+        rows.append(row)
+    rows = [row for row in rows if row["idle_gpus"]]
+    rows.sort(
+        key=lambda r: (-(r["idle_cost_per_hour"] or 0), -r["idle_gpus"], -r["idle_gpu_hours"], r["group"])
+    )
+    columns = [
+        ("group", args.by.upper()),
+        ("idle_gpus", "IDLE GPUS"),
+        ("gpus", "OF GPUS"),
+        ("idle_gpu_hours", "IDLE GPU-H"),
+    ]
+    if prices:
+        columns += [("idle_cost_per_hour", "COST/H"), ("idle_cost", "COST SO FAR")]
+    if args.by != "cluster":
+        columns.append(("cluster", "CLUSTER"))
+    if args.output == "table" and not rows:
+        return (
+            f"no allocated GPU has been idle for {args.idle_for:g} s or more "
+            f"(idle: under {IDLE_UTILIZATION_PERCENT} % utilization or "
+            f"{IDLE_SM_ACTIVE_RATIO:.0%} SM activity)"
+        )
+    return output.render(rows, columns, args.output)

@@ -20,14 +20,17 @@ from gpufleet.cli.commands import (
     cmd_forget,
     cmd_gpus,
     cmd_history,
+    cmd_idle,
+    cmd_jobs,
     cmd_node,
     cmd_nodes,
     cmd_summary,
+    parse_duration,
     parse_since,
 )
 from gpufleet.definitions import IDLE_UTILIZATION_PERCENT
 from gpufleet.security import SecuritySettingsError, add_client_security_flags, client_security
-from gpufleet.settings import Parser, add_flag, fail, host_port, positive_float, unknown_variables
+from gpufleet.settings import Parser, add_flag, fail, host_port, positive_float, price_pair, unknown_variables
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +73,40 @@ def build_parser() -> argparse.ArgumentParser:
         choices=SORT_CHOICES + tuple(f"-{c}" for c in SORT_CHOICES),
         help="sort key; prefix with - for descending",
     )
+    for holder in ("namespace", "pod", "job", "user"):
+        p.add_argument(f"--{holder}", default="", help=f"only GPUs held by this {holder}")
     p.set_defaults(run=cmd_gpus)
+
+    p = commands.add_parser("jobs", parents=[common], help="who holds GPUs: Kubernetes pods and Slurm jobs")
+    p.add_argument("--cluster", default="", help="only this cluster")
+    p.set_defaults(run=cmd_jobs)
+
+    p = commands.add_parser(
+        "idle",
+        parents=[common],
+        help="allocated GPUs that sit idle, by team, job or user, the costliest first",
+    )
+    p.add_argument(
+        "--for",
+        dest="idle_for",
+        type=parse_duration,
+        default=0.0,
+        metavar="DURATION",
+        help="only GPUs idle at least this long: 30m, 2h, 1d (default: idle now)",
+    )
+    p.add_argument(
+        "--by", default="namespace", choices=("namespace", "job", "user", "cluster"), help="group by"
+    )
+    p.add_argument("--cluster", default="", help="only this cluster")
+    p.add_argument(
+        "--price",
+        action="append",
+        type=price_pair,
+        default=[],
+        metavar="MODEL=PRICE",
+        help="price per GPU-hour (repeatable, e.g. H100=2.50; default: the collector's --price)",
+    )
+    p.set_defaults(run=cmd_idle)
 
     p = commands.add_parser("node", parents=[common], help="one node in detail")
     p.add_argument("name", help="node name or id")

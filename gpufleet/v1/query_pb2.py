@@ -22,52 +22,69 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from gpufleet.v1 import allocation_pb2 as gpufleet_dot_v1_dot_allocation__pb2
 from gpufleet.v1 import events_pb2 as gpufleet_dot_v1_dot_events__pb2
 from gpufleet.v1 import inventory_pb2 as gpufleet_dot_v1_dot_inventory__pb2
 from gpufleet.v1 import telemetry_pb2 as gpufleet_dot_v1_dot_telemetry__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gpufleet/v1/query.proto\x12\x0bgpufleet.v1\x1a\x18gpufleet/v1/events.proto\x1a\x1bgpufleet/v1/inventory.proto\x1a\x1bgpufleet/v1/telemetry.proto\"#\n\x05\x43ount\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"\x18\n\x16GetFleetSummaryRequest\"\xdb\x02\n\x17GetFleetSummaryResponse\x12\r\n\x05nodes\x18\x01 \x01(\x04\x12\x0c\n\x04gpus\x18\x02 \x01(\x04\x12*\n\x0enodes_by_state\x18\x03 \x03(\x0b\x32\x12.gpufleet.v1.Count\x12*\n\x0egpus_by_health\x18\x04 \x03(\x0b\x32\x12.gpufleet.v1.Count\x12)\n\rgpus_by_model\x18\x05 \x03(\x0b\x32\x12.gpufleet.v1.Count\x12+\n\x0fgpus_by_cluster\x18\x06 \x03(\x0b\x32\x12.gpufleet.v1.Count\x12\x11\n\tidle_gpus\x18\x07 \x01(\x04\x12\'\n\x1amean_gpu_utilization_ratio\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x10power_draw_watts\x18\t \x01(\x01\x42\x1d\n\x1b_mean_gpu_utilization_ratio\"\x91\x02\n\x08NodeView\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.gpufleet.v1.NodeState\x12\x1b\n\x13last_seen_unix_nano\x18\x04 \x01(\x06\x12\x11\n\tgpu_count\x18\x05 \x01(\r\x12\x1b\n\x13unhealthy_gpu_count\x18\x06 \x01(\r\x12-\n\tinventory\x18\x07 \x01(\x0b\x32\x1a.gpufleet.v1.NodeInventory\x12,\n\x0b\x61gent_stats\x18\x08 \x01(\x0b\x32\x17.gpufleet.v1.AgentStats\x12\x15\n\rlast_sequence\x18\t \x01(\x04\"\xeb\x01\n\x07GpuView\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12,\n\tinventory\x18\x04 \x01(\x0b\x32\x19.gpufleet.v1.GpuInventory\x12&\n\x06health\x18\x05 \x01(\x0e\x32\x16.gpufleet.v1.GpuHealth\x12\x0f\n\x07reasons\x18\x06 \x03(\t\x12\x0e\n\x06\x61\x63tion\x18\x07 \x01(\t\x12&\n\x06sample\x18\x08 \x01(\x0b\x32\x16.gpufleet.v1.GpuSample\x12\x0c\n\x04idle\x18\t \x01(\x08\"q\n\x10ListNodesRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.gpufleet.v1.NodeState\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"f\n\x11ListNodesResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.gpufleet.v1.NodeView\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\xb2\x01\n\x0fListGpusRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12&\n\x06health\x18\x04 \x01(\x0e\x32\x16.gpufleet.v1.GpuHealth\x12\x11\n\tidle_only\x18\x05 \x01(\x08\x12\x0f\n\x07sort_by\x18\x06 \x01(\t\x12\x11\n\tpage_size\x18\x07 \x01(\r\x12\x12\n\npage_token\x18\x08 \x01(\t\"c\n\x10ListGpusResponse\x12\"\n\x04gpus\x18\x01 \x03(\x0b\x32\x14.gpufleet.v1.GpuView\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\x1e\n\x0eGetNodeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"Z\n\x0fGetNodeResponse\x12#\n\x04node\x18\x01 \x01(\x0b\x32\x15.gpufleet.v1.NodeView\x12\"\n\x04gpus\x18\x02 \x03(\x0b\x32\x14.gpufleet.v1.GpuView\"\x82\x01\n\x0b\x45ventFilter\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05kinds\x18\x02 \x03(\t\x12+\n\x0cmin_severity\x18\x03 \x01(\x0e\x32\x15.gpufleet.v1.Severity\x12\x17\n\x0fsince_unix_nano\x18\x04 \x01(\x06\x12\x10\n\x08\x61\x66ter_id\x18\x05 \x01(\x04\"L\n\x11ListEventsRequest\x12(\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x18.gpufleet.v1.EventFilter\x12\r\n\x05limit\x18\x02 \x01(\r\"8\n\x12ListEventsResponse\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.gpufleet.v1.Event\"?\n\x13StreamEventsRequest\x12(\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x18.gpufleet.v1.EventFilter*e\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x11\n\rNODE_STATE_UP\x10\x01\x12\x14\n\x10NODE_STATE_STALE\x10\x02\x12\x13\n\x0fNODE_STATE_DOWN\x10\x03*\xa3\x01\n\tGpuHealth\x12\x1a\n\x16GPU_HEALTH_UNSPECIFIED\x10\x00\x12\x16\n\x12GPU_HEALTH_HEALTHY\x10\x01\x12\x17\n\x13GPU_HEALTH_DEGRADED\x10\x02\x12\x18\n\x14GPU_HEALTH_UNHEALTHY\x10\x03\x12\x13\n\x0fGPU_HEALTH_LOST\x10\x04\x12\x1a\n\x16GPU_HEALTH_UNREACHABLE\x10\x05\x32\xde\x03\n\x0cQueryService\x12\\\n\x0fGetFleetSummary\x12#.gpufleet.v1.GetFleetSummaryRequest\x1a$.gpufleet.v1.GetFleetSummaryResponse\x12J\n\tListNodes\x12\x1d.gpufleet.v1.ListNodesRequest\x1a\x1e.gpufleet.v1.ListNodesResponse\x12G\n\x08ListGpus\x12\x1c.gpufleet.v1.ListGpusRequest\x1a\x1d.gpufleet.v1.ListGpusResponse\x12\x44\n\x07GetNode\x12\x1b.gpufleet.v1.GetNodeRequest\x1a\x1c.gpufleet.v1.GetNodeResponse\x12M\n\nListEvents\x12\x1e.gpufleet.v1.ListEventsRequest\x1a\x1f.gpufleet.v1.ListEventsResponse\x12\x46\n\x0cStreamEvents\x12 .gpufleet.v1.StreamEventsRequest\x1a\x12.gpufleet.v1.Event0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17gpufleet/v1/query.proto\x12\x0bgpufleet.v1\x1a\x1cgpufleet/v1/allocation.proto\x1a\x18gpufleet/v1/events.proto\x1a\x1bgpufleet/v1/inventory.proto\x1a\x1bgpufleet/v1/telemetry.proto\"#\n\x05\x43ount\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x04\"\x18\n\x16GetFleetSummaryRequest\"\xdb\x02\n\x17GetFleetSummaryResponse\x12\r\n\x05nodes\x18\x01 \x01(\x04\x12\x0c\n\x04gpus\x18\x02 \x01(\x04\x12*\n\x0enodes_by_state\x18\x03 \x03(\x0b\x32\x12.gpufleet.v1.Count\x12*\n\x0egpus_by_health\x18\x04 \x03(\x0b\x32\x12.gpufleet.v1.Count\x12)\n\rgpus_by_model\x18\x05 \x03(\x0b\x32\x12.gpufleet.v1.Count\x12+\n\x0fgpus_by_cluster\x18\x06 \x03(\x0b\x32\x12.gpufleet.v1.Count\x12\x11\n\tidle_gpus\x18\x07 \x01(\x04\x12\'\n\x1amean_gpu_utilization_ratio\x18\x08 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x10power_draw_watts\x18\t \x01(\x01\x42\x1d\n\x1b_mean_gpu_utilization_ratio\"\x91\x02\n\x08NodeView\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12%\n\x05state\x18\x03 \x01(\x0e\x32\x16.gpufleet.v1.NodeState\x12\x1b\n\x13last_seen_unix_nano\x18\x04 \x01(\x06\x12\x11\n\tgpu_count\x18\x05 \x01(\r\x12\x1b\n\x13unhealthy_gpu_count\x18\x06 \x01(\r\x12-\n\tinventory\x18\x07 \x01(\x0b\x32\x1a.gpufleet.v1.NodeInventory\x12,\n\x0b\x61gent_stats\x18\x08 \x01(\x0b\x32\x17.gpufleet.v1.AgentStats\x12\x15\n\rlast_sequence\x18\t \x01(\x04\"\xda\x02\n\x07GpuView\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\tnode_name\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12,\n\tinventory\x18\x04 \x01(\x0b\x32\x19.gpufleet.v1.GpuInventory\x12&\n\x06health\x18\x05 \x01(\x0e\x32\x16.gpufleet.v1.GpuHealth\x12\x0f\n\x07reasons\x18\x06 \x03(\t\x12\x0e\n\x06\x61\x63tion\x18\x07 \x01(\t\x12&\n\x06sample\x18\x08 \x01(\x0b\x32\x16.gpufleet.v1.GpuSample\x12\x0c\n\x04idle\x18\t \x01(\x08\x12,\n\x0b\x61llocations\x18\n \x03(\x0b\x32\x17.gpufleet.v1.Allocation\x12!\n\x19\x61llocated_since_unix_nano\x18\x0b \x01(\x06\x12\x1c\n\x14idle_since_unix_nano\x18\x0c \x01(\x06\"q\n\x10ListNodesRequest\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12%\n\x05state\x18\x02 \x01(\x0e\x32\x16.gpufleet.v1.NodeState\x12\x11\n\tpage_size\x18\x03 \x01(\r\x12\x12\n\npage_token\x18\x04 \x01(\t\"f\n\x11ListNodesResponse\x12$\n\x05nodes\x18\x01 \x03(\x0b\x32\x15.gpufleet.v1.NodeView\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\xed\x01\n\x0fListGpusRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12&\n\x06health\x18\x04 \x01(\x0e\x32\x16.gpufleet.v1.GpuHealth\x12\x11\n\tidle_only\x18\x05 \x01(\x08\x12\x0f\n\x07sort_by\x18\x06 \x01(\t\x12\x11\n\tpage_size\x18\x07 \x01(\r\x12\x12\n\npage_token\x18\x08 \x01(\t\x12\x11\n\tnamespace\x18\t \x01(\t\x12\x0b\n\x03pod\x18\n \x01(\t\x12\x0b\n\x03job\x18\x0b \x01(\t\x12\x0c\n\x04user\x18\x0c \x01(\t\"c\n\x10ListGpusResponse\x12\"\n\x04gpus\x18\x01 \x03(\x0b\x32\x14.gpufleet.v1.GpuView\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\"\x1e\n\x0eGetNodeRequest\x12\x0c\n\x04node\x18\x01 \x01(\t\"Z\n\x0fGetNodeResponse\x12#\n\x04node\x18\x01 \x01(\x0b\x32\x15.gpufleet.v1.NodeView\x12\"\n\x04gpus\x18\x02 \x03(\x0b\x32\x14.gpufleet.v1.GpuView\"\x82\x01\n\x0b\x45ventFilter\x12\x0c\n\x04node\x18\x01 \x01(\t\x12\r\n\x05kinds\x18\x02 \x03(\t\x12+\n\x0cmin_severity\x18\x03 \x01(\x0e\x32\x15.gpufleet.v1.Severity\x12\x17\n\x0fsince_unix_nano\x18\x04 \x01(\x06\x12\x10\n\x08\x61\x66ter_id\x18\x05 \x01(\x04\"L\n\x11ListEventsRequest\x12(\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x18.gpufleet.v1.EventFilter\x12\r\n\x05limit\x18\x02 \x01(\r\"8\n\x12ListEventsResponse\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.gpufleet.v1.Event\"?\n\x13StreamEventsRequest\x12(\n\x06\x66ilter\x18\x01 \x01(\x0b\x32\x18.gpufleet.v1.EventFilter\"S\n\x14ListWorkloadsRequest\x12\x10\n\x08group_by\x18\x01 \x01(\t\x12\x18\n\x10idle_for_seconds\x18\x02 \x01(\x04\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\"\xba\x05\n\x0cWorkloadView\x12\x0f\n\x07\x63luster\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x11\n\tnamespace\x18\x03 \x01(\t\x12\x0b\n\x03pod\x18\x04 \x01(\t\x12\x0b\n\x03job\x18\x05 \x01(\t\x12\x0c\n\x04user\x18\x06 \x01(\t\x12\x10\n\x08job_name\x18\x07 \x01(\t\x12\x0c\n\x04gpus\x18\x08 \x01(\x01\x12\r\n\x05nodes\x18\t \x01(\r\x12\x11\n\tidle_gpus\x18\n \x01(\x01\x12\x18\n\x10idle_gpu_seconds\x18\x0b \x01(\x01\x12#\n\x16mean_utilization_ratio\x18\x0c \x01(\x01H\x00\x88\x01\x01\x12!\n\x14mean_sm_active_ratio\x18\r \x01(\x01H\x01\x88\x01\x01\x12%\n\x18mean_tensor_active_ratio\x18\x0e \x01(\x01H\x02\x88\x01\x01\x12\x17\n\x0fsince_unix_nano\x18\x0f \x01(\x06\x12J\n\x12idle_gpus_by_model\x18\x10 \x03(\x0b\x32..gpufleet.v1.WorkloadView.IdleGpusByModelEntry\x12W\n\x19idle_gpu_seconds_by_model\x18\x11 \x03(\x0b\x32\x34.gpufleet.v1.WorkloadView.IdleGpuSecondsByModelEntry\x1a\x36\n\x14IdleGpusByModelEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a<\n\x1aIdleGpuSecondsByModelEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x19\n\x17_mean_utilization_ratioB\x17\n\x15_mean_sm_active_ratioB\x1b\n\x19_mean_tensor_active_ratio\",\n\x05Price\x12\r\n\x05model\x18\x01 \x01(\t\x12\x14\n\x0cper_gpu_hour\x18\x02 \x01(\x01\"i\n\x15ListWorkloadsResponse\x12,\n\tworkloads\x18\x01 \x03(\x0b\x32\x19.gpufleet.v1.WorkloadView\x12\"\n\x06prices\x18\x02 \x03(\x0b\x32\x12.gpufleet.v1.Price*e\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x11\n\rNODE_STATE_UP\x10\x01\x12\x14\n\x10NODE_STATE_STALE\x10\x02\x12\x13\n\x0fNODE_STATE_DOWN\x10\x03*\xa3\x01\n\tGpuHealth\x12\x1a\n\x16GPU_HEALTH_UNSPECIFIED\x10\x00\x12\x16\n\x12GPU_HEALTH_HEALTHY\x10\x01\x12\x17\n\x13GPU_HEALTH_DEGRADED\x10\x02\x12\x18\n\x14GPU_HEALTH_UNHEALTHY\x10\x03\x12\x13\n\x0fGPU_HEALTH_LOST\x10\x04\x12\x1a\n\x16GPU_HEALTH_UNREACHABLE\x10\x05\x32\xb6\x04\n\x0cQueryService\x12\\\n\x0fGetFleetSummary\x12#.gpufleet.v1.GetFleetSummaryRequest\x1a$.gpufleet.v1.GetFleetSummaryResponse\x12J\n\tListNodes\x12\x1d.gpufleet.v1.ListNodesRequest\x1a\x1e.gpufleet.v1.ListNodesResponse\x12G\n\x08ListGpus\x12\x1c.gpufleet.v1.ListGpusRequest\x1a\x1d.gpufleet.v1.ListGpusResponse\x12\x44\n\x07GetNode\x12\x1b.gpufleet.v1.GetNodeRequest\x1a\x1c.gpufleet.v1.GetNodeResponse\x12M\n\nListEvents\x12\x1e.gpufleet.v1.ListEventsRequest\x1a\x1f.gpufleet.v1.ListEventsResponse\x12\x46\n\x0cStreamEvents\x12 .gpufleet.v1.StreamEventsRequest\x1a\x12.gpufleet.v1.Event0\x01\x12V\n\rListWorkloads\x12!.gpufleet.v1.ListWorkloadsRequest\x1a\".gpufleet.v1.ListWorkloadsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'gpufleet.v1.query_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NODESTATE']._serialized_start=2010
-  _globals['_NODESTATE']._serialized_end=2111
-  _globals['_GPUHEALTH']._serialized_start=2114
-  _globals['_GPUHEALTH']._serialized_end=2277
-  _globals['_COUNT']._serialized_start=124
-  _globals['_COUNT']._serialized_end=159
-  _globals['_GETFLEETSUMMARYREQUEST']._serialized_start=161
-  _globals['_GETFLEETSUMMARYREQUEST']._serialized_end=185
-  _globals['_GETFLEETSUMMARYRESPONSE']._serialized_start=188
-  _globals['_GETFLEETSUMMARYRESPONSE']._serialized_end=535
-  _globals['_NODEVIEW']._serialized_start=538
-  _globals['_NODEVIEW']._serialized_end=811
-  _globals['_GPUVIEW']._serialized_start=814
-  _globals['_GPUVIEW']._serialized_end=1049
-  _globals['_LISTNODESREQUEST']._serialized_start=1051
-  _globals['_LISTNODESREQUEST']._serialized_end=1164
-  _globals['_LISTNODESRESPONSE']._serialized_start=1166
-  _globals['_LISTNODESRESPONSE']._serialized_end=1268
-  _globals['_LISTGPUSREQUEST']._serialized_start=1271
-  _globals['_LISTGPUSREQUEST']._serialized_end=1449
-  _globals['_LISTGPUSRESPONSE']._serialized_start=1451
-  _globals['_LISTGPUSRESPONSE']._serialized_end=1550
-  _globals['_GETNODEREQUEST']._serialized_start=1552
-  _globals['_GETNODEREQUEST']._serialized_end=1582
-  _globals['_GETNODERESPONSE']._serialized_start=1584
-  _globals['_GETNODERESPONSE']._serialized_end=1674
-  _globals['_EVENTFILTER']._serialized_start=1677
-  _globals['_EVENTFILTER']._serialized_end=1807
-  _globals['_LISTEVENTSREQUEST']._serialized_start=1809
-  _globals['_LISTEVENTSREQUEST']._serialized_end=1885
-  _globals['_LISTEVENTSRESPONSE']._serialized_start=1887
-  _globals['_LISTEVENTSRESPONSE']._serialized_end=1943
-  _globals['_STREAMEVENTSREQUEST']._serialized_start=1945
-  _globals['_STREAMEVENTSREQUEST']._serialized_end=2008
-  _globals['_QUERYSERVICE']._serialized_start=2280
-  _globals['_QUERYSERVICE']._serialized_end=2758
+  _globals['_WORKLOADVIEW_IDLEGPUSBYMODELENTRY']._loaded_options = None
+  _globals['_WORKLOADVIEW_IDLEGPUSBYMODELENTRY']._serialized_options = b'8\001'
+  _globals['_WORKLOADVIEW_IDLEGPUSECONDSBYMODELENTRY']._loaded_options = None
+  _globals['_WORKLOADVIEW_IDLEGPUSECONDSBYMODELENTRY']._serialized_options = b'8\001'
+  _globals['_NODESTATE']._serialized_start=3149
+  _globals['_NODESTATE']._serialized_end=3250
+  _globals['_GPUHEALTH']._serialized_start=3253
+  _globals['_GPUHEALTH']._serialized_end=3416
+  _globals['_COUNT']._serialized_start=154
+  _globals['_COUNT']._serialized_end=189
+  _globals['_GETFLEETSUMMARYREQUEST']._serialized_start=191
+  _globals['_GETFLEETSUMMARYREQUEST']._serialized_end=215
+  _globals['_GETFLEETSUMMARYRESPONSE']._serialized_start=218
+  _globals['_GETFLEETSUMMARYRESPONSE']._serialized_end=565
+  _globals['_NODEVIEW']._serialized_start=568
+  _globals['_NODEVIEW']._serialized_end=841
+  _globals['_GPUVIEW']._serialized_start=844
+  _globals['_GPUVIEW']._serialized_end=1190
+  _globals['_LISTNODESREQUEST']._serialized_start=1192
+  _globals['_LISTNODESREQUEST']._serialized_end=1305
+  _globals['_LISTNODESRESPONSE']._serialized_start=1307
+  _globals['_LISTNODESRESPONSE']._serialized_end=1409
+  _globals['_LISTGPUSREQUEST']._serialized_start=1412
+  _globals['_LISTGPUSREQUEST']._serialized_end=1649
+  _globals['_LISTGPUSRESPONSE']._serialized_start=1651
+  _globals['_LISTGPUSRESPONSE']._serialized_end=1750
+  _globals['_GETNODEREQUEST']._serialized_start=1752
+  _globals['_GETNODEREQUEST']._serialized_end=1782
+  _globals['_GETNODERESPONSE']._serialized_start=1784
+  _globals['_GETNODERESPONSE']._serialized_end=1874
+  _globals['_EVENTFILTER']._serialized_start=1877
+  _globals['_EVENTFILTER']._serialized_end=2007
+  _globals['_LISTEVENTSREQUEST']._serialized_start=2009
+  _globals['_LISTEVENTSREQUEST']._serialized_end=2085
+  _globals['_LISTEVENTSRESPONSE']._serialized_start=2087
+  _globals['_LISTEVENTSRESPONSE']._serialized_end=2143
+  _globals['_STREAMEVENTSREQUEST']._serialized_start=2145
+  _globals['_STREAMEVENTSREQUEST']._serialized_end=2208
+  _globals['_LISTWORKLOADSREQUEST']._serialized_start=2210
+  _globals['_LISTWORKLOADSREQUEST']._serialized_end=2293
+  _globals['_WORKLOADVIEW']._serialized_start=2296
+  _globals['_WORKLOADVIEW']._serialized_end=2994
+  _globals['_WORKLOADVIEW_IDLEGPUSBYMODELENTRY']._serialized_start=2797
+  _globals['_WORKLOADVIEW_IDLEGPUSBYMODELENTRY']._serialized_end=2851
+  _globals['_WORKLOADVIEW_IDLEGPUSECONDSBYMODELENTRY']._serialized_start=2853
+  _globals['_WORKLOADVIEW_IDLEGPUSECONDSBYMODELENTRY']._serialized_end=2913
+  _globals['_PRICE']._serialized_start=2996
+  _globals['_PRICE']._serialized_end=3040
+  _globals['_LISTWORKLOADSRESPONSE']._serialized_start=3042
+  _globals['_LISTWORKLOADSRESPONSE']._serialized_end=3147
+  _globals['_QUERYSERVICE']._serialized_start=3419
+  _globals['_QUERYSERVICE']._serialized_end=3985
 # @@protoc_insertion_point(module_scope)

@@ -1,3 +1,4 @@
+from gpufleet.v1 import allocation_pb2 as _allocation_pb2
 from gpufleet.v1 import events_pb2 as _events_pb2
 from gpufleet.v1 import inventory_pb2 as _inventory_pb2
 from gpufleet.v1 import telemetry_pb2 as _telemetry_pb2
@@ -93,7 +94,7 @@ class NodeView(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., last_seen_unix_nano: _Optional[int] = ..., gpu_count: _Optional[int] = ..., unhealthy_gpu_count: _Optional[int] = ..., inventory: _Optional[_Union[_inventory_pb2.NodeInventory, _Mapping]] = ..., agent_stats: _Optional[_Union[_telemetry_pb2.AgentStats, _Mapping]] = ..., last_sequence: _Optional[int] = ...) -> None: ...
 
 class GpuView(_message.Message):
-    __slots__ = ("node_id", "node_name", "cluster", "inventory", "health", "reasons", "action", "sample", "idle")
+    __slots__ = ("node_id", "node_name", "cluster", "inventory", "health", "reasons", "action", "sample", "idle", "allocations", "allocated_since_unix_nano", "idle_since_unix_nano")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +104,9 @@ class GpuView(_message.Message):
     ACTION_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
     IDLE_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATIONS_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_SINCE_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    IDLE_SINCE_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     node_name: str
     cluster: str
@@ -112,7 +116,10 @@ class GpuView(_message.Message):
     action: str
     sample: _telemetry_pb2.GpuSample
     idle: bool
-    def __init__(self, node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., cluster: _Optional[str] = ..., inventory: _Optional[_Union[_inventory_pb2.GpuInventory, _Mapping]] = ..., health: _Optional[_Union[GpuHealth, str]] = ..., reasons: _Optional[_Iterable[str]] = ..., action: _Optional[str] = ..., sample: _Optional[_Union[_telemetry_pb2.GpuSample, _Mapping]] = ..., idle: _Optional[bool] = ...) -> None: ...
+    allocations: _containers.RepeatedCompositeFieldContainer[_allocation_pb2.Allocation]
+    allocated_since_unix_nano: int
+    idle_since_unix_nano: int
+    def __init__(self, node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., cluster: _Optional[str] = ..., inventory: _Optional[_Union[_inventory_pb2.GpuInventory, _Mapping]] = ..., health: _Optional[_Union[GpuHealth, str]] = ..., reasons: _Optional[_Iterable[str]] = ..., action: _Optional[str] = ..., sample: _Optional[_Union[_telemetry_pb2.GpuSample, _Mapping]] = ..., idle: _Optional[bool] = ..., allocations: _Optional[_Iterable[_Union[_allocation_pb2.Allocation, _Mapping]]] = ..., allocated_since_unix_nano: _Optional[int] = ..., idle_since_unix_nano: _Optional[int] = ...) -> None: ...
 
 class ListNodesRequest(_message.Message):
     __slots__ = ("cluster", "state", "page_size", "page_token")
@@ -137,7 +144,7 @@ class ListNodesResponse(_message.Message):
     def __init__(self, nodes: _Optional[_Iterable[_Union[NodeView, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
 
 class ListGpusRequest(_message.Message):
-    __slots__ = ("model", "node", "cluster", "health", "idle_only", "sort_by", "page_size", "page_token")
+    __slots__ = ("model", "node", "cluster", "health", "idle_only", "sort_by", "page_size", "page_token", "namespace", "pod", "job", "user")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     NODE_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
@@ -146,6 +153,10 @@ class ListGpusRequest(_message.Message):
     SORT_BY_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POD_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
     model: str
     node: str
     cluster: str
@@ -154,7 +165,11 @@ class ListGpusRequest(_message.Message):
     sort_by: str
     page_size: int
     page_token: str
-    def __init__(self, model: _Optional[str] = ..., node: _Optional[str] = ..., cluster: _Optional[str] = ..., health: _Optional[_Union[GpuHealth, str]] = ..., idle_only: _Optional[bool] = ..., sort_by: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    namespace: str
+    pod: str
+    job: str
+    user: str
+    def __init__(self, model: _Optional[str] = ..., node: _Optional[str] = ..., cluster: _Optional[str] = ..., health: _Optional[_Union[GpuHealth, str]] = ..., idle_only: _Optional[bool] = ..., sort_by: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., namespace: _Optional[str] = ..., pod: _Optional[str] = ..., job: _Optional[str] = ..., user: _Optional[str] = ...) -> None: ...
 
 class ListGpusResponse(_message.Message):
     __slots__ = ("gpus", "next_page_token", "total_size")
@@ -213,3 +228,81 @@ class StreamEventsRequest(_message.Message):
     FILTER_FIELD_NUMBER: _ClassVar[int]
     filter: EventFilter
     def __init__(self, filter: _Optional[_Union[EventFilter, _Mapping]] = ...) -> None: ...
+
+class ListWorkloadsRequest(_message.Message):
+    __slots__ = ("group_by", "idle_for_seconds", "cluster")
+    GROUP_BY_FIELD_NUMBER: _ClassVar[int]
+    IDLE_FOR_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    group_by: str
+    idle_for_seconds: int
+    cluster: str
+    def __init__(self, group_by: _Optional[str] = ..., idle_for_seconds: _Optional[int] = ..., cluster: _Optional[str] = ...) -> None: ...
+
+class WorkloadView(_message.Message):
+    __slots__ = ("cluster", "source", "namespace", "pod", "job", "user", "job_name", "gpus", "nodes", "idle_gpus", "idle_gpu_seconds", "mean_utilization_ratio", "mean_sm_active_ratio", "mean_tensor_active_ratio", "since_unix_nano", "idle_gpus_by_model", "idle_gpu_seconds_by_model")
+    class IdleGpusByModelEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class IdleGpuSecondsByModelEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POD_FIELD_NUMBER: _ClassVar[int]
+    JOB_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    JOB_NAME_FIELD_NUMBER: _ClassVar[int]
+    GPUS_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
+    IDLE_GPUS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_GPU_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_UTILIZATION_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MEAN_SM_ACTIVE_RATIO_FIELD_NUMBER: _ClassVar[int]
+    MEAN_TENSOR_ACTIVE_RATIO_FIELD_NUMBER: _ClassVar[int]
+    SINCE_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    IDLE_GPUS_BY_MODEL_FIELD_NUMBER: _ClassVar[int]
+    IDLE_GPU_SECONDS_BY_MODEL_FIELD_NUMBER: _ClassVar[int]
+    cluster: str
+    source: str
+    namespace: str
+    pod: str
+    job: str
+    user: str
+    job_name: str
+    gpus: float
+    nodes: int
+    idle_gpus: float
+    idle_gpu_seconds: float
+    mean_utilization_ratio: float
+    mean_sm_active_ratio: float
+    mean_tensor_active_ratio: float
+    since_unix_nano: int
+    idle_gpus_by_model: _containers.ScalarMap[str, float]
+    idle_gpu_seconds_by_model: _containers.ScalarMap[str, float]
+    def __init__(self, cluster: _Optional[str] = ..., source: _Optional[str] = ..., namespace: _Optional[str] = ..., pod: _Optional[str] = ..., job: _Optional[str] = ..., user: _Optional[str] = ..., job_name: _Optional[str] = ..., gpus: _Optional[float] = ..., nodes: _Optional[int] = ..., idle_gpus: _Optional[float] = ..., idle_gpu_seconds: _Optional[float] = ..., mean_utilization_ratio: _Optional[float] = ..., mean_sm_active_ratio: _Optional[float] = ..., mean_tensor_active_ratio: _Optional[float] = ..., since_unix_nano: _Optional[int] = ..., idle_gpus_by_model: _Optional[_Mapping[str, float]] = ..., idle_gpu_seconds_by_model: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class Price(_message.Message):
+    __slots__ = ("model", "per_gpu_hour")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PER_GPU_HOUR_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    per_gpu_hour: float
+    def __init__(self, model: _Optional[str] = ..., per_gpu_hour: _Optional[float] = ...) -> None: ...
+
+class ListWorkloadsResponse(_message.Message):
+    __slots__ = ("workloads", "prices")
+    WORKLOADS_FIELD_NUMBER: _ClassVar[int]
+    PRICES_FIELD_NUMBER: _ClassVar[int]
+    workloads: _containers.RepeatedCompositeFieldContainer[WorkloadView]
+    prices: _containers.RepeatedCompositeFieldContainer[Price]
+    def __init__(self, workloads: _Optional[_Iterable[_Union[WorkloadView, _Mapping]]] = ..., prices: _Optional[_Iterable[_Union[Price, _Mapping]]] = ...) -> None: ...

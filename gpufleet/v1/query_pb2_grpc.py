@@ -66,6 +66,11 @@ class QueryServiceStub:
                 request_serializer=gpufleet_dot_v1_dot_query__pb2.StreamEventsRequest.SerializeToString,
                 response_deserializer=gpufleet_dot_v1_dot_events__pb2.Event.FromString,
                 _registered_method=True)
+        self.ListWorkloads = channel.unary_unary(
+                '/gpufleet.v1.QueryService/ListWorkloads',
+                request_serializer=gpufleet_dot_v1_dot_query__pb2.ListWorkloadsRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_v1_dot_query__pb2.ListWorkloadsResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -111,6 +116,13 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListWorkloads(self, request, context):
+        """Who holds the fleet's GPUs and how much of it is idle, by workload or group.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -143,6 +155,11 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.StreamEvents,
                     request_deserializer=gpufleet_dot_v1_dot_query__pb2.StreamEventsRequest.FromString,
                     response_serializer=gpufleet_dot_v1_dot_events__pb2.Event.SerializeToString,
+            ),
+            'ListWorkloads': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkloads,
+                    request_deserializer=gpufleet_dot_v1_dot_query__pb2.ListWorkloadsRequest.FromString,
+                    response_serializer=gpufleet_dot_v1_dot_query__pb2.ListWorkloadsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -308,6 +325,33 @@ class QueryService:
             '/gpufleet.v1.QueryService/StreamEvents',
             gpufleet_dot_v1_dot_query__pb2.StreamEventsRequest.SerializeToString,
             gpufleet_dot_v1_dot_events__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkloads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.QueryService/ListWorkloads',
+            gpufleet_dot_v1_dot_query__pb2.ListWorkloadsRequest.SerializeToString,
+            gpufleet_dot_v1_dot_query__pb2.ListWorkloadsResponse.FromString,
             options,
             channel_credentials,
             insecure,
