@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -13,10 +14,14 @@ from pathlib import Path
 
 import gpufleet
 from gpufleet.agent import identity
+from gpufleet.agent.attribution import kubelet
+from gpufleet.agent.attribution.refresh import Attribution
+from gpufleet.agent.attribution.slurm import JobMappingDir, ProcEnvirons
 from gpufleet.agent.node import Delivery, NodeAgent, NodeIdentity, Schedule, node_inventory
 from gpufleet.agent.sources.base import GpuSource, SourceUnavailable
 from gpufleet.agent.sources.faults import PRESETS, FaultModel
 from gpufleet.agent.sources.models import MODELS
+from gpufleet.agent.sources.scheduler import KINDS, SimNode, SimScheduler
 from gpufleet.plausible import drop_implausible
 from gpufleet.security import SecuritySettingsError, add_client_security_flags, client_security
 from gpufleet.settings import (
@@ -40,6 +45,8 @@ from gpufleet.wire import message_dict
 log = logging.getLogger("gpufleet.agent")
 
 DEFAULT_COLLECTOR = "127.0.0.1:50051"
+# How often the simulated scheduler's ground truth is checked for changes (--sim-truth-file).
+TRUTH_EVERY_S = 1.0
 # Simulated nodes per rack: a 40 kW rack holds about four 8-GPU H100 servers.
 SIM_NODES_PER_RACK = 4
 
@@ -108,6 +115,33 @@ def build_parser() -> argparse.ArgumentParser:
         default=300.0,
         help="seconds between inventory re-reads (GPU changes, driver upgrades)",
     )
+    who = parser.add_argument_group("attribution: who holds each GPU (docs/attribution.md)")
+    add_flag(
+        who,
+        "--kubelet-socket",
+        default="auto",
+        help="the kubelet's pod-resources socket; 'auto': "
+        f"{kubelet.DEFAULT_SOCKET} for real GPUs, none for simulated ones; 'none': off",
+    )
+    add_flag(
+        who,
+        "--kubelet-resources",
+        default=",".join(kubelet.DEFAULT_RESOURCES),
+        type=resource_names,
+        help="device plugin resources that are GPUs (comma-separated; a trailing * matches a prefix)",
+    )
+    add_flag(
+        who,
+        "--job-mapping-dir",
+        default="",
+        help="Slurm: a directory of per-GPU job files (dcgm-exporter's --hpc-job-mapping-dir convention)",
+    )
+    add_flag(
+        who,
+        "--no-process-attribution",
+        action="store_true",
+        help="do not read the GPU processes' owners and SLURM_* environment from /proc",
+    )
     sim = parser.add_argument_group("simulation (--source sim)")
     add_flag(
         sim,
@@ -147,9 +181,65 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="index of the first simulated node (to run one fleet from several processes)",
     )
+    add_flag(
+        sim,
+        "--scheduler",
+        default="none",
+        choices=("none", *KINDS),
+        help="place simulated Kubernetes pods or Slurm jobs on the GPUs (mixed: alternate by cluster)",
+    )
+    add_flag(
+        sim,
+        "--mean-job-minutes",
+        type=positive_float,
+        default=120.0,
+        help="mean lifetime of a simulated job",
+    )
+    add_flag(
+        sim,
+        "--sim-truth-file",
+        default="",
+        help="write the simulated scheduler's ground truth (who holds each GPU) here as JSON",
+    )
     add_log_level(parser)
     parser.add_argument("--version", action="version", version=f"%(prog)s {gpufleet.__version__}")
     return parser
+
+
+def resource_names(value: str) -> list[str]:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError("expected resource names, e.g. nvidia.com/gpu,nvidia.com/mig-*")
+    return names
+
+
+def host_attribution(args: argparse.Namespace) -> Attribution | None:
+    """A real host's sources: the kubelet, a job-mapping directory, /proc."""
+    socket = args.kubelet_socket
+    if socket == "auto":
+        socket = kubelet.DEFAULT_SOCKET if args.source == "nvml" else "none"
+    pods = kubelet.KubeletPodLister(socket) if socket not in ("", "none") else None
+    jobs = JobMappingDir(args.job_mapping_dir) if args.job_mapping_dir else None
+    environs = None if args.no_process_attribution or args.source == "sim" else ProcEnvirons()
+    attribution = Attribution(
+        pods=pods, resources=args.kubelet_resources, job_mapping=jobs, environs=environs
+    )
+    return attribution if attribution.enabled else None
+
+
+def sim_attribution(
+    args: argparse.Namespace, scheduler: SimScheduler | None, hostname: str
+) -> Attribution | None:
+    """A simulated node's sources: the scheduler's stand-ins, unless real ones are given."""
+    attribution = host_attribution(args)
+    if attribution is not None or scheduler is None:
+        return attribution
+    return Attribution(
+        pods=scheduler.pod_lister(hostname),
+        resources=args.kubelet_resources,
+        job_mapping=scheduler.job_mapping(hostname),
+        environs=scheduler.environs(hostname),
+    )
 
 
 def sim_identity(args: argparse.Namespace, index: int, labels: dict[str, str]) -> NodeIdentity:
@@ -206,20 +296,30 @@ def open_source(args: argparse.Namespace, index: int) -> GpuSource:
     return NvmlSource()
 
 
-def print_once(source: GpuSource, node: NodeIdentity) -> None:
+def print_once(source: GpuSource, node: NodeIdentity, attribution: Attribution | None = None) -> None:
     inventory = node_inventory(source, node)
     gpus = source.sample(with_processes=True)
     dropped = sum(drop_implausible(gpu) for gpu in gpus)
-    print(
-        json.dumps(
-            {
-                "inventory": message_dict(inventory),
-                "gpus": [message_dict(gpu) for gpu in gpus],
-                "invalid_values_dropped": dropped,
-            },
-            indent=2,
-        )
-    )
+    once = {
+        "inventory": message_dict(inventory),
+        "gpus": [message_dict(gpu) for gpu in gpus],
+        "invalid_values_dropped": dropped,
+    }
+    if attribution is not None:
+        once["allocations"] = message_dict(asyncio.run(attribution.refresh(inventory, gpus)))
+    print(json.dumps(once, indent=2))
+
+
+def sim_scheduler(
+    args: argparse.Namespace, nodes: Sequence[tuple[NodeIdentity, GpuSource]]
+) -> SimScheduler | None:
+    """The simulated scheduler that places pods or jobs on the simulated nodes (--scheduler)."""
+    if args.scheduler == "none":
+        return None
+    if args.source != "sim":
+        fail("--scheduler needs --source sim (a real host's GPUs are placed by its real scheduler)")
+    sim_nodes = [SimNode(node.hostname, node.cluster, source) for node, source in nodes]  # type: ignore[arg-type]
+    return SimScheduler(sim_nodes, args.scheduler, seed=args.seed, mean_job_s=args.mean_job_minutes * 60)
 
 
 def raise_open_files_limit(connections: int) -> None:
@@ -243,14 +343,29 @@ async def run_node(agent: NodeAgent, stop: asyncio.Event) -> bool:
     return True
 
 
-async def run_agents(agents: Sequence[NodeAgent]) -> bool:
+async def write_truth(scheduler: SimScheduler, path: Path, stop: asyncio.Event) -> None:
+    """Keep the simulated scheduler's ground truth in ``path``, rewritten when it changes."""
+    written = -1
+    while not stop.is_set():
+        scheduler.tick()
+        if scheduler.version != written:
+            written = scheduler.version
+            scheduler.write_truth(path)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=TRUTH_EVERY_S)
+
+
+async def run_agents(agents: Sequence[NodeAgent], truth: tuple[SimScheduler, Path] | None = None) -> bool:
     """Run every node agent until a signal stops them; False when every one of them failed for good."""
     stop = asyncio.Event()
     stop_on_signals(stop, "stopping: flushing reports")
     tasks = [
         asyncio.create_task(run_node(agent, stop), name=f"node-{agent.identity.hostname}") for agent in agents
     ]
+    writer = asyncio.create_task(write_truth(*truth, stop)) if truth else None
     results = await asyncio.gather(*tasks, return_exceptions=True)
+    if writer is not None:
+        await writer
     failed = [result for result in results if result is False]
     return len(failed) < len(agents)
 
@@ -268,12 +383,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.nodes < 1 or (args.nodes > 1 and args.source != "sim"):
         fail("--nodes > 1 needs --source sim (a real host is one node)")
     try:
+        nodes = [
+            (
+                sim_identity(args, index, labels) if args.source == "sim" else host_identity(args, labels),
+                open_source(args, index),
+            )
+            for index in range(args.node_offset, args.node_offset + (1 if args.once else args.nodes))
+        ]
+        scheduler = sim_scheduler(args, nodes)
         if args.once:
-            index = args.node_offset
-            node = sim_identity(args, index, labels) if args.source == "sim" else host_identity(args, labels)
-            source = open_source(args, index)
+            node, source = nodes[0]
             try:
-                print_once(source, node)
+                print_once(source, node, sim_attribution(args, scheduler, node.hostname))
             finally:
                 source.close()
             return
@@ -284,14 +405,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             security=client_security(args),
         )
         agents = []
-        for index in range(args.node_offset, args.node_offset + args.nodes):
-            node = sim_identity(args, index, labels) if args.source == "sim" else host_identity(args, labels)
-            spread = (
-                min(args.interval, 5.0) * (index - args.node_offset) / args.nodes if args.nodes > 1 else 0.0
-            )
+        for position, (node, source) in enumerate(nodes):
+            spread = min(args.interval, 5.0) * position / args.nodes if args.nodes > 1 else 0.0
             agents.append(
                 NodeAgent(
-                    open_source(args, index),
+                    source,
                     node,
                     collectors,
                     Schedule(
@@ -302,6 +420,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     ),
                     blocking_source=args.source == "nvml",
                     delivery=delivery,
+                    attribution=sim_attribution(args, scheduler, node.hostname),
                 )
             )
     except (SourceUnavailable, SecuritySettingsError) as exc:
@@ -309,7 +428,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     raise_open_files_limit(len(agents))
     log.info("reporting %d node(s) to %s every %.1f s", len(agents), ",".join(collectors), args.interval)
     try:
-        served = asyncio.run(run_agents(agents))
+        truth = (scheduler, Path(args.sim_truth_file)) if scheduler and args.sim_truth_file else None
+        served = asyncio.run(run_agents(agents, truth))
     finally:
         close_sources(agents)
     if not served:

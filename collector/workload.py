@@ -453,7 +453,7 @@ def _labels(key: WorkloadKey, by: str | None = None) -> str:
     cluster, namespace, job, user = key
     labels = (
         f'cluster="{escape_label_value(cluster)}",namespace="{escape_label_value(namespace)}",'
-        f'job="{escape_label_value(job)}",user="{escape_label_value(user)}"'
+        f'hpc_job="{escape_label_value(job)}",user="{escape_label_value(user)}"'
     )
     return labels if by is None else f'{labels},by="{by}"'
 

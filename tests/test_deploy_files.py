@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 import gpufleet
+from gpufleet.agent.attribution import kubelet
 from gpufleet.agent.main import build_parser as agent_parser
 from gpufleet.collector.main import build_parser as collector_parser
 from gpufleet.ports import free_port
@@ -61,6 +62,14 @@ def compose() -> dict[str, Any]:
 def env_file(path: Path) -> dict[str, str]:
     pairs = [
         line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#")
+    ]
+    return {key: value for key, value in pairs}
+
+
+def commented_examples(path: Path) -> dict[str, str]:
+    """The settings an environment file shows commented out (#GPUFLEET_X=...)."""
+    pairs = [
+        line[1:].split("=", 1) for line in path.read_text().splitlines() if line.startswith("#GPUFLEET_")
     ]
     return {key: value for key, value in pairs}
 
@@ -145,6 +154,23 @@ def test_environment_files_hold_settings_the_programs_accept(program: str) -> No
         assert args.db.startswith(f"/var/lib/{state_directory}/")
     else:
         assert args.spool_dir.startswith(f"/var/lib/{state_directory}/")
+
+
+@pytest.mark.parametrize("program", sorted(PARSERS))
+def test_commented_examples_in_environment_files_are_settings_the_programs_have(program: str) -> None:
+    examples = commented_examples(DEPLOY / "systemd" / f"{program.removeprefix('gpufleet-')}.env")
+    assert examples
+    unknown = sorted(set(examples) - env_names(program))
+    assert not unknown, f"{program} has no flags for {unknown}"
+
+
+def test_the_agents_attribution_examples_are_values_it_accepts() -> None:
+    """The TLS examples name files that exist only on a configured host; these need none."""
+    examples = commented_examples(DEPLOY / "systemd" / "agent.env")
+    attribution = {key: examples[key] for key in ("GPUFLEET_JOB_MAPPING_DIR", "GPUFLEET_KUBELET_SOCKET")}
+    args = parse("gpufleet-agent", [], {**env_file(DEPLOY / "systemd" / "agent.env"), **attribution})
+    assert args.kubelet_socket == kubelet.DEFAULT_SOCKET
+    assert args.job_mapping_dir == attribution["GPUFLEET_JOB_MAPPING_DIR"]
 
 
 # -- container -------------------------------------------------------------------------------
@@ -320,11 +346,15 @@ def test_kubernetes_objects_parse_and_run_the_programs_with_settings_they_have()
         (workload,) = k8s(kind)
         pod = workload["spec"]["template"]
         assert workload["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
-        assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
-        assert pod["spec"]["securityContext"]["runAsUser"] != 0
+        # The collector runs as a user; the agent as root without capabilities (the kubelet's
+        # pod-resources socket admits only root).
+        root = kind == "DaemonSet"
+        assert pod["spec"]["securityContext"]["runAsNonRoot"] is not root
+        assert (pod["spec"]["securityContext"]["runAsUser"] == 0) is root
         (container,) = pod["spec"]["containers"]
         assert container["image"] == IMAGE
         assert container["securityContext"]["allowPrivilegeEscalation"] is False
+        assert container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
         program = container["command"][0]
         parse(program, container.get("args", []), container_env(container))
 
@@ -365,6 +395,33 @@ def test_the_agent_runs_on_gpu_nodes_and_finds_the_collector_service() -> None:
     grpc_port = next(p["port"] for p in service["spec"]["ports"] if p["name"] == "grpc")
     name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
     assert env["GPUFLEET_COLLECTOR"]["value"] == f"{name}.{namespace}.svc:{grpc_port}"
+
+
+def test_the_agent_reads_the_kubelet_pod_resources_socket_through_a_read_only_mount() -> None:
+    (daemonset,) = k8s("DaemonSet")
+    spec = daemonset["spec"]["template"]["spec"]
+    (container,) = spec["containers"]
+    args = parse("gpufleet-agent", container.get("args", []), container_env(container))
+    assert args.kubelet_socket == kubelet.DEFAULT_SOCKET == "/var/lib/kubelet/pod-resources/kubelet.sock"
+    socket_dir = str(Path(args.kubelet_socket).parent)
+    # The socket's directory (the kubelet makes the socket anew when it restarts), read-only, at
+    # the same path as on the host.
+    (mount,) = [
+        m for m in container["volumeMounts"] if Path(args.kubelet_socket).is_relative_to(m["mountPath"])
+    ]
+    assert mount["mountPath"] == socket_dir and mount["readOnly"] is True
+    (volume,) = [v for v in spec["volumes"] if v["name"] == mount["name"]]
+    assert volume["hostPath"] == {"path": socket_dir, "type": "Directory"}
+
+
+def test_the_service_monitor_keeps_the_collectors_workload_labels() -> None:
+    """The operator's namespace, pod and container target labels would rename the collector's
+    (gpufleet_gpu_allocation_info, gpufleet_workload_*, the dcgm view) to exported_*."""
+    (monitor,) = k8s("ServiceMonitor")
+    for endpoint in monitor["spec"]["endpoints"]:
+        dropped = [r["regex"] for r in endpoint["relabelings"] if r.get("action") == "labeldrop"]
+        for label in ("namespace", "pod", "container"):
+            assert any(re.fullmatch(regex, label) for regex in dropped), (endpoint["path"], label)
 
 
 def test_the_service_and_service_monitor_reach_the_collectors_ports() -> None:

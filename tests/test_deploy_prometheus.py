@@ -1,7 +1,8 @@
 """deploy/prometheus and deploy/grafana against a real Prometheus that scrapes a real collector.
 
 The collector serves a simulated fleet, a node that stopped reporting, and two nodes streamed
-from this process (over the wire contract) with a fault on every GPU and an idle cluster.
+from this process (over the wire contract) with a fault on every GPU and an idle cluster, and
+with pods and Slurm jobs holding some of their GPUs (idle, busy, stuck, shared).
 Prometheus runs the scrape jobs and rule files of deploy/prometheus; every rule expression and
 every dashboard query must return data, and each alert must pick the GPUs it is about.
 """
@@ -13,6 +14,7 @@ import re
 import subprocess
 import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from gpufleet import wire
 from gpufleet.agent.sources.sim import SimulatedSource
 from gpufleet.collector import health
 from gpufleet.ports import free_port
-from gpufleet.v1 import ingest_pb2, ingest_pb2_grpc, inventory_pb2, telemetry_pb2
+from gpufleet.v1 import allocation_pb2, ingest_pb2, ingest_pb2_grpc, inventory_pb2, telemetry_pb2
 from tests.conftest import ROOT, Processes, http_get, wait_until
 from tests.prometheus_server import PrometheusServer, prometheus
 from tests.promtool import promtool
@@ -37,6 +39,7 @@ SIM_NODES = 12
 FAULTY = "faulty-node"
 IDLE = "idle-node"
 GONE = "gone-00100"
+PRICE = "H100=2.50"
 
 
 def run_promtool(*args: str) -> str:
@@ -69,7 +72,7 @@ def test_application_xids_in_the_rules_are_those_the_health_rules_call_harmless(
 
 
 class FaultySource(SimulatedSource):
-    """An H100 node with a fault on each GPU but 0 and 7."""
+    """An H100 node with a fault on each GPU but 0 (busy) and 7 (stuck: a hung job)."""
 
     def __init__(self) -> None:
         super().__init__("H100", 8, seed=7, node_index=500, interval_s=1.0)
@@ -90,6 +93,12 @@ class FaultySource(SimulatedSource):
         gpus[6].throttle_hw_thermal_nanoseconds = self.thermal_ns
         gpus[6].clock_event_reasons |= 0x40
         gpus[6].gpu_temperature_celsius = 91
+        busy = {"gpu_utilization_percent": 90, "sm_active_ppm": 600_000, "tensor_active_ppm": 400_000}
+        stuck = {"gpu_utilization_percent": 100, "sm_active_ppm": 10_000, "tensor_active_ppm": 0}
+        for index, values in ((0, busy), (7, stuck)):
+            for name, value in values.items():
+                setattr(gpus[index], name, value)
+            gpus[index].dram_active_ppm = 200_000
         return gpus
 
 
@@ -101,14 +110,61 @@ class IdleSource(SimulatedSource):
         gpus = super().sample(with_processes=with_processes)
         for gpu in gpus:
             gpu.gpu_utilization_percent = 0
+            gpu.sm_active_ppm = 0
         return gpus
+
+
+def kubernetes(gpu: int, namespace: str, pod: str) -> allocation_pb2.Allocation:
+    return allocation_pb2.Allocation(
+        gpu_index=gpu, source="kubernetes", namespace=namespace, pod=pod, container="main"
+    )
+
+
+def slurm(gpu: int, job: str, user: str) -> allocation_pb2.Allocation:
+    return allocation_pb2.Allocation(gpu_index=gpu, source="slurm", job=job, user=user, account="ml")
+
+
+# Who holds the streamed nodes' GPUs. The idle node: a pod, two pods sharing GPU 1, a Slurm job.
+# The faulty node: a Slurm job on busy GPU 0 and one stuck on GPU 7.
+ALLOCATIONS = {
+    IDLE: [
+        kubernetes(0, "research", "train-0"),
+        kubernetes(1, "infer", "server-a"),
+        kubernetes(1, "infer", "server-b"),
+        slurm(2, "4242", "alice"),
+    ],
+    FAULTY: [slurm(0, "4300", "bob"), slurm(7, "4301", "bob")],
+}
+# GpufleetAllocatedGpuIdle's (node, gpu, namespace, pod, Slurm job, user): every allocation of an
+# idle or stuck GPU, one per workload on a shared GPU; not the busy GPU 0 of the faulty node, nor
+# the idle node's unallocated GPUs.
+IDLE_ALLOCATIONS = {
+    (IDLE, "0", "research", "train-0", "", ""),
+    (IDLE, "1", "infer", "server-a", "", ""),
+    (IDLE, "1", "infer", "server-b", "", ""),
+    (IDLE, "2", "", "", "4242", "alice"),
+    (FAULTY, "7", "", "", "4301", "bob"),
+}
 
 
 class StreamedNode:
     """One node speaking the agent protocol to the collector from a thread of this process."""
 
-    def __init__(self, target: str, hostname: str, source: SimulatedSource) -> None:
+    def __init__(
+        self,
+        target: str,
+        hostname: str,
+        source: SimulatedSource,
+        allocations: list[allocation_pb2.Allocation],
+    ) -> None:
         self.source = source
+        self.allocations = allocation_pb2.Allocations(
+            allocations=allocations,
+            sources=[
+                allocation_pb2.AttributionSource(name="kubernetes", available=True),
+                allocation_pb2.AttributionSource(name="slurm", available=True),
+            ],
+        )
         self.inventory = source.inventory()
         self.inventory.MergeFrom(
             inventory_pb2.NodeInventory(
@@ -121,7 +177,10 @@ class StreamedNode:
 
     def _messages(self) -> Iterator[ingest_pb2.AgentMessage]:
         hello = ingest_pb2.Hello(
-            protocol_version=wire.PROTOCOL_VERSION, inventory=self.inventory, report_interval_ms=1000
+            protocol_version=wire.PROTOCOL_VERSION,
+            inventory=self.inventory,
+            report_interval_ms=1000,
+            allocations=self.allocations,
         )
         yield ingest_pb2.AgentMessage(hello=hello)
         sequence = 0
@@ -170,13 +229,18 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrometheusServer
     procs = Processes(tmp)
     streamed: list[StreamedNode] = []
     try:
-        _, target, base = procs.collector("--stale-after-intervals", "2", "--down-after-intervals", "3")
+        _, target, base = procs.collector(
+            "--stale-after-intervals", "2", "--down-after-intervals", "3", "--price", PRICE
+        )
         sim = ("--source", "sim", "--interval", "1", "--collector", target)
         gone = procs.start(
             "gpufleet.agent.main", *sim, "--node-offset", "100", "--hostname", "gone", "--cluster", "faults"
         )
         procs.start("gpufleet.agent.main", *sim, "--nodes", str(SIM_NODES), "--clusters", "2", "--seed", "3")
-        streamed = [StreamedNode(target, FAULTY, FaultySource()), StreamedNode(target, IDLE, IdleSource())]
+        streamed = [
+            StreamedNode(target, FAULTY, FaultySource(), ALLOCATIONS[FAULTY]),
+            StreamedNode(target, IDLE, IdleSource(), ALLOCATIONS[IDLE]),
+        ]
         for node in streamed:
             node.start()
         wait_until(lambda: f'node="{GONE}"'.encode() in http_get(f"{base}/metrics/nodes")[1], what=GONE)
@@ -237,7 +301,8 @@ def test_scrape_jobs_cover_every_node_once_and_every_target_answers(fleet: Prome
     # Each node's series come from exactly one shard.
     assert server.query("count by (node) (gpufleet_node_info) > 1") == []
     assert server.scalar("count(count by (shard) (gpufleet_node_info))") == 2
-    assert server.scalar("count(DCGM_FI_DEV_XID_ERRORS)") == (SIM_NODES + 2) * 8
+    # Every reachable GPU in the dcgm view (a shared GPU has a copy per workload, as in dcgm-exporter).
+    assert server.scalar("count(count by (Hostname, gpu) (DCGM_FI_DEV_XID_ERRORS))") == (SIM_NODES + 2) * 8
 
 
 def test_every_rule_expression_returns_data(fleet: PrometheusServer) -> None:
@@ -264,16 +329,53 @@ def test_each_alert_picks_the_faults_it_is_about(fleet: PrometheusServer) -> Non
     assert alert_targets(results["GpufleetNodeDown"], "node") == {(GONE,)}
     assert alert_targets(results["GpufleetIdleCapacityHigh"], "cluster") >= {("faults",)}
     assert alert_targets(results["GpufleetCollectorDown"], "job") == {("gpufleet-unreachable",)}
+    # The simulated fleet may hold idle allocations of its own: only the streamed nodes' count.
+    held = alert_targets(
+        results["GpufleetAllocatedGpuIdle"], "node", "gpu", "namespace", "pod", "hpc_job", "user"
+    )
+    assert {target for target in held if target[0] in ALLOCATIONS} == IDLE_ALLOCATIONS
     # Prometheus loaded the alerting rules and evaluates them.
     _, body, _ = http_get(f"{fleet.url}/api/v1/rules?type=alert")
     loaded = {r["name"] for g in json.loads(body)["data"]["groups"] for r in g["rules"]}
     assert loaded == set(alerts)
 
 
+def query_error(server: PrometheusServer, expression: str) -> str:
+    """Prometheus's error for this query ('' when it answers)."""
+    _, body, _ = http_get(f"{server.url}/api/v1/query?query={urllib.parse.quote(expression)}")
+    answer = json.loads(body)
+    return "" if answer["status"] == "success" else str(answer["error"])
+
+
+def test_the_idle_alert_joins_a_shared_gpu_where_a_plain_join_fails(fleet: PrometheusServer) -> None:
+    """GPU 1 of the idle node is held by two pods: two allocation series for one GPU."""
+    (alert,) = [rule["expr"] for rule in rules() if rule.get("alert") == "GpufleetAllocatedGpuIdle"]
+    shared = f'({alert}) and on (node, gpu) gpufleet_gpu_info{{node="{IDLE}", gpu="1"}}'
+    result = wait_for_data(fleet, {"shared": shared})["shared"]
+    assert sorted(r["metric"]["pod"] for r in result) == ["server-a", "server-b"]
+    plain = (
+        "gpufleet_gpu_utilization_ratio * on (node, gpu) group_left (namespace, pod)"
+        ' gpufleet_gpu_allocation_info{mig=""}'
+    )
+    assert "many-to-many matching not allowed" in query_error(fleet, plain)
+
+
+def test_the_slurm_job_keeps_its_own_label_beside_the_scrape_job(fleet: PrometheusServer) -> None:
+    """`job` is the scrape job's: the collector names the Slurm job `hpc_job`, as dcgm-exporter does."""
+    series = wait_for_data(fleet, {"job": 'gpufleet_gpu_allocation_info{hpc_job="4242"}'})["job"]
+    assert {(r["metric"]["job"], r["metric"]["node"], r["metric"]["user"]) for r in series} == {
+        ("gpufleet-nodes", IDLE, "alice")
+    }
+    workloads = wait_for_data(fleet, {"w": 'gpufleet_workload_gpus{hpc_job="4242"}'})["w"]
+    assert {r["metric"]["job"] for r in workloads} == {"gpufleet-fleet"}
+
+
 # -- Grafana dashboards ----------------------------------------------------------------------
 
 GRAFANA_BUILTINS = {"__rate_interval": "1m", "__interval": "15s", "__range": "1h"}
 PANEL_TYPES = {"stat", "timeseries", "bargauge", "table"}
+# A recording rule's name in an expression: level:metric:operations (the level may be empty).
+RECORDED_NAME = re.compile(r"(?<![\w:])[a-zA-Z_]*:[a-zA-Z0-9_:]*[a-zA-Z0-9_]")
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -284,12 +386,25 @@ def variables(dashboard: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {v["name"]: v for v in dashboard["templating"]["list"]}
 
 
+def panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """The dashboard's panels, rows left out (a collapsed row holds its panels)."""
+    return [
+        panel
+        for item in dashboard["panels"]
+        for panel in (item["panels"] if item["type"] == "row" else [item])
+    ]
+
+
 def panel_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         (f"{dashboard['uid']} / {panel['title']} / {target['refId']}", target["expr"])
-        for panel in dashboard["panels"]
+        for panel in panels(dashboard)
         for target in panel["targets"]
     ]
+
+
+def custom_options(variable: dict[str, Any]) -> list[str]:
+    return [option.strip() for option in variable["query"].split(",")]
 
 
 @pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
@@ -301,9 +416,25 @@ def test_dashboard_has_the_structure_grafana_needs(path: Path) -> None:
         variables_["datasource"]["type"] == "datasource" and variables_["datasource"]["query"] == "prometheus"
     )
     datasource = {"type": "prometheus", "uid": "${datasource}"}
-    ids = [panel["id"] for panel in dashboard["panels"]]
+    rows = [item for item in dashboard["panels"] if item["type"] == "row"]
+    ids = [panel["id"] for panel in [*rows, *panels(dashboard)]]
     assert len(ids) == len(set(ids)) and dashboard["panels"]
-    for panel in dashboard["panels"]:
+    # A row is a header across the dashboard; an open one owns the panels below it.
+    for row in rows:
+        assert row["title"] and row["gridPos"] | {"y": 0} == {"x": 0, "y": 0, "w": 24, "h": 1}, row["title"]
+        assert row["collapsed"] or row["panels"] == [], row["title"]
+    # Panels of the open rows, and the rows, do not overlap.
+    taken: dict[tuple[int, int], str] = {}
+    for item in dashboard["panels"]:
+        grid = item["gridPos"]
+        for cell in (
+            (x, y)
+            for x in range(grid["x"], grid["x"] + grid["w"])
+            for y in range(grid["y"], grid["y"] + grid["h"])
+        ):
+            assert cell not in taken, f"{item['title']} overlaps {taken[cell]}"
+            taken[cell] = item["title"]
+    for panel in panels(dashboard):
         assert panel["type"] in PANEL_TYPES, panel["title"]
         assert panel["datasource"] == datasource, panel["title"]
         grid = panel["gridPos"]
@@ -315,6 +446,10 @@ def test_dashboard_has_the_structure_grafana_needs(path: Path) -> None:
     for name, variable in variables_.items():
         if variable["type"] == "query":
             assert variable["datasource"] == datasource, name
+        if variable["type"] == "custom":
+            options = custom_options(variable)
+            assert [option["value"] for option in variable["options"]] == options, name
+            assert variable["current"]["value"] in options, name
     # Every $variable used is defined or one of Grafana's own.
     used = {m for _, expr in panel_queries(dashboard) for m in re.findall(r"\$\{?(\w+)", expr)}
     assert used <= set(variables_) | set(GRAFANA_BUILTINS), used - set(variables_)
@@ -338,6 +473,14 @@ def label_values(query: str) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
+def test_dashboards_read_recording_rules_that_exist() -> None:
+    recorded = {rule["record"] for rule in rules() if "record" in rule}
+    for path in DASHBOARDS:
+        for name, expr in panel_queries(load(path)):
+            used = set(RECORDED_NAME.findall(expr))
+            assert used <= recorded, f"{name}: no recording rule for {sorted(used - recorded)}"
+
+
 def test_every_dashboard_query_and_variable_returns_data(fleet: PrometheusServer) -> None:
     # Multi-value variables set to "All" (".*"); the node dashboard on the faulty node.
     values = {**GRAFANA_BUILTINS, "cluster": ".*", "model": ".*", "node": FAULTY}
@@ -345,8 +488,18 @@ def test_every_dashboard_query_and_variable_returns_data(fleet: PrometheusServer
     labels: dict[str, str] = {}
     for path in DASHBOARDS:
         dashboard = load(path)
+        # Custom variables at their current value, and each of their other options.
+        custom = {name: v for name, v in variables(dashboard).items() if v["type"] == "custom"}
+        current = {**values, **{name: v["current"]["value"] for name, v in custom.items()}}
         for name, expr in panel_queries(dashboard):
-            queries[name] = substitute(expr, values)
+            queries[name] = substitute(expr, current)
+            for custom_name, custom_variable in custom.items():
+                if not re.search(rf"\$\{{?{custom_name}\b", expr):
+                    continue
+                for option in custom_options(custom_variable):
+                    if option != current[custom_name]:
+                        choice = {**current, custom_name: option}
+                        queries[f"{name} [{custom_name}={option}]"] = substitute(expr, choice)
         # Grafana asks for METRIC's series and offers the values of LABEL.
         for name, variable in variables(dashboard).items():
             if variable["type"] == "query":

@@ -323,9 +323,11 @@ def test_every_metric_is_documented() -> None:
     from tests.conftest import ROOT
 
     documented = (ROOT / "docs" / "metrics.md").read_text()
-    names = [f.name for f in FAMILIES] + [
-        s.name for s in samples(exposition_of(simulated_fleet(1)[0]).fleet())
-    ]
+    from gpufleet.collector.workload import WorkloadLedger
+
+    state = simulated_fleet(1)[0]
+    fleet_view = exposition_of(state).fleet() + WorkloadLedger(state).render()
+    names = [f.name for f in FAMILIES] + [s.name for s in samples(fleet_view)]
     missing = sorted({name for name in names if f"`{name}`" not in documented})
     assert not missing, f"add to docs/metrics.md: {missing}"
 

@@ -194,7 +194,7 @@ def test_rendered_families_escape_hostile_values() -> None:
     fleet = Fleet(inventory(gpus=1), prices={"H100": 2})
     fleet.report([sample(0, util=0)], [allocation(0, namespace='a"b\\c\nd', user="<script>")])
     text = fleet.ledger.render().decode()
-    labels = 'cluster="c1",namespace="a\\"b\\\\c\\nd",job="",user="<script>"'
+    labels = 'cluster="c1",namespace="a\\"b\\\\c\\nd",hpc_job="",user="<script>"'
     assert f"gpufleet_workload_gpus{{{labels}}} 1" in text
     assert f'gpufleet_workload_idle_gpus{{{labels},by="utilization"}} 1' in text
     assert "# TYPE gpufleet_workload_idle_cost_total counter" in text

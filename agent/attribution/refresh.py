@@ -46,7 +46,7 @@ class _Source:
         self.allocations, self.good_at, self.error = allocations, now, ""
 
     def failed(self, error: str, now: float) -> None:
-        if error != self.error:
+        if not self.error:  # one line when it goes away, not one per interval
             log.warning("%s attribution unavailable: %s; telemetry carries on", self.name, error)
         self.error = error
         if now - self.good_at > KEEP_LAST_S:

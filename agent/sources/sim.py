@@ -1,9 +1,11 @@
 """Simulated GPUs: realistic values for the models in models.py, deterministic for a seed.
 
-Each node runs one workload at a time on all its GPUs (a synchronous job: training,
-inference, or nothing) and switches now and then. Values follow from the workload
-and the model's figures (gpu-fleet-facts.md section 1), with a little noise. The
-same seed and node index give the same inventory and the same sequence of samples.
+By default each node runs one workload at a time on all its GPUs (a synchronous job:
+training, inference, or nothing) and switches now and then. A scheduler (scheduler.py)
+may instead say per GPU which job holds it and how the job behaves (set_workload,
+clear_workload). Values follow from the behaviour (BEHAVIOURS) and the model's figures
+(gpu-fleet-facts.md section 1), with a little noise. The same seed and node index give
+the same inventory and the same sequence of samples.
 """
 
 from __future__ import annotations
@@ -25,9 +27,154 @@ REASON_HW_THERMAL_SLOWDOWN = 0x040
 # PCI bus ids of the eight GPUs on an HGX H100 board.
 HGX_BUS_IDS = ("18", "2A", "3A", "5D", "9A", "AB", "BA", "DB")
 
+Range = tuple[float, float]
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """What one kind of work looks like on a GPU: ranges each sample draws a value from.
+
+    A range of None means the model's idle figure (power, temperatures, clock) or none at all
+    (utilization, memory, process). The GPM shares build on one another, as the hardware counts:
+    the graphics engine is active while kernels run (about NVML's utilization), the SMs are
+    active for a share of that, and the pipes (tensor, FP64/32/16) for a share of SM activity.
+    """
+
+    utilization_percent: tuple[int, int] | None
+    copy_utilization_percent: tuple[int, int] | None
+    power_of_limit: Range | None  # share of the default power limit
+    memory_of_usable: Range | None  # share of the memory left after the driver's reservation
+    temperature_celsius: Range | None
+    sm_clock_drops_mhz: tuple[int, ...] | None  # below the maximum SM clock, one picked per sample
+    process: str | None  # the name of the job's process on the GPU
+    # GPM (Hopper and later), drawn from the node's GPM generator.
+    sm_of_engine: Range  # SM active / graphics engine active
+    occupancy_of_sm: Range  # SM occupancy (resident warps of the maximum) / SM active
+    tensor_of_sm: Range  # any tensor pipe active / SM active
+    fp64_of_sm: Range
+    fp32_of_sm: Range
+    fp16_of_sm: Range
+    dram_of_engine: Range  # memory bandwidth used, of the peak / graphics engine active
+    nvlink_of_peak: Range  # NVLink throughput, each direction, of the links' bandwidth
+
+
+NOTHING: Range = (0.0, 0.0)
+
+BEHAVIOURS: dict[str, Behaviour] = {
+    # A synchronous training job (data-parallel, NCCL all-reduce): near 100 % utilization at the
+    # power cap, memory nearly full, tensor cores busy (SM active 0.75-0.95, tensor 0.4-0.7), NVLink
+    # carrying gradients.
+    "training": Behaviour(
+        utilization_percent=(92, 100),
+        copy_utilization_percent=(20, 45),
+        power_of_limit=(0.80, 0.99),
+        memory_of_usable=(0.85, 0.97),
+        temperature_celsius=(58, 74),
+        sm_clock_drops_mhz=(0, 0, 15, 30, 45),
+        process="python",
+        sm_of_engine=(0.82, 0.96),
+        occupancy_of_sm=(0.35, 0.6),
+        tensor_of_sm=(0.5, 0.75),
+        fp64_of_sm=(0.0, 0.001),
+        fp32_of_sm=(0.05, 0.2),
+        fp16_of_sm=(0.05, 0.2),
+        dram_of_engine=(0.3, 0.6),
+        nvlink_of_peak=(0.2, 0.6),
+    ),
+    # An inference server: requests come in bursts, so utilization and SM activity jump from sample
+    # to sample; decoding is bound by memory bandwidth more than by the tensor cores; little NVLink
+    # (tensor-parallel activations only).
+    "inference": Behaviour(
+        utilization_percent=(25, 75),
+        copy_utilization_percent=(5, 25),
+        power_of_limit=(0.35, 0.6),
+        memory_of_usable=(0.4, 0.7),
+        temperature_celsius=(45, 60),
+        sm_clock_drops_mhz=(0, 60, 120),
+        process="tritonserver",
+        sm_of_engine=(0.5, 0.85),
+        occupancy_of_sm=(0.2, 0.5),
+        tensor_of_sm=(0.2, 0.55),
+        fp64_of_sm=(0.0, 0.001),
+        fp32_of_sm=(0.05, 0.15),
+        fp16_of_sm=(0.05, 0.2),
+        dram_of_engine=(0.5, 0.9),
+        nvlink_of_peak=(0.01, 0.1),
+    ),
+    # Allocated and doing nothing: the job opened the GPU (a CUDA context, a little memory) but runs
+    # no kernels: a notebook between cells, a job busy on its CPUs or waiting on its input.
+    "idle": Behaviour(
+        utilization_percent=None,
+        copy_utilization_percent=None,
+        power_of_limit=None,
+        memory_of_usable=(0.01, 0.05),
+        temperature_celsius=None,
+        sm_clock_drops_mhz=None,
+        process="python",
+        sm_of_engine=NOTHING,
+        occupancy_of_sm=NOTHING,
+        tensor_of_sm=NOTHING,
+        fp64_of_sm=NOTHING,
+        fp32_of_sm=NOTHING,
+        fp16_of_sm=NOTHING,
+        dram_of_engine=NOTHING,
+        nvlink_of_peak=NOTHING,
+    ),
+    # A hung job (a NCCL collective waiting on a peer that died): one kernel spins on a flag, so
+    # NVML reads ~100 % utilization while the SMs are ~0-2 % active, tensor cores and NVLink idle,
+    # the clocks up and the power moderate; the job's memory stays allocated.
+    "stuck": Behaviour(
+        utilization_percent=(98, 100),
+        copy_utilization_percent=None,
+        power_of_limit=(0.22, 0.35),
+        memory_of_usable=(0.85, 0.97),
+        temperature_celsius=(38, 50),
+        sm_clock_drops_mhz=(0,),
+        process="python",
+        sm_of_engine=(0.0, 0.02),
+        occupancy_of_sm=(0.02, 0.05),
+        tensor_of_sm=NOTHING,
+        fp64_of_sm=NOTHING,
+        fp32_of_sm=(0.0, 0.05),
+        fp16_of_sm=NOTHING,
+        dram_of_engine=(0.0, 0.005),
+        nvlink_of_peak=NOTHING,
+    ),
+    # Nobody holds the GPU: no process, no memory used, idle clocks and power.
+    "free": Behaviour(
+        utilization_percent=None,
+        copy_utilization_percent=None,
+        power_of_limit=None,
+        memory_of_usable=None,
+        temperature_celsius=None,
+        sm_clock_drops_mhz=None,
+        process=None,
+        sm_of_engine=NOTHING,
+        occupancy_of_sm=NOTHING,
+        tensor_of_sm=NOTHING,
+        fp64_of_sm=NOTHING,
+        fp32_of_sm=NOTHING,
+        fp16_of_sm=NOTHING,
+        dram_of_engine=NOTHING,
+        nvlink_of_peak=NOTHING,
+    ),
+}
+# What a job holding a GPU may do (set_workload); "free" is a GPU nobody holds (clear_workload).
+JOB_BEHAVIOURS = ("training", "inference", "idle", "stuck")
+
+# The node-wide workloads of a node no scheduler drives ("idle" there: nobody holds the node).
 WORKLOAD_WEIGHTS = {"training": 0.6, "inference": 0.25, "idle": 0.15}
 # Chance per sample that a node switches workload: about once every 60 samples.
 WORKLOAD_SWITCH_PROBABILITY = 1 / 60
+# The pid of the node-wide job's process on GPU i: 10_000 + i.
+NODE_JOB_PID_BASE = 10_000
+
+# NVML GPM (GPU Performance Monitoring) is supported from Hopper on: Ampere samples carry no GPM fields.
+GPM_ARCHITECTURES = ("Hopper", "Blackwell")
+# NVLink bandwidth per link and direction of each GPM architecture's NVLink generation
+# (NVLink 4: 900 GB/s over 18 links, both directions together; NVLink 5: 1.8 TB/s).
+NVLINK_LINK_BYTES_PER_SECOND = {"Hopper": 25_000_000_000, "Blackwell": 50_000_000_000}
+PPM = 1_000_000  # GPM shares are sent in parts per million
 
 DRIVER_VERSION = "565.57.01"
 CUDA_VERSION = "12.7"
@@ -74,8 +221,15 @@ class SimulatedGpu:
         )
 
     def sample(
-        self, workload: str, rng: random.Random, interval_s: float, with_processes: bool
+        self,
+        behaviour: Behaviour,
+        pid: int | None,
+        rng: random.Random,
+        gpm_rng: random.Random,
+        interval_s: float,
+        with_processes: bool,
     ) -> telemetry_pb2.GpuSample:
+        """One sample of the GPU doing ``behaviour``; its process (if it runs one) has ``pid``."""
         if self.faults.lost:
             lost = telemetry_pb2.GpuSample(
                 index=self.index, read_status=telemetry_pb2.GPU_READ_STATUS_LOST, read_error="GPU is lost"
@@ -83,38 +237,31 @@ class SimulatedGpu:
             self._deliver_xids(lost)
             return lost
         m = self.model
+        b = behaviour
         usable_mib = m.memory_total_mib - m.memory_reserved_mib
         reasons = 0
-        if workload == "training":
-            util = rng.randint(92, 100)
-            copy_util = rng.randint(20, 45)
-            power_w = m.power_limit_default_w * rng.uniform(0.80, 0.99)
-            used_mib = int(usable_mib * rng.uniform(0.85, 0.97))
-            temp = rng.uniform(58, 74)
-            sm_clock = m.sm_clock_max_mhz - rng.choice((0, 0, 15, 30, 45))
-            if power_w > m.power_limit_default_w * 0.97:
-                reasons |= REASON_SW_POWER_CAP
-                self.throttle_power_cap_ns += int(interval_s * 1e9 * rng.uniform(0.05, 0.3))
-            process = ("python", used_mib - 512)
-        elif workload == "inference":
-            util = rng.randint(25, 75)
-            copy_util = rng.randint(5, 25)
-            power_w = m.power_limit_default_w * rng.uniform(0.35, 0.6)
-            used_mib = int(usable_mib * rng.uniform(0.4, 0.7))
-            temp = rng.uniform(45, 60)
-            sm_clock = m.sm_clock_max_mhz - rng.choice((0, 60, 120))
-            process = ("tritonserver", used_mib - 512)
+        # Draws happen in this order, and only for the ranges a behaviour has, so that a seed gives
+        # the same values as before behaviours were a table.
+        util = rng.randint(*b.utilization_percent) if b.utilization_percent else 0
+        copy_util = rng.randint(*b.copy_utilization_percent) if b.copy_utilization_percent else 0
+        if b.power_of_limit:
+            power_w = m.power_limit_default_w * rng.uniform(*b.power_of_limit)
         else:
-            util = 0
-            copy_util = 0
             power_w = rng.uniform(*m.idle_power_w)
-            used_mib = 0
-            temp = rng.uniform(*m.idle_temperature_c)
+        used_mib = int(usable_mib * rng.uniform(*b.memory_of_usable)) if b.memory_of_usable else 0
+        temp = rng.uniform(*(b.temperature_celsius or m.idle_temperature_c))
+        if b.sm_clock_drops_mhz:
+            sm_clock = m.sm_clock_max_mhz - rng.choice(b.sm_clock_drops_mhz)
+        else:
             sm_clock = m.sm_clock_idle_mhz
+        if power_w > m.power_limit_default_w * 0.97:
+            reasons |= REASON_SW_POWER_CAP
+            self.throttle_power_cap_ns += int(interval_s * 1e9 * rng.uniform(0.05, 0.3))
+        busy = b.utilization_percent is not None
+        if not busy:
             reasons |= REASON_GPU_IDLE
-            process = None
         used_mib = max(used_mib, 0)
-        if self.faults.thermal and workload != "idle":
+        if self.faults.thermal and busy:
             # A failing thermal interface: at the slowdown point, clocks cut by a third or more.
             temp = m.slowdown_temperature_c + rng.uniform(-1, 2)
             sm_clock = int(sm_clock * rng.uniform(0.5, 0.7))
@@ -163,15 +310,34 @@ class SimulatedGpu:
             nvlink_recovery_errors=0,
         )
         # SXM boards have no fans: fan_speed_percent stays absent, as NVML reports it.
+        if m.architecture in GPM_ARCHITECTURES:
+            self._add_gpm(sample, b, util, gpm_rng)
         self._deliver_xids(sample)
         if with_processes:
             sample.processes.SetInParent()
-            if process is not None:
-                name, memory_mib = process
+            if b.process is not None and pid is not None:
                 sample.processes.processes.add(
-                    pid=10_000 + self.index, name=name, used_memory_bytes=max(memory_mib, 0) * MIB
+                    pid=pid, name=b.process, used_memory_bytes=max(used_mib - 512, 0) * MIB
                 )
         return sample
+
+    def _add_gpm(self, sample: telemetry_pb2.GpuSample, b: Behaviour, util: int, rng: random.Random) -> None:
+        """GPM's view of the interval, consistent with the utilization NVML reads."""
+        engine = util / 100 * rng.uniform(0.97, 1.0)
+        sm = engine * rng.uniform(*b.sm_of_engine)
+        sample.graphics_active_ppm = ppm(engine)
+        sample.sm_active_ppm = ppm(sm)
+        sample.sm_occupancy_ppm = ppm(sm * rng.uniform(*b.occupancy_of_sm))
+        sample.tensor_active_ppm = ppm(sm * rng.uniform(*b.tensor_of_sm))
+        sample.dram_active_ppm = ppm(engine * rng.uniform(*b.dram_of_engine))
+        sample.fp64_active_ppm = ppm(sm * rng.uniform(*b.fp64_of_sm))
+        sample.fp32_active_ppm = ppm(sm * rng.uniform(*b.fp32_of_sm))
+        sample.fp16_active_ppm = ppm(sm * rng.uniform(*b.fp16_of_sm))
+        peak = self.model.nvlink_links * NVLINK_LINK_BYTES_PER_SECOND[self.model.architecture]
+        tx = peak * rng.uniform(*b.nvlink_of_peak)
+        sample.nvlink_tx_bytes_per_second = int(tx)
+        # Collectives send about what they receive.
+        sample.nvlink_rx_bytes_per_second = int(min(tx * rng.uniform(0.95, 1.05), peak))
 
     def _deliver_xids(self, sample: telemetry_pb2.GpuSample) -> None:
         for code, at_ns in self.pending_xids:
@@ -182,6 +348,11 @@ class SimulatedGpu:
         """Suffer a fault: its XIDs go out with the next sample, its marks stay."""
         now = time.time_ns()
         self.pending_xids.extend((code, now) for code in self.faults.apply(kind, rng))
+
+
+def ppm(share: float) -> int:
+    """A share of the interval (0-1) in parts per million."""
+    return round(min(max(share, 0.0), 1.0) * PPM)
 
 
 class SimulatedSource:
@@ -226,6 +397,10 @@ class SimulatedSource:
             )
             for i in range(gpu_count)
         ]
+        # GPM values draw from their own generator, so the other values are the same as without them.
+        self._gpm_rng = random.Random(f"gpm:{seed}:{node_index}")
+        # GPU index -> (behaviour, pid of its process) where a scheduler says who holds the GPU.
+        self._held: dict[int, tuple[str, int | None]] = {}
 
     def inventory(self) -> inventory_pb2.NodeInventory:
         return inventory_pb2.NodeInventory(
@@ -242,7 +417,45 @@ class SimulatedSource:
             for gpu in self.gpus:
                 for kind in self.faults.draw(self.interval_s):
                     gpu.fail(kind, self.faults.rng)
-        return [gpu.sample(self.workload, self._rng, self.interval_s, with_processes) for gpu in self.gpus]
+        samples = []
+        for gpu in self.gpus:
+            behaviour, pid = self._job_on(gpu.index)
+            samples.append(
+                gpu.sample(
+                    BEHAVIOURS[behaviour], pid, self._rng, self._gpm_rng, self.interval_s, with_processes
+                )
+            )
+        return samples
+
+    def _job_on(self, gpu_index: int) -> tuple[str, int | None]:
+        """What runs on a GPU, and the pid of its process."""
+        held = self._held.get(gpu_index)
+        if held is not None:
+            return held
+        # No scheduler drives this GPU: the node-wide job runs on it (or, "idle", none does).
+        if self.workload == "idle":
+            return "free", None
+        return self.workload, NODE_JOB_PID_BASE + gpu_index
+
+    def behaviour_of(self, gpu_index: int) -> str:
+        """The behaviour (BEHAVIOURS) of a GPU's samples now: "free" where nobody holds it."""
+        self._gpu(gpu_index)
+        return self._job_on(gpu_index)[0]
+
+    def set_workload(self, gpu_index: int, behaviour: str, *, pid: int | None = None) -> None:
+        """A job holds this GPU and behaves so (JOB_BEHAVIOURS), whatever the node-wide workload.
+
+        Its process (where the behaviour runs one) reports ``pid``: by default the node-wide job's.
+        """
+        if behaviour not in JOB_BEHAVIOURS:
+            raise ValueError(f"unknown behaviour {behaviour!r}; choose one of {', '.join(JOB_BEHAVIOURS)}")
+        self._gpu(gpu_index)
+        self._held[gpu_index] = (behaviour, NODE_JOB_PID_BASE + gpu_index if pid is None else pid)
+
+    def clear_workload(self, gpu_index: int) -> None:
+        """Nobody holds this GPU any more: it idles with no process until set_workload."""
+        self._gpu(gpu_index)
+        self._held[gpu_index] = ("free", None)
 
     def inject(self, gpu_index: int, kind: str) -> None:
         """Make one GPU suffer a fault now (see faults.FAULT_KINDS)."""
@@ -251,7 +464,11 @@ class SimulatedSource:
         self._gpu(gpu_index).fail(kind, self.faults.rng)
 
     def _gpu(self, gpu_index: int) -> SimulatedGpu:
-        return next(gpu for gpu in self.gpus if gpu.index == gpu_index)
+        for gpu in self.gpus:
+            if gpu.index == gpu_index:
+                return gpu
+        indices = ", ".join(str(gpu.index) for gpu in self.gpus) or "none"
+        raise ValueError(f"no simulated GPU {gpu_index} on this node (its GPUs: {indices})")
 
     def replace_gpu(self, gpu_index: int) -> None:
         """A technician swapped the GPU in this slot: new UUID and serial, clean counters."""

@@ -357,7 +357,7 @@ class _NodeLines:
                     ("namespace", allocation.namespace),
                     ("pod", allocation.pod),
                     ("container", allocation.container),
-                    ("job", allocation.job),
+                    ("hpc_job", allocation.job),
                     ("user", allocation.user),
                     ("account", allocation.account),
                 )

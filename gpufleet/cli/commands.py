@@ -332,9 +332,10 @@ def cmd_idle(client: FleetClient, args: argparse.Namespace) -> str:
     rows = []
     for view in answer.workloads:
         row = workload_row(view)
-        row["group"] = {"namespace": view.namespace, "user": view.user, "cluster": view.cluster}.get(
+        group = {"namespace": view.namespace, "user": view.user, "cluster": view.cluster}.get(
             args.by, row["workload"]
         )
+        row["group"] = group or "(none)"
         priced = {model: prices.per_hour(model) for model in view.idle_gpu_seconds_by_model}
         if prices and all(price is not None for price in priced.values()):
             row["idle_cost_per_hour"] = round(
