@@ -57,7 +57,8 @@ MEASURES = (BY_UTILIZATION, BY_SM_ACTIVE)
 RETENTION_S = 3600.0
 EXPIRE_EVERY_S = 60.0
 _OK = telemetry_pb2.GPU_READ_STATUS_OK
-_PROFILE_SLICES = re.compile(r"^(\d+)g\.")
+# "3g.40gb": 3 slices; a compute instance's profile "1c.3g.40gb": its 1 slice of the 3.
+_PROFILE_SLICES = re.compile(r"^(?:(\d+)c\.)?(\d+)g\.")
 
 # (cluster, namespace, job, user)
 WorkloadKey = tuple[str, str, str, str]
@@ -116,7 +117,7 @@ def _idle_flags(sample: telemetry_pb2.GpuSample | telemetry_pb2.MigSample) -> tu
 def mig_units(profile: str) -> int:
     """A MIG instance's share of its GPU, in units: its compute slices out of 7 ("3g.40gb": 3)."""
     match = _PROFILE_SLICES.match(profile)
-    slices = int(match.group(1)) if match else 1
+    slices = int(match.group(1) or match.group(2)) if match else 1
     return UNITS_PER_GPU * min(max(slices, 1), MIG_SLICES_PER_GPU) // MIG_SLICES_PER_GPU
 
 

@@ -11,8 +11,17 @@ uses them by name.
 
 Any entry set to NOT_SUPPORTED raises NOT_SUPPORTED; a GPU marked lost raises GPU_IS_LOST
 from every call, handle enumeration included. Tests can also add and remove GPUs, unload
-and reload the driver, make one GPU fail every call, and make any function raise any
-exception.
+and reload the driver, make one GPU fail every call, make any function raise any
+exception, and take functions out of the binding (``remove``: an older nvidia-ml-py).
+
+GPM (Hopper and later): the H100 supports it, the A100 does not. Each GPU's (and each MIG
+device's) ``gpm`` entry holds the activity NVML reports for the interval that ends when a
+GPM sample is taken, by the binding's metric names less ``NVML_GPM_METRIC_`` (percentages,
+MiB/s); a metric set to NOT_SUPPORTED, or to an NVMLError, has that return code of its own.
+Samples are the binding's ``c_nvmlGpmSample_t`` handles and ``nvmlGpmMetricsGet`` fills the
+``c_nvmlGpmMetricsGet_t`` it is given, in place. ``set_mig`` puts a GPU in MIG mode with MIG
+devices of the given profiles; their handles are ``c_nvmlDevice_t`` pointers too. As on real
+GPUs, utilization and the row-remapping fields are NOT_SUPPORTED while MIG mode is on.
 """
 
 from __future__ import annotations
@@ -63,6 +72,24 @@ NVML_ERROR_UNKNOWN: int = pynvml.NVML_ERROR_UNKNOWN
 NOT_SUPPORTED = object()
 
 
+def h100_gpm() -> dict[str, Any]:
+    """A busy H100's GPM metrics over an interval; PCIe as the NVML counters of the table say."""
+    return {
+        "GRAPHICS_UTIL": 97.0,
+        "SM_UTIL": 62.5,
+        "SM_OCCUPANCY": 31.25,
+        "ANY_TENSOR_UTIL": 45.5,
+        "DRAM_BW_UTIL": 38.0,
+        "FP64_UTIL": 0.0,
+        "FP32_UTIL": 12.0625,
+        "FP16_UTIL": 3.5,
+        "PCIE_TX_PER_SEC": 1200 / 1024,  # MiB/s: the table's 1200 KB/s
+        "PCIE_RX_PER_SEC": 3400 / 1024,
+        "NVLINK_TOTAL_TX_PER_SEC": 180_000.0,
+        "NVLINK_TOTAL_RX_PER_SEC": 175_000.5,
+    }
+
+
 def h100_table() -> dict[str, Any]:
     return {
         "name": "NVIDIA H100 80GB HBM3",
@@ -79,6 +106,9 @@ def h100_table() -> dict[str, Any]:
         "max_sm": 1980,
         "max_mem": 2619,
         "mig": [0, 0],
+        "max_mig_devices": 7,
+        "gpm_supported": True,
+        "gpm": h100_gpm(),
         "ecc": [1, 1],
         "persistence": 1,
         "utilization": (97, 31),
@@ -141,6 +171,8 @@ def a100_table() -> dict[str, Any]:
             "mem_clock": 1593,
             "clock_reasons": 0x1,
             "processes": [],
+            "gpm_supported": False,  # GPM is Hopper and later
+            "gpm": {},
         }
     )
     # Driver 555 knows no recovery-action field; the A100 has 12 NVLinks.
@@ -148,25 +180,85 @@ def a100_table() -> dict[str, Any]:
     return table
 
 
-@dataclass
-class FakeGpu:
-    table: dict[str, Any]
-    uuid: str
-    bus_id: str
-    lost: bool = False
-    # When set, every call on this GPU raises NVMLError(error), e.g. NVML_ERROR_UNKNOWN.
-    error: int | None = None
-    # What the handle points at: a cell of its own, as a real handle points at the driver's device.
-    _cell: ctypes.c_uint64 = field(default_factory=ctypes.c_uint64, init=False, repr=False, compare=False)
+# MIG profiles of the H100 80GB (`nvidia-smi mig -lgip`): GPU slices, memory in MiB.
+MIG_PROFILES: dict[str, tuple[int, int]] = {
+    "1g.10gb": (1, 9_984),
+    "1g.20gb": (1, 20_096),
+    "2g.20gb": (2, 20_096),
+    "3g.40gb": (3, 40_448),
+    "4g.40gb": (4, 40_448),
+    "7g.80gb": (7, 81_152),
+}
+# The GPU instance ids NVML gives each size, first free first (placements simplified).
+GPU_INSTANCE_IDS: dict[int, tuple[int, ...]] = {
+    7: (0,),
+    4: (1,),
+    3: (1, 2),
+    2: (3, 4, 5),
+    1: (7, 8, 9, 10, 11, 12, 13),
+}
+
+
+class _Device:
+    """What a handle points at: a cell of its own, as a real handle points at the driver's device."""
+
+    _cell: ctypes.c_uint64
+    address: int  # the cell's
+
+    def __post_init__(self) -> None:
+        self.address = ctypes.addressof(self._cell)
 
     @property
     def handle(self) -> Any:
         """A real ``c_nvmlDevice_t``: a new pointer object each time, to the same address."""
         return ctypes.cast(ctypes.pointer(self._cell), pynvml.c_nvmlDevice_t)
 
-    @property
-    def address(self) -> int:
-        return ctypes.addressof(self._cell)
+
+@dataclass
+class FakeGpu(_Device):
+    table: dict[str, Any]
+    uuid: str
+    bus_id: str
+    lost: bool = False
+    # When set, every call on this GPU raises NVMLError(error), e.g. NVML_ERROR_UNKNOWN.
+    error: int | None = None
+    # MIG device slots (index: the MIG device index), filled by FakeNvml.set_mig.
+    migs: list[FakeMig | None] = field(default_factory=list)
+    _cell: ctypes.c_uint64 = field(default_factory=ctypes.c_uint64, init=False, repr=False, compare=False)
+
+
+@dataclass
+class FakeMig(_Device):
+    """A MIG device: what NVML answers on its handle, a compute instance of a GPU instance."""
+
+    parent: FakeGpu = field(repr=False, compare=False)
+    table: dict[str, Any]
+    uuid: str
+    gpu_instance_id: int
+    compute_instance_id: int = 0
+    _cell: ctypes.c_uint64 = field(default_factory=ctypes.c_uint64, init=False, repr=False, compare=False)
+
+
+@dataclass
+class _GpmSample:
+    """What the fake keeps for one GPM sample buffer."""
+
+    taken_of: tuple[int, int | None] | None = None  # (GPU address, GPU instance id or None)
+    sequence: int = 0  # when it was taken, in the order of every sample the fake took
+    activity: dict[str, Any] = field(default_factory=dict)
+    freed: bool = False
+    # What the sample handle points at.
+    cell: ctypes.c_uint64 = field(default_factory=ctypes.c_uint64, repr=False)
+
+
+class _Removed:
+    """A binding function taken out (``FakeNvml.remove``): reading it raises AttributeError."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, instance: object, owner: type | None = None) -> Any:
+        raise AttributeError(self.name)
 
 
 @dataclass
@@ -214,9 +306,14 @@ class FakeNvml:
     raises: dict[str, BaseException] = field(default_factory=dict)
     # Binding constant name -> the number this fake uses for it instead of NVML's.
     renumbered: dict[str, int] = field(default_factory=dict)
+    # Names that are not in this binding (see remove).
+    removed: set[str] = field(default_factory=set)
     calls: Counter[str] = field(default_factory=Counter)
     _event_sets: list[_EventSet] = field(default_factory=list, init=False, repr=False)
     _made: int = field(default=0, init=False, repr=False)  # GPUs made so far, for unique ids
+    _migs_made: int = field(default=0, init=False, repr=False)
+    _gpm_samples: dict[int, _GpmSample] = field(default_factory=dict, init=False, repr=False)
+    _gpm_taken: int = field(default=0, init=False, repr=False)
 
     NVMLError = NVMLError
 
@@ -224,11 +321,21 @@ class FakeNvml:
         self._made = len(self.gpus)
 
     def __getattr__(self, name: str) -> Any:
-        # Only constants: a function the fake lacks is one "not in this nvidia-ml-py".
-        if name.startswith(("NVML_", "nvmlEventType")) or name in ("nvmlMemory_v2",):
+        # Only constants and structures: a function the fake lacks is one "not in this nvidia-ml-py".
+        if name in self.__dict__.get("removed", ()):
+            raise AttributeError(name)
+        if name.startswith(("NVML_", "nvmlEventType", "c_nvml")) or name in ("nvmlMemory_v2",):
             renumbered = self.__dict__.get("renumbered", {})
             return renumbered[name] if name in renumbered else getattr(pynvml, name)
         raise AttributeError(name)
+
+    def remove(self, *names: str) -> None:
+        """An older binding: ``names`` (functions, constants, structures) are not in it."""
+        self.removed.update(names)
+        functions = {name: _Removed() for name in names if hasattr(type(self), name)}
+        if functions:
+            # A class of this instance's own, so that other fakes keep every function.
+            self.__class__ = type(type(self).__name__, (type(self),), functions)
 
     # -- helpers for tests ---------------------------------------------------
     def emit_xid(self, index: int, code: int) -> None:
@@ -249,12 +356,56 @@ class FakeNvml:
         """The GPU at ``index`` is gone; NVML numbers the rest again, and its old handle is lost."""
         return self.gpus.pop(index)
 
+    def set_mig(self, index: int, profiles: list[str]) -> list[FakeMig]:
+        """MIG mode on for the GPU at ``index``, with a GPU instance and compute instance per profile.
+
+        Each MIG device is idle until a test sets its ``table["gpm"]`` (and memory, processes).
+        """
+        gpu = self.gpus[index]
+        gpu.table["mig"] = [self._code("NVML_DEVICE_MIG_ENABLE")] * 2
+        gpu.migs = []
+        taken: set[int] = set()
+        for profile in profiles:
+            slices, mebibytes = MIG_PROFILES[profile]
+            instance = next(i for i in GPU_INSTANCE_IDS[slices] if i not in taken)
+            taken.add(instance)
+            table = {
+                "name": f"{gpu.table['name']} MIG {profile}",
+                "memory_total": mebibytes * 2**20,
+                "memory_reserved": 0,
+                "memory_used": 0,
+                "processes": [],
+                "attributes": (slices, slices, mebibytes),  # GPU and compute slices, memory MiB
+                "gpm": {key: 0.0 for key in h100_gpm() if key.endswith("_UTIL") or key == "SM_OCCUPANCY"},
+            }
+            gpu.migs.append(
+                FakeMig(
+                    parent=gpu,
+                    table=table,
+                    uuid=f"MIG-{self._migs_made:08d}-eeee-ffff-0000-111111111111",
+                    gpu_instance_id=instance,
+                )
+            )
+            self._migs_made += 1
+        return [mig for mig in gpu.migs if mig is not None]
+
+    def mig_off(self, index: int) -> None:
+        gpu = self.gpus[index]
+        gpu.table["mig"] = [self._code("NVML_DEVICE_MIG_DISABLE")] * 2
+        gpu.migs = []
+
+    def gpm_samples_in_use(self) -> int:
+        """GPM sample buffers allocated and not yet freed."""
+        return sum(not sample.freed for sample in self._gpm_samples.values())
+
     def unload_driver(self, error: int = NVML_ERROR_DRIVER_NOT_LOADED) -> None:
         """The driver goes away (unloaded, or upgraded under the library): calls fail with ``error``."""
         self.driver_error = error
         self.stale_session = True
         for event_set in self._event_sets:
             event_set.freed = True  # the session's event sets go with it
+        for sample in self._gpm_samples.values():
+            sample.freed = True  # and its GPM samples
 
     def load_driver(self, version: str | None = None) -> None:
         """The driver is back (``version``, if upgraded); calls need a new nvmlInit first."""
@@ -265,26 +416,78 @@ class FakeNvml:
     def _code(self, name: str) -> int:
         return int(getattr(self, name))
 
-    def _gpu(self, handle: Any) -> FakeGpu:
-        """The GPU a handle points at; a handle of a GPU no longer listed is a lost GPU."""
-        if isinstance(handle, FakeGpu):
+    def _device(self, handle: Any) -> FakeGpu | FakeMig:
+        """The GPU or MIG device a handle points at; a handle no longer listed is a lost GPU's."""
+        if isinstance(handle, (FakeGpu, FakeMig)):
             return handle
         address = ctypes.cast(handle, ctypes.c_void_p).value
         for gpu in self.gpus:
             if gpu.address == address:
                 return gpu
+            for mig in gpu.migs:
+                if mig is not None and mig.address == address:
+                    return mig
         raise NVMLError(self._code("NVML_ERROR_GPU_IS_LOST"))
 
+    def _gpu(self, handle: Any) -> FakeGpu:
+        """The GPU a handle points at, for the functions that take no MIG device handle."""
+        device = self._device(handle)
+        if isinstance(device, FakeMig):
+            raise NVMLError(self._code("NVML_ERROR_INVALID_ARGUMENT"))
+        return device
+
     def _value(self, handle: Any, key: str) -> Any:
-        gpu = self._gpu(handle)
+        device = self._device(handle)
+        gpu = device.parent if isinstance(device, FakeMig) else device
         if gpu.lost:
             raise NVMLError(self._code("NVML_ERROR_GPU_IS_LOST"))
         if gpu.error is not None:
             raise NVMLError(gpu.error)
-        value = gpu.table[key]
+        if isinstance(device, FakeMig) and key not in device.table:
+            raise NVMLError(self._code("NVML_ERROR_NOT_SUPPORTED"))  # what only whole GPUs answer
+        value = device.table[key]
         if value is NOT_SUPPORTED:
             raise NVMLError(self._code("NVML_ERROR_NOT_SUPPORTED"))
         return value
+
+    def _in_mig_mode(self, gpu: FakeGpu) -> bool:
+        mode = gpu.table["mig"]
+        return mode is not NOT_SUPPORTED and mode[0] == self._code("NVML_DEVICE_MIG_ENABLE")
+
+    def _mig(self, handle: Any) -> FakeMig:
+        """The MIG device a handle points at; NOT_SUPPORTED where it is a whole GPU's."""
+        self._value(handle, "name")
+        device = self._device(handle)
+        if not isinstance(device, FakeMig):
+            raise NVMLError(self._code("NVML_ERROR_NOT_SUPPORTED"))
+        return device
+
+    def _gpm_sample(self, sample: Any) -> _GpmSample:
+        """The buffer a GPM sample handle points at; INVALID_ARGUMENT if unknown or freed."""
+        record = self._gpm_samples.get(ctypes.cast(sample, ctypes.c_void_p).value or 0)
+        if record is None or record.freed:
+            raise NVMLError(self._code("NVML_ERROR_INVALID_ARGUMENT"))
+        return record
+
+    def _gpm_metric_names(self) -> dict[int, str]:
+        """GPM metric id -> its name less NVML_GPM_METRIC_, with this fake's numbers."""
+        renumbered = tuple(sorted(self.renumbered.items()))
+        cached = self.__dict__.get("_metric_names")
+        if cached is None or cached[0] != renumbered:
+            prefix = "NVML_GPM_METRIC_"
+            names = {
+                self._code(name): name.removeprefix(prefix)
+                for name in vars(pynvml)
+                if name.startswith(prefix)
+            }
+            cached = self.__dict__["_metric_names"] = (renumbered, names)
+        return cached[1]
+
+    def _take(self, sample: Any, of: tuple[int, int | None], activity: dict[str, Any]) -> Any:
+        record = self._gpm_sample(sample)
+        self._gpm_taken += 1
+        record.taken_of, record.sequence, record.activity = of, self._gpm_taken, dict(activity)
+        return sample
 
     def _choose(self, handle: Any, kind: int, keys: dict[str, str]) -> Any:
         """The table entry for an enum argument (a clock, a sensor) named by the binding's constants."""
@@ -342,7 +545,7 @@ class FakeNvml:
     @_api
     def nvmlDeviceGetUUID(self, h: Any) -> str:  # noqa: N802
         self._value(h, "name")
-        return self._gpu(h).uuid
+        return self._device(h).uuid
 
     @_api
     def nvmlDeviceGetSerial(self, h: Any) -> bytes:  # noqa: N802
@@ -421,6 +624,8 @@ class FakeNvml:
     @_api
     def nvmlDeviceGetUtilizationRates(self, h: Any) -> Any:  # noqa: N802
         gpu, memory = self._value(h, "utilization")
+        if self._in_mig_mode(self._gpu(h)):
+            raise NVMLError(self._code("NVML_ERROR_NOT_SUPPORTED"))
         return pynvml.c_nvmlUtilization_t(gpu=gpu, memory=memory)
 
     @_api
@@ -480,6 +685,8 @@ class FakeNvml:
     def nvmlDeviceGetFieldValues(self, h: Any, field_ids: list[int]) -> Any:  # noqa: N802
         """An array of c_nvmlFieldValue_t, each value with its own return code, as NVML fills it."""
         fields = self._value(h, "fields")
+        if self._in_mig_mode(self._gpu(h)):  # no row-remapping queries while MIG is on
+            fields = {**fields, **dict.fromkeys((142, 143, 144, 145), NOT_SUPPORTED)}
         values = (pynvml.c_nvmlFieldValue_t * len(field_ids))()
         now_us = time.time_ns() // 1000
         for entry, field_id in zip(values, field_ids, strict=True):
@@ -502,6 +709,111 @@ class FakeNvml:
                 entry.value.ullVal = int(value)
         return values
 
+    # -- MIG -------------------------------------------------------------------
+    @_api
+    def nvmlDeviceGetMaxMigDeviceCount(self, h: Any) -> int:  # noqa: N802
+        return int(self._value(h, "max_mig_devices"))
+
+    @_api
+    def nvmlDeviceGetMigDeviceHandleByIndex(self, h: Any, index: int) -> Any:  # noqa: N802
+        count = int(self._value(h, "max_mig_devices"))
+        gpu = self._gpu(h)
+        if not self._in_mig_mode(gpu):
+            raise NVMLError(self._code("NVML_ERROR_NOT_SUPPORTED"))
+        if not 0 <= index < count:
+            raise NVMLError(self._code("NVML_ERROR_INVALID_ARGUMENT"))
+        mig = gpu.migs[index] if index < len(gpu.migs) else None
+        if mig is None:
+            raise NVMLError(self._code("NVML_ERROR_NOT_FOUND"))  # an empty slot
+        return mig.handle
+
+    @_api
+    def nvmlDeviceGetGpuInstanceId(self, h: Any) -> int:  # noqa: N802
+        return self._mig(h).gpu_instance_id
+
+    @_api
+    def nvmlDeviceGetComputeInstanceId(self, h: Any) -> int:  # noqa: N802
+        return self._mig(h).compute_instance_id
+
+    @_api
+    def nvmlDeviceGetAttributes(self, h: Any) -> Any:  # noqa: N802
+        """nvmlDeviceGetAttributes_v2, as the binding calls it: on MIG device handles only."""
+        self._mig(h)
+        slices, compute_slices, mebibytes = self._value(h, "attributes")
+        return pynvml.c_nvmlDeviceAttributes(
+            gpuInstanceSliceCount=slices, computeInstanceSliceCount=compute_slices, memorySizeMB=mebibytes
+        )
+
+    # -- GPM -------------------------------------------------------------------
+    @_api
+    def nvmlGpmQueryDeviceSupport(self, h: Any) -> Any:  # noqa: N802
+        supported = self._value(h, "gpm_supported")
+        return pynvml.c_nvmlGpmSupport_t(
+            version=self._code("NVML_GPM_SUPPORT_VERSION"), isSupportedDevice=int(bool(supported))
+        )
+
+    @_api
+    def nvmlGpmSampleAlloc(self) -> Any:  # noqa: N802
+        record = _GpmSample()
+        self._gpm_samples[ctypes.addressof(record.cell)] = record
+        return ctypes.cast(ctypes.pointer(record.cell), pynvml.c_nvmlGpmSample_t)
+
+    @_api
+    def nvmlGpmSampleFree(self, sample: Any) -> None:  # noqa: N802
+        self._gpm_sample(sample).freed = True
+
+    @_api
+    def nvmlGpmSampleGet(self, h: Any, sample: Any) -> Any:  # noqa: N802
+        if not self._value(h, "gpm_supported"):
+            raise NVMLError(self._code("NVML_ERROR_NOT_SUPPORTED"))
+        gpu = self._gpu(h)
+        return self._take(sample, (gpu.address, None), self._value(h, "gpm"))
+
+    @_api
+    def nvmlGpmMigSampleGet(self, h: Any, gpu_instance_id: int, sample: Any) -> Any:  # noqa: N802
+        if not self._value(h, "gpm_supported"):
+            raise NVMLError(self._code("NVML_ERROR_NOT_SUPPORTED"))
+        gpu = self._gpu(h)
+        if not self._in_mig_mode(gpu):
+            raise NVMLError(self._code("NVML_ERROR_INVALID_ARGUMENT"))
+        for mig in gpu.migs:
+            if mig is not None and mig.gpu_instance_id == gpu_instance_id:
+                return self._take(sample, (gpu.address, gpu_instance_id), mig.table["gpm"])
+        raise NVMLError(self._code("NVML_ERROR_NOT_FOUND"))
+
+    @_api
+    def nvmlGpmMetricsGet(self, metrics_get: Any) -> Any:  # noqa: N802
+        """Fills ``metrics_get`` (a c_nvmlGpmMetricsGet_t) in place and returns it, as the binding does.
+
+        The metrics are the activity of the interval that sample2 closes; sample1 must be an
+        earlier sample of the same GPU (or GPU instance).
+        """
+        if not isinstance(metrics_get, pynvml.c_nvmlGpmMetricsGet_t):
+            raise TypeError("byref() argument must be a ctypes instance, not " + type(metrics_get).__name__)
+        if metrics_get.version != self._code("NVML_GPM_METRICS_GET_VERSION"):
+            raise NVMLError(self._code("NVML_ERROR_ARGUMENT_VERSION_MISMATCH"))
+        first, second = self._gpm_sample(metrics_get.sample1), self._gpm_sample(metrics_get.sample2)
+        if (
+            first.taken_of is None
+            or first.taken_of != second.taken_of
+            or first.sequence >= second.sequence
+            or not 0 < metrics_get.numMetrics <= len(metrics_get.metrics)
+        ):
+            raise NVMLError(self._code("NVML_ERROR_INVALID_ARGUMENT"))
+        names = self._gpm_metric_names()
+        metrics = metrics_get.metrics
+        for slot in range(metrics_get.numMetrics):
+            metric = metrics[slot]
+            value = second.activity.get(names.get(metric.metricId, ""), NOT_SUPPORTED)
+            if value is NOT_SUPPORTED:
+                metric.nvmlReturn, metric.value = self._code("NVML_ERROR_NOT_SUPPORTED"), 0.0
+            elif isinstance(value, NVMLError):
+                metric.nvmlReturn, metric.value = value.value, 0.0
+            else:
+                metric.nvmlReturn, metric.value = self._code("NVML_SUCCESS"), float(value)
+        return metrics_get
+
+    # -- events ----------------------------------------------------------------
     @_api
     def nvmlEventSetCreate(self) -> _EventSet:  # noqa: N802
         event_set = _EventSet()

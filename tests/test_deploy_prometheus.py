@@ -360,6 +360,23 @@ def test_the_idle_alert_joins_a_shared_gpu_where_a_plain_join_fails(fleet: Prome
     assert "many-to-many matching not allowed" in query_error(fleet, plain)
 
 
+def doc_queries() -> list[str]:
+    """The PromQL shown in docs/attribution.md."""
+    text = (ROOT / "docs" / "attribution.md").read_text()
+    return [" ".join(block.split()) for block in re.findall(r"^```promql\n(.*?)^```", text, re.S | re.M)]
+
+
+def test_the_promql_in_the_attribution_doc_returns_data(fleet: PrometheusServer) -> None:
+    queries = doc_queries()
+    assert len(queries) >= 2
+    results = wait_for_data(fleet, {str(i): q for i, q in enumerate(queries)})
+    # The join gives one series per workload and GPU, a shared GPU's two pods included.
+    joined = results["0"]
+    assert len(
+        {(r["metric"]["node"], r["metric"]["gpu"], r["metric"].get("pod", "")) for r in joined}
+    ) == len(joined)
+
+
 def test_the_slurm_job_keeps_its_own_label_beside_the_scrape_job(fleet: PrometheusServer) -> None:
     """`job` is the scrape job's: the collector names the Slurm job `hpc_job`, as dcgm-exporter does."""
     series = wait_for_data(fleet, {"job": 'gpufleet_gpu_allocation_info{hpc_job="4242"}'})["job"]

@@ -68,6 +68,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "healthy",
             "--fault-rate-multiplier",
             "1e6",
+            *("--clusters", "2", "--scheduler", "mixed"),
         )
         wait_until(lambda: collector_value(base, "gpufleet_collector_agent_streams") == NODES, timeout=60)
         yield target

@@ -136,6 +136,7 @@ def test_prices_match_the_longest_part_of_the_model_name() -> None:
 
 def test_mig_instances_count_their_slices() -> None:
     assert mig_units("1g.10gb") * 7 == mig_units("7g.80gb")
+    assert mig_units("1c.3g.40gb") == mig_units("1g.10gb")
     fleet = Fleet(inventory(gpus=1, mig=[(1, "3g.40gb"), (2, "1g.10gb")]))
     gpu = sample(0, util=None, sm_ppm=None)
     gpu.mig_instances.add(gpu_instance_id=1, sm_active_ppm=700_000)

@@ -11,13 +11,25 @@ nvmlInit is retried with a capped backoff; the GPUs and the inventory are read a
 when it is back. Counters that NVML exposes as fields are read in one
 ``nvmlDeviceGetFieldValues`` call per GPU. XID events arrive on their own thread
 through NVML's event API.
+
+Where NVML's GPU Performance Monitoring (GPM, Hopper and later) is supported, each
+sample also carries how busy the SMs, tensor cores, memory and links were over the
+interval since the previous sample: GPM computes that from two samples of its
+counters, so the source keeps each GPU's previous GPM sample (and each MIG GPU
+instance's) and makes one ``nvmlGpmMetricsGet`` call per GPU and per GPU instance.
+The first sample after the GPUs are enumerated has none of it, and neither has a GPU
+without GPM (absent, never 0). A GPU in MIG mode lists its MIG devices in the
+inventory, and each sample has one entry per MIG device.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
+import math
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -87,6 +99,45 @@ NVML_GONE: dict[tuple[str, int], str] = {
     ("NVML_ERROR_LIB_RM_VERSION_MISMATCH", 18): "driver and NVML library versions differ (driver upgraded?)",
 }
 
+# GPM metrics (the binding's name, NVML's number) -> our field. These are percentages
+# (0.0-100.0 of the interval, nvml.h and the binding's comments), sent in parts per million.
+GPM_ACTIVITY: dict[tuple[str, int], str] = {
+    ("NVML_GPM_METRIC_GRAPHICS_UTIL", 1): "graphics_active_ppm",
+    ("NVML_GPM_METRIC_SM_UTIL", 2): "sm_active_ppm",
+    ("NVML_GPM_METRIC_SM_OCCUPANCY", 3): "sm_occupancy_ppm",
+    ("NVML_GPM_METRIC_ANY_TENSOR_UTIL", 5): "tensor_active_ppm",
+    ("NVML_GPM_METRIC_DRAM_BW_UTIL", 10): "dram_active_ppm",
+    ("NVML_GPM_METRIC_FP64_UTIL", 11): "fp64_active_ppm",
+    ("NVML_GPM_METRIC_FP32_UTIL", 12): "fp32_active_ppm",
+    ("NVML_GPM_METRIC_FP16_UTIL", 13): "fp16_active_ppm",
+}
+# GPM throughputs, in MiB/s (nvml.h and the binding: "PCIe traffic from this GPU in MiB/sec",
+# "NvLink write bandwidth for all links in MiB/sec"; write is transmit, read is receive),
+# sent in bytes/s. Only whole GPUs have these fields, MIG instances do not.
+GPM_THROUGHPUT: dict[tuple[str, int], str] = {
+    ("NVML_GPM_METRIC_PCIE_TX_PER_SEC", 20): "pcie_tx_bytes_per_second",
+    ("NVML_GPM_METRIC_PCIE_RX_PER_SEC", 21): "pcie_rx_bytes_per_second",
+    ("NVML_GPM_METRIC_NVLINK_TOTAL_TX_PER_SEC", 61): "nvlink_tx_bytes_per_second",
+    ("NVML_GPM_METRIC_NVLINK_TOTAL_RX_PER_SEC", 60): "nvlink_rx_bytes_per_second",
+}
+# What GPM needs of the binding besides nvmlGpmQueryDeviceSupport (nvidia-ml-py 12.535 and later).
+GPM_BINDING = (
+    "nvmlGpmSampleAlloc",
+    "nvmlGpmSampleGet",
+    "nvmlGpmMetricsGet",
+    "nvmlGpmSampleFree",
+    "c_nvmlGpmMetricsGet_t",
+)
+# GPM's counters refresh every 100 ms: samples taken closer together give no metrics.
+GPM_MIN_INTERVAL_S = 0.1
+PPM_PER_PERCENT = 10_000
+PPM_MAX = 1_000_000
+MIB_BYTES = 2**20
+UINT64_MAX = 2**64 - 1
+# A MIG device's name ends in its profile: "NVIDIA H100 80GB HBM3 MIG 1g.10gb", "... MIG 1c.3g.40gb"
+# (a compute instance of part of a GPU instance), "... MIG 1g.10gb+me" (with the media engines).
+MIG_PROFILE_IN_NAME = re.compile(r"\bMIG\s+((?:\d+c\.)?\d+g\.\d+gb\S*)\s*$")
+
 PCIE_THROUGHPUT_UNIT_BYTES = 1024  # NVML reports PCIe throughput in KB/s
 XID_WAIT_MS = 500
 # After NVML goes away, nvmlInit is tried again after 1 s, then 2, 4 ... up to a minute apart.
@@ -100,6 +151,7 @@ class NvmlNames:
 
     success: int
     not_supported: int
+    not_found: int
     function_not_found: int
     timeout: int
     gpu_is_lost: int
@@ -115,6 +167,10 @@ class NvmlNames:
     clock_mem: int
     pcie_tx_bytes: int
     pcie_rx_bytes: int
+    mig_enable: int
+    gpm_metrics_get_version: int
+    gpm_activity: dict[int, str]
+    gpm_throughput: dict[int, str]
 
     @classmethod
     def of(cls, binding: Any) -> NvmlNames:
@@ -127,6 +183,7 @@ class NvmlNames:
         return cls(
             success=name(("NVML_SUCCESS", 0)),
             not_supported=name(("NVML_ERROR_NOT_SUPPORTED", 3)),
+            not_found=name(("NVML_ERROR_NOT_FOUND", 6)),
             function_not_found=name(("NVML_ERROR_FUNCTION_NOT_FOUND", 13)),
             timeout=name(("NVML_ERROR_TIMEOUT", 10)),
             gpu_is_lost=name(("NVML_ERROR_GPU_IS_LOST", 15)),
@@ -142,6 +199,10 @@ class NvmlNames:
             clock_mem=name(("NVML_CLOCK_MEM", 2)),
             pcie_tx_bytes=name(("NVML_PCIE_UTIL_TX_BYTES", 0)),
             pcie_rx_bytes=name(("NVML_PCIE_UTIL_RX_BYTES", 1)),
+            mig_enable=name(("NVML_DEVICE_MIG_ENABLE", 1)),
+            gpm_metrics_get_version=name(("NVML_GPM_METRICS_GET_VERSION", 1)),
+            gpm_activity=table(GPM_ACTIVITY),
+            gpm_throughput=table(GPM_THROUGHPUT),
         )
 
 
@@ -158,6 +219,16 @@ class _NeverRaised(Exception):
 
 
 @dataclass(frozen=True)
+class _Mig:
+    """One MIG device of a GPU in MIG mode, as enumerated."""
+
+    index: int  # the MIG device index on its GPU
+    handle: Any
+    gpu_instance_id: int
+    compute_instance_id: int
+
+
+@dataclass(frozen=True)
 class _Gpu:
     """One GPU as enumerated: its handle, or why there is none."""
 
@@ -165,6 +236,21 @@ class _Gpu:
     handle: Any = None
     lost: str = ""  # GPU_IS_LOST when its handle was asked for
     error: str = ""  # any other failure to get its handle
+    gpm: bool = False  # nvmlGpmQueryDeviceSupport said so at this enumeration
+    mig_enabled: bool | None = None  # the current MIG mode; None where NVML has none
+    migs: tuple[_Mig, ...] = ()
+
+
+@dataclass
+class _GpmSamples:
+    """The GPM sample buffers of one GPU or MIG GPU instance."""
+
+    previous: Any = None  # taken at the previous sample; None before the first, or after a failure
+    taken_at: float = 0.0  # when (the source's clock)
+    free: list[Any] = field(default_factory=list)  # allocated, holding nothing needed
+
+    def buffers(self) -> list[Any]:
+        return [*self.free, *([self.previous] if self.previous is not None else [])]
 
 
 @dataclass
@@ -239,6 +325,10 @@ class NvmlSource:
         self._last_inventory = inventory_pb2.NodeInventory()
         self._gpus: list[_Gpu] = []
         self._gpu_keys: list[tuple[int, object]] = []
+        # GPM samples by (GPU index, MIG GPU instance id or None for the whole GPU); only the
+        # sampling thread (the caller of inventory, sample and close) uses them.
+        self._gpm: dict[tuple[int, int | None], _GpmSamples] = {}
+        self._gpm_requests: dict[tuple[int, ...], Any] = {}  # metric ids -> a c_nvmlGpmMetricsGet_t
         # Bumped when the GPUs or the NVML session change: the XID thread registers again.
         self._generation = 0
         self._wake = threading.Event()
@@ -274,9 +364,14 @@ class NvmlSource:
 
     # -- the choke point -------------------------------------------------------------
 
-    def _call(self, name: str, *args: Any) -> Any:
-        """Call NVML's ``name``; None means absent or failed. Raises GpuLost and NvmlGone."""
-        reads: _Reads | None = getattr(self._local, "reads", None)
+    def _call(self, name: str, *args: Any, absent: int | None = None, reads_gpu: bool = True) -> Any:
+        """Call NVML's ``name``; None means absent or failed. Raises GpuLost and NvmlGone.
+
+        ``absent``: a code that, for this call, means "nothing there" as NOT_SUPPORTED does
+        (NOT_FOUND for an empty MIG device slot). ``reads_gpu=False``: the call reads no GPU
+        (GPM's buffers and arithmetic), so it neither makes a GPU's sample nor fails it.
+        """
+        reads: _Reads | None = getattr(self._local, "reads", None) if reads_gpu else None
         fn: Callable[..., Any] | None = getattr(self._nvml, name, None)
         if fn is None:
             self._log_once(name, self._names.function_not_found, "not in this nvidia-ml-py")
@@ -286,7 +381,7 @@ class NvmlSource:
         except self._nvml_error as exc:
             code = getattr(exc, "value", None)
             names = self._names
-            if code == names.not_supported:
+            if code == names.not_supported or (absent is not None and code == absent):
                 if reads is not None:
                     reads.values += 1
                 return None
@@ -375,18 +470,68 @@ class NvmlSource:
             if handle is None:
                 gpus.append(_Gpu(index, error=f"no handle for the GPU: {reads.failure()}"))
             else:
-                gpus.append(_Gpu(index, handle))
+                gpus.append(self._described(index, handle))
         return gpus
+
+    def _described(self, index: int, handle: Any) -> _Gpu:
+        """A GPU with what enumeration learns of it: GPM support, MIG mode and MIG devices."""
+        try:
+            mode = self._call("nvmlDeviceGetMigMode", handle)
+            mig_enabled = None if mode is None else mode[0] == self._names.mig_enable
+            migs = self._mig_devices(handle) if mig_enabled else ()
+            gpm = self._gpm_supported(handle)
+        except GpuLost as exc:
+            return _Gpu(index, lost=str(exc))
+        except NvmlGone:
+            raise
+        except Exception as exc:  # a value of an unexpected shape
+            self._count_error()
+            self._log_once("enumeration", type(exc).__name__, _describe(exc), exc=exc)
+            return _Gpu(index, handle)
+        return _Gpu(index, handle, gpm=gpm, mig_enabled=mig_enabled, migs=migs)
+
+    def _mig_devices(self, handle: Any) -> tuple[_Mig, ...]:
+        """The MIG devices of a GPU in MIG mode; empty slots (NOT_FOUND) are skipped."""
+        migs = []
+        for slot in range(self._call("nvmlDeviceGetMaxMigDeviceCount", handle) or 0):
+            mig = self._call(
+                "nvmlDeviceGetMigDeviceHandleByIndex", handle, slot, absent=self._names.not_found
+            )
+            if mig is None:
+                continue
+            gpu_instance = self._call("nvmlDeviceGetGpuInstanceId", mig)
+            compute_instance = self._call("nvmlDeviceGetComputeInstanceId", mig)
+            if gpu_instance is not None and compute_instance is not None:
+                migs.append(_Mig(slot, mig, int(gpu_instance), int(compute_instance)))
+        return tuple(migs)
+
+    def _gpm_supported(self, handle: Any) -> bool:
+        """nvmlGpmQueryDeviceSupport's answer, where the binding has the rest of GPM too."""
+        missing = [name for name in GPM_BINDING if getattr(self._nvml, name, None) is None]
+        for name in missing:
+            self._log_once(name, self._names.function_not_found, "not in this nvidia-ml-py: no GPM activity")
+        if missing:
+            return False
+        support = self._call("nvmlGpmQueryDeviceSupport", handle)
+        return support is not None and bool(support.isSupportedDevice)
 
     def _set_gpus(self, gpus: list[_Gpu], *, new_session: bool = False) -> None:
         keys = [(gpu.index, _handle_key(gpu.handle)) for gpu in gpus]
         with self._lock:
             changed = new_session or keys != self._gpu_keys
+            kept = set() if new_session else set(self._gpu_keys) & set(keys)
             self._gpus, self._gpu_keys = gpus, keys
             if changed:
                 self._generation += 1
         if changed:
             self._wake.set()
+        # GPM samples stay for the GPUs (and GPU instances) still there, with GPM still supported.
+        live: set[tuple[int, int | None]] = set()
+        for gpu, key in zip(gpus, keys, strict=True):
+            if gpu.gpm and key in kept:
+                live.add((gpu.index, None))
+                live.update((gpu.index, mig.gpu_instance_id) for mig in gpu.migs)
+        self._free_gpm([key for key in self._gpm if key not in live], quiet=new_session)
 
     def _lose_nvml(self, reason: str) -> None:
         """NVML stopped answering: report it on every GPU and retry nvmlInit now and then."""
@@ -398,6 +543,7 @@ class NvmlSource:
         )
         self._gone = reason
         self._gone_since = self._clock()
+        self._free_gpm(list(self._gpm), quiet=True)  # they belong to the session that is gone
         self._schedule_retry()
         with self._lock:
             self._generation += 1
@@ -471,7 +617,7 @@ class NvmlSource:
                 node.gpus.append(inventory_pb2.GpuInventory(index=gpu.index))
                 continue
             try:
-                node.gpus.append(self._gpu_inventory(gpu.index, gpu.handle))
+                node.gpus.append(self._gpu_inventory(gpu))
             except GpuLost:
                 node.gpus.append(inventory_pb2.GpuInventory(index=gpu.index))
             except NvmlGone:
@@ -482,10 +628,11 @@ class NvmlSource:
                 node.gpus.append(inventory_pb2.GpuInventory(index=gpu.index))
         return node
 
-    def _gpu_inventory(self, index: int, handle: Any) -> inventory_pb2.GpuInventory:
+    def _gpu_inventory(self, enumerated: _Gpu) -> inventory_pb2.GpuInventory:
         names = self._names
+        handle = enumerated.handle
         gpu = inventory_pb2.GpuInventory(
-            index=index,
+            index=enumerated.index,
             uuid=self._call("nvmlDeviceGetUUID", handle) or "",
             serial=self._call("nvmlDeviceGetSerial", handle) or "",
             name=self._call("nvmlDeviceGetName", handle) or "",
@@ -514,20 +661,35 @@ class NvmlSource:
             gpu.power_limit_min_milliwatts, gpu.power_limit_max_milliwatts = limits
         _set(gpu, "max_sm_clock_mhz", self._call("nvmlDeviceGetMaxClockInfo", handle, names.clock_sm))
         _set(gpu, "max_memory_clock_mhz", self._call("nvmlDeviceGetMaxClockInfo", handle, names.clock_mem))
-        for field_name, function in (
-            ("mig_enabled", "nvmlDeviceGetMigMode"),
-            ("ecc_enabled", "nvmlDeviceGetEccMode"),
-        ):
-            current_and_pending = self._call(function, handle)
-            if current_and_pending is not None:
-                setattr(gpu, field_name, bool(current_and_pending[0]))
+        _set(gpu, "mig_enabled", enumerated.mig_enabled)  # asked when it was enumerated
+        ecc = self._call("nvmlDeviceGetEccMode", handle)  # current and pending
+        if ecc is not None:
+            gpu.ecc_enabled = bool(ecc[0])
         persistence = self._call("nvmlDeviceGetPersistenceMode", handle)
         if persistence is not None:
             gpu.persistence_enabled = bool(persistence)
         links = self._field_values(handle, [names.nvlink_link_count]).get(names.nvlink_link_count)
         if links is not None:
             gpu.nvlink_link_count = int(links)
+        gpu.mig_instances.extend(self._mig_inventory(mig) for mig in enumerated.migs)
         return gpu
+
+    def _mig_inventory(self, mig: _Mig) -> inventory_pb2.MigInventory:
+        entry = inventory_pb2.MigInventory(
+            index=mig.index,
+            uuid=self._call("nvmlDeviceGetUUID", mig.handle) or "",
+            gpu_instance_id=mig.gpu_instance_id,
+            compute_instance_id=mig.compute_instance_id,
+        )
+        profile = _profile_in_name(self._call("nvmlDeviceGetName", mig.handle) or "")
+        if profile is None:
+            attributes = self._call("nvmlDeviceGetAttributes", mig.handle)
+            profile = _profile_of(attributes) if attributes is not None else ""
+        entry.profile = profile
+        memory = self._call("nvmlDeviceGetMemoryInfo", mig.handle)
+        if memory is not None:
+            entry.memory_total_bytes = memory.total
+        return entry
 
     # -- telemetry -------------------------------------------------------------------
 
@@ -571,7 +733,7 @@ class NvmlSource:
             return _failed(gpu.index, telemetry_pb2.GPU_READ_STATUS_ERROR, gpu.error)
         with self._reading() as reads:
             try:
-                sample = self._gpu_sample(gpu.index, gpu.handle, with_processes)
+                sample = self._gpu_sample(gpu, with_processes)
             except GpuLost as exc:
                 return _failed(gpu.index, telemetry_pb2.GPU_READ_STATUS_LOST, str(exc))
             except NvmlGone:
@@ -584,9 +746,17 @@ class NvmlSource:
             return _failed(gpu.index, telemetry_pb2.GPU_READ_STATUS_ERROR, reads.failure())
         return sample
 
-    def _gpu_sample(self, index: int, handle: Any, with_processes: bool) -> telemetry_pb2.GpuSample:
+    def _gpu_sample(self, gpu: _Gpu, with_processes: bool) -> telemetry_pb2.GpuSample:
         names = self._names
-        s = telemetry_pb2.GpuSample(index=index, read_status=telemetry_pb2.GPU_READ_STATUS_OK)
+        handle = gpu.handle
+        s = telemetry_pb2.GpuSample(index=gpu.index, read_status=telemetry_pb2.GPU_READ_STATUS_OK)
+        if gpu.gpm:
+            metrics = self._gpm_metrics(
+                (gpu.index, None),
+                functools.partial(self._call, "nvmlGpmSampleGet", handle),
+                (*names.gpm_activity, *names.gpm_throughput),
+            )
+            self._set_gpm(s, metrics)
         util = self._call("nvmlDeviceGetUtilizationRates", handle)
         if util is not None:
             s.gpu_utilization_percent = util.gpu
@@ -618,6 +788,8 @@ class NvmlSource:
             ("pcie_tx_bytes_per_second", names.pcie_tx_bytes),
             ("pcie_rx_bytes_per_second", names.pcie_rx_bytes),
         ):
+            if s.HasField(field_name):  # GPM's, over the interval (NVML's counts only 20 ms)
+                continue
             kilobytes = self._call("nvmlDeviceGetPcieThroughput", handle, counter)
             if kilobytes is not None:
                 setattr(s, field_name, kilobytes * PCIE_THROUGHPUT_UNIT_BYTES)
@@ -625,14 +797,136 @@ class NvmlSource:
             field_name = names.fields[field_id]
             setattr(s, field_name, bool(value) if field_name.startswith("row_remap_") else int(value))
         if with_processes:
-            processes = self._call("nvmlDeviceGetComputeRunningProcesses", handle)
-            if processes is not None:
-                s.processes.SetInParent()
-                for process in processes:
-                    entry = s.processes.processes.add(pid=process.pid, name=_process_name(process.pid))
-                    if process.usedGpuMemory is not None:
-                        entry.used_memory_bytes = process.usedGpuMemory
+            self._read_processes(s.processes, handle)
+        if gpu.migs:
+            self._mig_samples(s, gpu, with_processes)
         return s
+
+    def _read_processes(self, processes: telemetry_pb2.ProcessList, handle: Any) -> None:
+        """The compute processes on a GPU or MIG device; ``processes`` stays unset if unknown."""
+        listed = self._call("nvmlDeviceGetComputeRunningProcesses", handle)
+        if listed is None:
+            return
+        processes.SetInParent()
+        for process in listed:
+            entry = processes.processes.add(pid=process.pid, name=_process_name(process.pid))
+            if process.usedGpuMemory is not None:
+                entry.used_memory_bytes = process.usedGpuMemory
+
+    def _mig_samples(self, s: telemetry_pb2.GpuSample, gpu: _Gpu, with_processes: bool) -> None:
+        """One MigSample per MIG device; GPM once per GPU instance (its compute instances share it)."""
+        by_instance: dict[int, dict[int, float]] = {}
+        for mig in gpu.migs:
+            entry = s.mig_instances.add(
+                gpu_instance_id=mig.gpu_instance_id, compute_instance_id=mig.compute_instance_id
+            )
+            memory = self._call("nvmlDeviceGetMemoryInfo", mig.handle)
+            if memory is not None:
+                entry.memory_used_bytes = memory.used
+                entry.memory_free_bytes = memory.free
+            if with_processes:
+                self._read_processes(entry.processes, mig.handle)
+            if not gpu.gpm:
+                continue
+            instance = mig.gpu_instance_id
+            if instance not in by_instance:
+                by_instance[instance] = self._gpm_metrics(
+                    (gpu.index, instance),
+                    functools.partial(self._call, "nvmlGpmMigSampleGet", gpu.handle, instance),
+                    tuple(self._names.gpm_activity),
+                )
+            self._set_gpm(entry, by_instance[instance])
+
+    # -- GPM -------------------------------------------------------------------------
+
+    def _gpm_metrics(
+        self, key: tuple[int, int | None], take: Callable[[Any], Any], metric_ids: tuple[int, ...]
+    ) -> dict[int, float]:
+        """Take a GPM sample with ``take``; with the previous one, the metrics over the interval.
+
+        Nothing the first time, nor after a failed sample (the interval would span two), nor
+        within GPM_MIN_INTERVAL_S of the previous one (which is kept for the next). Two buffers
+        per GPU (or GPU instance) are allocated once and then reused.
+        """
+        samples = self._gpm.setdefault(key, _GpmSamples())
+        now = self._clock()
+        if samples.previous is not None and now - samples.taken_at < GPM_MIN_INTERVAL_S:
+            return {}
+        current = samples.free.pop() if samples.free else self._call("nvmlGpmSampleAlloc", reads_gpu=False)
+        if current is None:
+            return {}
+        try:
+            taken = take(current) is not None
+        except BaseException:
+            samples.free.append(current)
+            raise
+        previous = samples.previous
+        if not taken:
+            samples.free.append(current)
+            if previous is not None:
+                samples.free.append(previous)
+                samples.previous = None
+            return {}
+        samples.previous, samples.taken_at = current, now
+        if previous is None:
+            return {}
+        samples.free.append(previous)
+        return self._gpm_between(previous, current, metric_ids)
+
+    def _gpm_between(self, sample1: Any, sample2: Any, metric_ids: tuple[int, ...]) -> dict[int, float]:
+        """One nvmlGpmMetricsGet call; each metric checked on its own return code.
+
+        The request (19 KB: room for every metric NVML knows) is made once per list of metrics
+        and reused: NVML writes each metric's result over the last one.
+        """
+        request = self._gpm_requests.get(metric_ids)
+        if request is None:
+            request_type = getattr(self._nvml, "c_nvmlGpmMetricsGet_t", None)
+            if request_type is None:
+                return {}
+            request = request_type()
+            request.version = self._names.gpm_metrics_get_version
+            request.numMetrics = len(metric_ids)
+            for slot, metric_id in enumerate(metric_ids):
+                request.metrics[slot].metricId = metric_id
+            self._gpm_requests[metric_ids] = request
+        request.sample1 = sample1
+        request.sample2 = sample2
+        answer = self._call("nvmlGpmMetricsGet", request, reads_gpu=False)
+        if answer is None:
+            return {}
+        success = self._names.success
+        metrics = answer.metrics
+        values: dict[int, float] = {}
+        for slot, metric_id in enumerate(metric_ids):
+            metric = metrics[slot]
+            if metric.nvmlReturn == success:
+                values[metric_id] = float(metric.value)
+        return values
+
+    def _set_gpm(self, message: Any, metrics: dict[int, float]) -> None:
+        """GPM's percentages as parts per million, its MiB/s as bytes/s; odd values (NaN) absent."""
+        names = self._names
+        for metric_id, value in metrics.items():
+            if not math.isfinite(value):
+                continue
+            if metric_id in names.gpm_activity:
+                ppm = round(value * PPM_PER_PERCENT)
+                setattr(message, names.gpm_activity[metric_id], min(max(ppm, 0), PPM_MAX))
+            elif metric_id in names.gpm_throughput:
+                rate = round(value * MIB_BYTES)
+                setattr(message, names.gpm_throughput[metric_id], min(max(rate, 0), UINT64_MAX))
+
+    def _free_gpm(self, keys: list[tuple[int, int | None]], *, quiet: bool = False) -> None:
+        """Free the GPM samples of ``keys``; ``quiet`` where NVML went away (they went with it)."""
+        for key in keys:
+            for sample in self._gpm.pop(key).buffers():
+                if quiet:
+                    with contextlib.suppress(Exception):
+                        self._nvml.nvmlGpmSampleFree(sample)
+                    continue
+                with contextlib.suppress(GpuLost, NvmlGone):
+                    self._call("nvmlGpmSampleFree", sample, reads_gpu=False)
 
     def _field_values(self, handle: Any, field_ids: list[int]) -> dict[int, float | int]:
         """One nvmlDeviceGetFieldValues call; each value checked on its own return code."""
@@ -728,6 +1022,7 @@ class NvmlSource:
         self._wake.set()
         if self._xid_thread is not None:
             self._xid_thread.join(timeout=2.0)
+        self._free_gpm(list(self._gpm), quiet=self._gone is not None)
         self._shutdown()
 
 
@@ -744,6 +1039,24 @@ def _failed(index: int, status: telemetry_pb2.GpuReadStatus, reason: str) -> tel
 def _set(message: Any, field_name: str, value: Any) -> None:
     if value is not None:
         setattr(message, field_name, value)
+
+
+def _profile_in_name(name: str) -> str | None:
+    """The profile a MIG device's name ends in ("NVIDIA H100 80GB HBM3 MIG 1g.10gb": "1g.10gb")."""
+    match = MIG_PROFILE_IN_NAME.search(name)
+    return match.group(1) if match else None
+
+
+def _profile_of(attributes: Any) -> str:
+    """A MIG device's profile from its nvmlDeviceAttributes_t, named as NVIDIA names profiles.
+
+    NVIDIA rounds the memory up: the H100's 7g.80gb has 81152 MiB (79.25 GiB), its 1g.10gb 9.75 GiB.
+    """
+    slices = attributes.gpuInstanceSliceCount
+    gigabytes = math.ceil(attributes.memorySizeMB / 1024)
+    profile = f"{slices}g.{gigabytes}gb"
+    compute_slices = attributes.computeInstanceSliceCount
+    return f"{compute_slices}c.{profile}" if 0 < compute_slices < slices else profile
 
 
 def _process_name(pid: int) -> str:
