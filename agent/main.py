@@ -8,6 +8,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import resource
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,6 +46,8 @@ from gpufleet.wire import message_dict
 log = logging.getLogger("gpufleet.agent")
 
 DEFAULT_COLLECTOR = "127.0.0.1:50051"
+# An extended resource name as Kubernetes has them (domain/name), optionally ending in * (a prefix).
+RESOURCE_NAME = re.compile(r"[a-z0-9][a-z0-9.-]*/[A-Za-z0-9][A-Za-z0-9._-]*\*?")
 # How often the simulated scheduler's ground truth is checked for changes (--sim-truth-file).
 TRUTH_EVERY_S = 1.0
 # Simulated nodes per rack: a 40 kW rack holds about four 8-GPU H100 servers.
@@ -207,9 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resource_names(value: str) -> list[str]:
+    """Extended resource names (vendor-domain/name, a trailing * for a prefix), comma-separated."""
     names = [name.strip() for name in value.split(",") if name.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError("expected resource names, e.g. nvidia.com/gpu,nvidia.com/mig-*")
+    bad = [name for name in names if not RESOURCE_NAME.fullmatch(name)]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(
+            f"expected resource names such as nvidia.com/gpu,nvidia.com/mig-*, got {value!r}"
+        )
     return names
 
 

@@ -109,17 +109,26 @@ def check_inventory(inventory: inventory_pb2.NodeInventory, limits: Limits) -> N
                 "gpu_index", f"GPU index {gpu.index}; the limit is {limits.max_gpus_per_node - 1}"
             )
         _check_strings(gpu, GPU_STRINGS, limits.max_string_length, f"GPU {gpu.index} ")
-        _check_mig_count(len(gpu.mig_instances), gpu.index, limits)
+        _check_mig(gpu.mig_instances, gpu.index, limits)
         for mig in gpu.mig_instances:
             _check_strings(mig, MIG_STRINGS, limits.max_string_length, f"GPU {gpu.index} MIG {mig.index} ")
 
 
-def _check_mig_count(count: int, index: int, limits: Limits) -> None:
+def _check_mig(
+    instances: Sequence[inventory_pb2.MigInventory] | Sequence[telemetry_pb2.MigSample],
+    index: int,
+    limits: Limits,
+) -> None:
+    """At most the limit of MIG instances on a GPU, each GPU instance id once."""
+    count = len(instances)
     if count > limits.max_mig_instances_per_gpu:
         raise LimitExceeded(
             "mig_instances",
             f"{count} MIG instances on GPU {index}; the limit is {limits.max_mig_instances_per_gpu}",
         )
+    ids = {instance.gpu_instance_id for instance in instances}
+    if len(ids) != count:
+        raise LimitExceeded("mig_instances", f"GPU {index} names a MIG GPU instance id twice")
 
 
 def _check_processes(processes: Sequence[telemetry_pb2.GpuProcess], where: str, limits: Limits) -> None:
@@ -171,7 +180,7 @@ def check_report(report: ingest_pb2.Report, limits: Limits) -> None:
             raise LimitExceeded(
                 "string_length", f"a string of GPU {gpu.index} is over {limits.max_string_length} characters"
             )
-        _check_mig_count(len(gpu.mig_instances), gpu.index, limits)
+        _check_mig(gpu.mig_instances, gpu.index, limits)
         for mig in gpu.mig_instances:
             _check_processes(mig.processes.processes, f"GPU {gpu.index} MIG {mig.gpu_instance_id}", limits)
 

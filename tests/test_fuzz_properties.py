@@ -30,7 +30,7 @@ from gpufleet.collector.exposition import Exposition, escape_label_value
 from gpufleet.collector.limits import LimitExceeded, Limits, check_inventory, check_report, clamp_report
 from gpufleet.collector.state import FleetState, NodeIdConflict, NodeRecord
 from gpufleet.plausible import PLAUSIBLE
-from gpufleet.v1 import ingest_pb2, inventory_pb2, telemetry_pb2
+from gpufleet.v1 import allocation_pb2, ingest_pb2, inventory_pb2, telemetry_pb2
 from tests.fleet import add_node, dcgm_view, exposition_of, inventory_for
 from tests.promtool import check_metrics
 
@@ -101,7 +101,16 @@ def messages(
     return st.fixed_dictionaries(always, optional=optional).map(lambda kwargs: cls(**kwargs))
 
 
-GPU_INVENTORIES = messages(inventory_pb2.GpuInventory, index=GPU_INDEX)
+GPU_INVENTORIES = messages(
+    inventory_pb2.GpuInventory,
+    index=GPU_INDEX,
+    mig_instances=st.lists(messages(inventory_pb2.MigInventory), max_size=2),
+)
+ALLOCATIONS = messages(
+    allocation_pb2.Allocations,
+    allocations=st.lists(messages(allocation_pb2.Allocation, gpu_index=GPU_INDEX), max_size=4),
+    sources=st.lists(messages(allocation_pb2.AttributionSource), max_size=2),
+)
 # Node ids and hostnames drawn from small sets too, so that nodes say hello again, reboot,
 # conflict, share hostnames, and take a hostname equal to another node's id (or a "~" name).
 SHORT = st.text(CHARACTERS, max_size=5)
@@ -121,20 +130,24 @@ HELLOS = messages(
     required=("protocol_version", "inventory"),
     protocol_version=rarely(st.just(wire.PROTOCOL_VERSION), st.integers(0, 2**32 - 1), 10),
     inventory=INVENTORIES,
+    allocations=ALLOCATIONS,
+)
+GPU_PROCESS_LISTS = messages(
+    telemetry_pb2.ProcessList, processes=st.lists(messages(telemetry_pb2.GpuProcess), max_size=3)
 )
 GPU_SAMPLES = messages(
     telemetry_pb2.GpuSample,
     index=GPU_INDEX,
     xid_events=st.lists(messages(telemetry_pb2.XidEvent), max_size=3),
-    processes=messages(
-        telemetry_pb2.ProcessList, processes=st.lists(messages(telemetry_pb2.GpuProcess), max_size=3)
-    ),
+    processes=GPU_PROCESS_LISTS,
+    mig_instances=st.lists(messages(telemetry_pb2.MigSample, processes=GPU_PROCESS_LISTS), max_size=2),
 )
 REPORTS = messages(
     ingest_pb2.Report,
     gpus=st.lists(GPU_SAMPLES, max_size=4),
     agent_stats=messages(telemetry_pb2.AgentStats),
     inventory=INVENTORIES,
+    allocations=ALLOCATIONS,
 )
 
 

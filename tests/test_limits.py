@@ -243,3 +243,24 @@ async def test_a_flood_of_connections_does_not_starve_the_fleet() -> None:
         for channel in flood_channels:
             await channel.close()
         await collector.stop()
+
+
+def test_mig_instances_are_bounded_and_named_once() -> None:
+    from gpufleet.collector.limits import LimitExceeded, Limits, check_inventory, check_report
+    from gpufleet.v1 import ingest_pb2, inventory_pb2
+
+    limits = Limits()
+    inventory = inventory_pb2.NodeInventory(node_id="n")
+    gpu = inventory.gpus.add(index=0)
+    for gi in (1, 2):
+        gpu.mig_instances.add(gpu_instance_id=gi, profile="3g.40gb")
+    check_inventory(inventory, limits)
+    gpu.mig_instances.add(gpu_instance_id=2)
+    with pytest.raises(LimitExceeded, match="MIG GPU instance id twice"):
+        check_inventory(inventory, limits)
+    report = ingest_pb2.Report(sequence=1)
+    sample = report.gpus.add(index=0)
+    for gi in range(limits.max_mig_instances_per_gpu + 1):
+        sample.mig_instances.add(gpu_instance_id=gi)
+    with pytest.raises(LimitExceeded, match="MIG instances on GPU 0"):
+        check_report(report, limits)

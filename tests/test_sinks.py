@@ -26,6 +26,7 @@ def test_the_collector_registers_every_sink_in_one_place() -> None:
     assert [sink.name for sink in collector.state.sinks] == [
         "store",
         "exposition",
+        "workloads",
         "dcgm-view",
         "event-followers",
     ]

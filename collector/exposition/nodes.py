@@ -178,7 +178,7 @@ class _NodeLines:
         self._health_key: tuple[int, ...] | None = None
         self._up_key: tuple[bool, ...] | None = None
         self._xid_key: tuple[object, ...] = ()
-        self._allocation_key: int | None = None
+        self._allocation_key: tuple[int, int] | None = None
         self._mig_key: tuple[object, ...] = ()
 
     def render(self, node: NodeRecord) -> list[int]:
@@ -258,8 +258,9 @@ class _NodeLines:
             )
         if self._xid_key or any(gpu.xid_totals for gpu in gpus):
             self._render_xids(gpus, new)
-        if node.allocation_version != self._allocation_key:
-            self._allocation_key = node.allocation_version
+        allocation_key = (node.allocation_version, node.inventory_version)  # lines name the GPUs' UUIDs
+        if allocation_key != self._allocation_key:
+            self._allocation_key = allocation_key
             self._render_allocations(node, new)
         if mig_samples or self._mig_key:
             self._render_mig_samples(mig_samples, new)
