@@ -17,7 +17,7 @@ from typing import Protocol
 
 from gpufleet.agent.attribution import kubelet, slurm
 from gpufleet.agent.attribution.base import AttributionFailed, Target, Targets
-from gpufleet.allocations import bound
+from gpufleet.allocations import MAX_ALLOCATIONS_PER_NODE, MAX_VALUE_CHARS, bound
 from gpufleet.kubelet.podresources.v1 import api_pb2
 from gpufleet.v1 import allocation_pb2, inventory_pb2, telemetry_pb2
 
@@ -134,7 +134,15 @@ class Attribution:
         allocations = allocation_pb2.Allocations(
             allocations=combined, sources=[source.status() for source in sources]
         )
-        self.truncated_total += bound(allocations)
+        cut = bound(allocations)
+        if cut and not self.truncated_total:
+            log.warning(
+                "attribution values over the limits (%d characters, %d allocations) were cut; "
+                "counted in gpufleet_node_agent_attribution_values_truncated_total (logged once)",
+                MAX_VALUE_CHARS,
+                MAX_ALLOCATIONS_PER_NODE,
+            )
+        self.truncated_total += cut
         return allocations
 
     async def _read_pods(self, targets: Targets, now: float) -> None:
