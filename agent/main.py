@@ -241,11 +241,13 @@ def sim_attribution(
     attribution = host_attribution(args)
     if attribution is not None or scheduler is None:
         return attribution
+    job_mapping = scheduler.job_mapping(hostname)
     return Attribution(
         pods=scheduler.pod_lister(hostname),
         resources=args.kubelet_resources,
-        job_mapping=scheduler.job_mapping(hostname),
-        environs=scheduler.environs(hostname),
+        job_mapping=job_mapping,
+        # As deployed: on Kubernetes the kubelet names the pods; Slurm hosts read /proc too.
+        environs=scheduler.environs(hostname) if job_mapping is not None else None,
     )
 
 

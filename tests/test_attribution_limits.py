@@ -152,3 +152,29 @@ async def test_a_hostile_agents_attribution_is_cut_counted_and_stops_no_one(coll
     assert 0 < len(lines) <= MAX_ALLOCATIONS_PER_NODE
     assert 'pod="<script>"' in body  # a label value, escaped as text: nothing more
     assert sum(line.startswith("gpufleet_node_info{") for line in body.splitlines()) == honest + 1
+
+
+class JobFiles:
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+
+    def read(self) -> dict[str, bytes]:
+        return self.files
+
+
+class SlurmEnvirons(Environs):
+    def __init__(self, jobs: dict[int, str]) -> None:
+        super().__init__({pid: "ana" for pid in jobs})
+        self.jobs = jobs
+
+    def environ(self, pid: int) -> dict[str, str]:
+        return {"SLURM_JOB_ID": self.jobs[pid], "SLURM_JOB_USER": "ana", "SLURM_JOB_NAME": "train"}
+
+
+async def test_with_job_files_the_environments_only_add_the_details_of_the_jobs_they_name() -> None:
+    # GPU 1's process list is older than the job files: its job 8 has ended since.
+    attribution = Attribution(job_mapping=JobFiles({"0": b"7\n"}), environs=SlurmEnvirons({10: "7", 11: "8"}))
+    allocations = await attribution.refresh(node(), with_processes([10], [11]))
+    assert [(a.gpu_index, a.job, a.user, a.job_name) for a in allocations.allocations] == [
+        (0, "7", "ana", "train")
+    ]

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
+from typing import Any
 
-from tests.conftest import ROOT, http_get
+from tests.conftest import ROOT, http_get, wait_until
 
 
 def children_of(pid: int) -> set[int]:
@@ -24,6 +27,90 @@ def children_of(pid: int) -> set[int]:
             if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
                 found.add(int(entry.name))
     return found
+
+
+# A placement the collector must show: older than a report interval (the demo's: 10 s) and more.
+SETTLED_S = 12.0
+
+
+def placements(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], tuple[int, float, int]]:
+    """(cluster, namespace, pod, job, user) -> (GPUs, since, idle GPUs) of each pod and Slurm job."""
+    found: dict[tuple[str, ...], tuple[int, float, int]] = {}
+    for r in rows:
+        key = (
+            r["cluster"],
+            r["namespace"],
+            r["pod"],
+            r["job"],
+            r["user"] if r["scheduler"] == "slurm" else "",
+        )
+        gpus, since, idle = found.get(key, (0, r["since"], 0))
+        found[key] = (gpus + 1, min(since, r["since"]), idle + (r["behaviour"] in ("idle", "stuck")))
+    return found
+
+
+def assert_jobs_and_idle_match_the_simulation(target: str, truth_file: Path) -> None:
+    """`gpufleet jobs` and `gpufleet idle --by namespace` show what the simulated scheduler placed.
+
+    The demo's jobs come and go (two hours on average, over a thousand of them), so the check is
+    against what held steady while the collector was asked: each settled placement exactly, and
+    nothing that the scheduler had not placed within the last few seconds.
+    """
+
+    def cli(*args: str) -> Any:
+        result = subprocess.run(
+            [sys.executable, "-m", "gpufleet.cli", *args, "--collector", target, "-o", "json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        )
+        return json.loads(result.stdout)
+
+    def truth() -> dict[tuple[str, ...], tuple[int, float, int]]:
+        return placements(json.loads(truth_file.read_text())["allocations"])
+
+    ever: set[tuple[str, ...]] = set()
+    problems: list[object] = []
+
+    def consistent() -> bool:
+        before = truth()
+        shown: dict[tuple[str, ...], int] = {
+            (j["cluster"], j["namespace"], j["pod"], j["job"], j["user"]): j["gpus"] for j in cli("jobs")
+        }
+        idle: Counter[tuple[str, str]] = Counter()
+        for row in cli("idle", "--by", "namespace"):
+            idle[(row["cluster"], row["namespace"])] += row["idle_gpus"]
+        after = truth()
+        ever.update(before, after)
+        settled = {
+            key: value
+            for key, value in before.items()
+            if after.get(key) == value and value[1] < time.time() - SETTLED_S
+        }
+        problems[:] = [
+            *((key, gpus, shown.get(key)) for key, (gpus, _, _) in settled.items() if shown.get(key) != gpus),
+            *(("never placed", key) for key in set(shown) - ever),
+        ]
+        for (cluster, namespace), count in idle.items():
+            if not namespace:
+                continue
+            sure = sum(v[2] for k, v in settled.items() if k[:2] == (cluster, namespace))
+            maybe = sum(
+                v[0]
+                for k, v in {**before, **after}.items()
+                if k[:2] == (cluster, namespace) and k not in settled
+            )
+            if not sure <= count <= sure + maybe:
+                problems.append(("idle", cluster, namespace, count, sure, maybe))
+        return not problems and len(settled) > 0.9 * len(before) and sum(idle.values()) > 0
+
+    try:
+        wait_until(
+            consistent, timeout=60, interval=1.0, what="jobs and idle GPUs as the scheduler placed them"
+        )
+    except AssertionError:
+        raise AssertionError(problems[:10]) from None
 
 
 def test_demo_shows_the_whole_fleet_within_60_seconds_and_cleans_up(tmp_path: Path) -> None:
@@ -56,6 +143,9 @@ def test_demo_shows_the_whole_fleet_within_60_seconds_and_cleans_up(tmp_path: Pa
         assert body.count(b"\ngpufleet_gpu_info{") == 10_000
         children = children_of(demo.pid)
         assert len(children) == 2
+        target = re.search(r"gpufleet summary --collector (\S+)", text)
+        assert target, text
+        assert_jobs_and_idle_match_the_simulation(target.group(1), tmp_path / ".demo" / "sim-truth.json")
     finally:
         demo.send_signal(signal.SIGINT)
         rest, _ = demo.communicate(timeout=30)

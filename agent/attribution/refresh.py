@@ -121,7 +121,13 @@ class Attribution:
             found, failures = slurm.allocations_from_processes(processes, self._environs)
             self.errors_total += failures
             self._from_processes = found
-        slurm_held = slurm.merge_slurm(self._slurm.allocations, self._from_processes)
+        from_processes = self._from_processes
+        if self._job_mapping is not None and not self._slurm.error:
+            # The job files say which jobs hold the GPUs; environments only add their details
+            # (a process list is up to --process-interval old: its job may have ended since).
+            named = {a.job for a in self._slurm.allocations}
+            from_processes = [a for a in from_processes if a.source != slurm.SOURCE_SLURM or a.job in named]
+        slurm_held = slurm.merge_slurm(self._slurm.allocations, from_processes)
         # A GPU a pod or a job holds is theirs; its processes' owners alone say no more.
         held = {
             _target(a)

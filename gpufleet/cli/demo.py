@@ -23,6 +23,8 @@ from gpufleet.ports import free_port
 GPUS_PER_NODE = 8
 REGISTRATION_TIMEOUT_S = 120.0
 LOG_DIR = Path(".demo")
+# What idle GPUs cost in the demo: a 2025-2026 on-demand H100 price per GPU-hour.
+DEMO_PRICE = "H100=2.50"
 
 
 @contextlib.contextmanager
@@ -95,6 +97,7 @@ def run_demo(nodes: int, interval: float, grpc_port: int, http_port: int) -> int
                     f"127.0.0.1:{http_port}",
                     "--db",
                     str(LOG_DIR / "collector.db"),
+                    *("--price", DEMO_PRICE),
                 ],
             ) as collector,
             child(
@@ -108,7 +111,9 @@ def run_demo(nodes: int, interval: float, grpc_port: int, http_port: int) -> int
                     "--interval",
                     str(interval),
                     "--clusters",
-                    str(max(1, min(5, nodes // 250))),
+                    str(max(2, min(5, nodes // 250))),
+                    # Kubernetes pods and Slurm jobs on alternate clusters, some holding GPUs idle.
+                    *("--scheduler", "mixed", "--sim-truth-file", str(LOG_DIR / "sim-truth.json")),
                     "--collector",
                     target,
                 ],
@@ -121,6 +126,8 @@ def run_demo(nodes: int, interval: float, grpc_port: int, http_port: int) -> int
             print(f"  Fleet aggregates    http://127.0.0.1:{http_port}/metrics/fleet")
             print(f"  CLI                 gpufleet summary --collector {target}")
             print(f"                      gpufleet gpus --idle --collector {target}")
+            print(f"                      gpufleet jobs --collector {target}")
+            print(f"                      gpufleet idle --by namespace --collector {target}")
             print(f"  Logs                {LOG_DIR}/\n")
             print(cmd_summary(client, argparse.Namespace(output="table")))
             print("\nRunning; press Ctrl-C to stop.")
