@@ -16,7 +16,7 @@ import time
 import gpufleet
 from gpufleet import wire
 from gpufleet.agent.sources.sim import SimulatedSource
-from gpufleet.v1 import ingest_pb2, inventory_pb2, telemetry_pb2
+from gpufleet.v1 import allocation_pb2, ingest_pb2, inventory_pb2, telemetry_pb2
 
 GPUS_PER_NODE = 8
 MODEL = "H100"
@@ -26,6 +26,8 @@ CLUSTERS = 4
 BODY_POOL_NODES = 64
 REPORTS_PER_NODE = 4
 NODES_PER_RACK = 4
+# Namespaces (teams) of the fleet's Kubernetes half.
+TEAMS = 16
 
 
 def node_id(seed: int, index: int) -> str:
@@ -52,9 +54,35 @@ def inventory(sim: SimulatedSource, seed: int, index: int) -> inventory_pb2.Node
     return inv
 
 
-def hello(inv: inventory_pb2.NodeInventory, interval_s: float) -> ingest_pb2.Hello:
+def allocations(index: int) -> allocation_pb2.Allocations:
+    """Every GPU held: even nodes run a Kubernetes pod per node, odd ones a Slurm job per 4 GPUs."""
+    held = allocation_pb2.Allocations()
+    for gpu in range(GPUS_PER_NODE):
+        if index % 2 == 0:
+            held.allocations.add(
+                gpu_index=gpu,
+                source="kubernetes",
+                namespace=f"team-{index % TEAMS:02d}",
+                pod=f"train-{index // 16:05d}-worker-{index % 16}",
+                container="pytorch",
+            )
+        else:
+            held.allocations.add(
+                gpu_index=gpu,
+                source="slurm",
+                job=str(100_000 + index * 2 + gpu // 4),
+                user=f"user-{index % 50}",
+            )
+    held.sources.add(name="kubernetes" if index % 2 == 0 else "slurm", available=True)
+    return held
+
+
+def hello(inv: inventory_pb2.NodeInventory, interval_s: float, index: int) -> ingest_pb2.Hello:
     return ingest_pb2.Hello(
-        protocol_version=wire.PROTOCOL_VERSION, inventory=inv, report_interval_ms=int(interval_s * 1000)
+        protocol_version=wire.PROTOCOL_VERSION,
+        inventory=inv,
+        report_interval_ms=int(interval_s * 1000),
+        allocations=allocations(index),
     )
 
 
@@ -83,7 +111,7 @@ class NodeMessages:
         inv = inventory(source(seed, index, interval_s), seed, index)
         self.index = index
         self.node_id = inv.node_id
-        self.hello = ingest_pb2.AgentMessage(hello=hello(inv, interval_s)).SerializeToString()
+        self.hello = ingest_pb2.AgentMessage(hello=hello(inv, interval_s, index)).SerializeToString()
         first = (index % BODY_POOL_NODES) * REPORTS_PER_NODE
         self.bodies = pool[first : first + REPORTS_PER_NODE]
 

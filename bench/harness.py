@@ -26,7 +26,7 @@ from typing import Any
 
 import grpc
 
-from bench import fleet
+from bench import agent_cost, fleet
 from bench.load import raise_open_files_limit
 from bench.processes import MIB, ROOT, Children, Failure, Settings
 from bench.procstat import load_average
@@ -44,6 +44,8 @@ class Report:
     environment: dict[str, str] = field(default_factory=dict)
     scenarios: list[dict[str, Any]] = field(default_factory=list)
     guest: dict[str, float] = field(default_factory=dict)
+    # The agent's CPU per GPU per interval for NVML GPM, on the fake NVML (bench/agent_cost.py).
+    gpm: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -131,6 +133,8 @@ def run(settings: Settings) -> Report:
             flush=True,
         )
         guest.collector.close()
+        report.gpm = agent_cost.gpm_sample_cost()
+        print(f"agent GPM sampling: {report.gpm['gpm_us']:.0f} us of CPU per GPU per interval", flush=True)
     finally:
         children.stop_everything()
     shutil.rmtree(workdir, ignore_errors=True)

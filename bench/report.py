@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import agent_cost
 from bench.harness import Report
 from bench.processes import MIB
 from bench.procstat import median
@@ -173,6 +174,16 @@ def verdicts(report: Report) -> list[Verdict]:
                 "agent (8 GPUs, default interval): <= 1 % of a core and <= 60 MB RSS",
                 f"{guest['core_percent']:.2f} % of a core, {guest['rss_bytes'] / 1e6:.0f} MB",
                 guest["core_percent"] <= 1.0 and guest["rss_bytes"] <= 60e6,
+            )
+        )
+    if report.gpm:
+        gpm = report.gpm
+        out.append(
+            Verdict(
+                "agent: NVML GPM sampling <= 1 ms of CPU per GPU per interval (fake NVML)",
+                f"{gpm['gpm_us']:.0f} us per GPU ({gpm['mig7_gpm_us']:.0f} us with 7 MIG instances each), "
+                f"the fake NVML's own share included",
+                gpm["gpm_us"] <= agent_cost.TARGET_US and gpm["mig7_gpm_us"] <= agent_cost.TARGET_US,
             )
         )
     return out
