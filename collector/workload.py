@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from gpufleet.allocations import Prices
-from gpufleet.collector.exposition.aggregates import _cluster_model, _line
+from gpufleet.collector.exposition.aggregates import _cluster_model
 from gpufleet.collector.exposition.catalog import (
     FLEET_ALLOCATED,
     FLEET_UNALLOCATED,
@@ -56,6 +56,8 @@ MEASURES = (BY_UTILIZATION, BY_SM_ACTIVE)
 # A workload's counters are kept this long after it last held a GPU, then dropped (its series end).
 RETENTION_S = 3600.0
 EXPIRE_EVERY_S = 60.0
+# Where each kind of workload share goes in the per-workload lists of _gauges and _accrued.
+_KIND_POSITION = {"gpus": 0, "idle_utilization": 1, "idle_sm_active": 2}
 _OK = telemetry_pb2.GPU_READ_STATUS_OK
 # "3g.40gb": 3 slices; a compute instance's profile "1c.3g.40gb": its 1 slice of the 3.
 _PROFILE_SLICES = re.compile(r"^(?:(\d+)c\.)?(\d+)g\.")
@@ -104,6 +106,10 @@ class _Counter:
         return self.accrued + self.rate * (now - self.since)
 
 
+# The four (idle by utilization, idle by SM activity) pairs, made once: one per GPU would add up.
+_FLAGS = {(u, s): (u, s) for u in (False, True) for s in (False, True)}
+
+
 def _idle_flags(sample: telemetry_pb2.GpuSample | telemetry_pb2.MigSample) -> tuple[bool, bool]:
     by_utilization = (
         isinstance(sample, telemetry_pb2.GpuSample)
@@ -111,7 +117,7 @@ def _idle_flags(sample: telemetry_pb2.GpuSample | telemetry_pb2.MigSample) -> tu
         and sample.gpu_utilization_percent < IDLE_UTILIZATION_PERCENT
     )
     by_sm = sample.HasField("sm_active_ppm") and sample.sm_active_ppm < IDLE_SM_ACTIVE_PPM
-    return by_utilization, by_sm
+    return _FLAGS[by_utilization, by_sm]
 
 
 def mig_units(profile: str) -> int:
@@ -129,21 +135,28 @@ def _readable(node: NodeRecord, gpu: GpuRecord) -> telemetry_pb2.GpuSample | Non
 
 
 def _signature(node: NodeRecord) -> tuple[object, ...]:
-    """What the node's share follows from: if this is unchanged, so is the share."""
+    """What the node's share follows from: if this is unchanged, so is the share.
+
+    Each whole GPU adds three bits to one integer (present and read, idle by utilization, idle
+    by SM activity); MIG GPUs, rare, add a tuple of their instances' flags.
+    """
     if node.state != UP:
         return (node.state,)
-    flags: list[tuple[int, object]] = []
+    code = 0
+    mig: list[object] = []
     for index, gpu in node.gpus.items():
+        code <<= 3
         if gpu.missing:
             continue
         sample = _readable(node, gpu)
         if sample is None:
-            flags.append((index, None))
+            code |= 1
         elif gpu.inventory.mig_instances:
-            flags.append((index, tuple(_idle_flags(mig) for mig in sample.mig_instances)))
+            mig.append((index, tuple(_idle_flags(m) for m in sample.mig_instances)))
         else:
-            flags.append((index, _idle_flags(sample)))
-    return (node.state, node.allocation_version, node.inventory_version, tuple(flags))
+            by_utilization, by_sm = _idle_flags(sample)
+            code |= 2 | (by_utilization << 2) | by_sm
+    return (node.state, node.allocation_version, node.inventory_version, code, tuple(mig))
 
 
 def _slots(node: NodeRecord) -> Iterator[tuple[Slot, tuple[bool, bool] | None]]:
@@ -211,6 +224,10 @@ class WorkloadLedger(Sink):
         self._totals: dict[tuple[str, ...], int] = {}
         self._counters: dict[tuple[str, ...], _Counter] = {}
         self._expired_at = clock()
+        # Bumped when a total changes: the gauges are rendered again only then.
+        self._version = 0
+        self._gauge_text: tuple[int, bytes] = (-1, b"")
+        self._label_cache: dict[WorkloadKey, str] = {}
 
     # -- the sink ----------------------------------------------------------------------
 
@@ -306,6 +323,7 @@ class WorkloadLedger(Sink):
     def _account(self, old: dict[tuple[str, ...], int], new: dict[tuple[str, ...], int], now: float) -> None:
         if old == new:
             return
+        self._version += 1
         totals = self._totals
         for key in old.keys() | new.keys():
             change = new.get(key, 0) - old.get(key, 0)
@@ -316,7 +334,7 @@ class WorkloadLedger(Sink):
                 totals[key] = total
             else:
                 totals.pop(key, None)
-            if key[0] in ("gpus", "idle_utilization", "idle_sm_active"):
+            if key[0] in _KIND_POSITION:
                 counter = self._counters.get(key)
                 if counter is None:
                     counter = self._counters[key] = _Counter(since=now)
@@ -334,6 +352,8 @@ class WorkloadLedger(Sink):
         ]
         for key in expired:
             del self._counters[key]
+        if expired:
+            self._label_cache.clear()
 
     # -- readers -----------------------------------------------------------------------
 
@@ -354,39 +374,60 @@ class WorkloadLedger(Sink):
             return []
         return [slot for (index, _), slot in work.slots.items() if index == gpu_index]
 
+    def _gauges(self) -> dict[WorkloadKey, list[int]]:
+        """Units held now per workload: [allocated, idle by utilization, idle by SM activity]."""
+        gauges: dict[WorkloadKey, list[int]] = {}
+        for key, units in self._totals.items():
+            position = _KIND_POSITION.get(key[0])
+            if position is not None:
+                workload = (key[1], key[2], key[3], key[4])
+                per = gauges.get(workload)
+                if per is None:
+                    per = gauges[workload] = [0, 0, 0]
+                per[position] += units
+        return gauges
+
+    def _accrued(
+        self, now: float
+    ) -> tuple[dict[WorkloadKey, list[float | None]], dict[WorkloadKey, list[float | None]]]:
+        """GPU-seconds per workload so far (per kind, as _gauges; None: never), and their cost if priced."""
+        seconds: dict[WorkloadKey, list[float | None]] = {}
+        costs: dict[WorkloadKey, list[float | None]] = {}
+        for key, counter in self._counters.items():
+            position = _KIND_POSITION[key[0]]
+            workload = (key[1], key[2], key[3], key[4])
+            value = counter.value(now) / UNITS_PER_GPU
+            per = seconds.get(workload)
+            if per is None:
+                per = seconds[workload] = [None, None, None]
+            per[position] = (per[position] or 0.0) + value
+            price = self.prices.per_hour(key[5])
+            if price is not None:
+                per = costs.get(workload)
+                if per is None:
+                    per = costs[workload] = [None, None, None]
+                per[position] = (per[position] or 0.0) + value * price / 3600
+        return seconds, costs
+
     def rows(self) -> list[WorkloadRow]:
         """Every workload that holds GPUs now or held some within RETENTION_S, by its key."""
         self.refresh()
-        now = self._clock()
-        gauges: dict[WorkloadKey, dict[str, int]] = {}
-        for (kind, *rest), units in self._totals.items():
-            if kind in ("gpus", "idle_utilization", "idle_sm_active"):
-                key = (rest[0], rest[1], rest[2], rest[3])
-                per = gauges.setdefault(key, {})
-                per[kind] = per.get(kind, 0) + units
-        seconds: dict[WorkloadKey, dict[str, float]] = {}
-        costs: dict[WorkloadKey, dict[str, float]] = {}
-        for (kind, *rest), counter in self._counters.items():
-            key = (rest[0], rest[1], rest[2], rest[3])
-            value = counter.value(now) / UNITS_PER_GPU
-            per_s = seconds.setdefault(key, {})
-            per_s[kind] = per_s.get(kind, 0.0) + value
-            price = self.prices.per_hour(rest[4])
-            if price is not None:
-                per_c = costs.setdefault(key, {})
-                per_c[kind] = per_c.get(kind, 0.0) + value * price / 3600
+        gauges = self._gauges()
+        seconds, costs = self._accrued(self._clock())
         rows = []
         for key in sorted(gauges.keys() | seconds.keys()):
-            g, s, c = gauges.get(key, {}), seconds.get(key, {}), costs.get(key)
+            g = gauges.get(key, [0, 0, 0])
+            s = [value or 0.0 for value in seconds.get(key, [None, None, None])]
+            c = [value or 0.0 for value in costs[key]] if key in costs else None
             rows.append(
                 WorkloadRow(
                     key=key,
-                    gpus=g.get("gpus", 0) / UNITS_PER_GPU,
-                    idle_gpus={by: g.get(f"idle_{by}", 0) / UNITS_PER_GPU for by in MEASURES},
-                    gpu_seconds=s.get("gpus", 0.0),
-                    idle_gpu_seconds={by: s.get(f"idle_{by}", 0.0) for by in MEASURES},
-                    cost=c.get("gpus", 0.0) if c is not None else None,
-                    idle_cost={by: c.get(f"idle_{by}", 0.0) for by in MEASURES} if c is not None else None,
+                    gpus=g[0] / UNITS_PER_GPU,
+                    idle_gpus={by: g[i + 1] / UNITS_PER_GPU for i, by in enumerate(MEASURES)},
+                    gpu_seconds=s[0],
+                    idle_gpu_seconds={by: s[i + 1] for i, by in enumerate(MEASURES)},
+                    cost=c[0] if c is not None else None,
+                    idle_cost={by: c[i + 1] for i, by in enumerate(MEASURES)} if c is not None else None,
                 )
             )
         return rows
@@ -403,51 +444,86 @@ class WorkloadLedger(Sink):
                 unallocated[(rest[0], rest[1])] = units / UNITS_PER_GPU
         return allocated, unallocated
 
+    def _labels(self, key: WorkloadKey) -> str:
+        labels = self._label_cache.get(key)
+        if labels is None:
+            labels = self._label_cache[key] = _labels(key)
+        return labels
+
     def render(self) -> bytes:
-        """The workload families of the fleet view."""
-        rows = self.rows()
-        allocated, unallocated = self.fleet_gpus()
+        """The workload families of the fleet view: gauges rendered when they change, counters now."""
+        self.refresh()
+        if self._gauge_text[0] != self._version:
+            self._gauge_text = (self._version, self._render_gauges())
+        return self._gauge_text[1] + self._render_counters(self._clock())
+
+    def _render_gauges(self) -> bytes:
+        gauges = sorted(self._gauges().items())
+        fleet = sorted(
+            (key, units) for key, units in self._totals.items() if key[0] in ("allocated", "unallocated")
+        )
         out: list[str] = []
-        _family(out, WORKLOAD_GPUS, ((_labels(row.key), row.gpus) for row in rows if row.gpus))
+        _family(out, WORKLOAD_GPUS, ((self._labels(key), units) for key, (units, _, _) in gauges if units))
         _family(
             out,
             WORKLOAD_IDLE_GPUS,
-            ((_labels(row.key, by), row.idle_gpus[by]) for row in rows if row.gpus for by in MEASURES),
+            (
+                (f'{self._labels(key)},by="{by}"', per[i + 1])
+                for key, per in gauges
+                if per[0]
+                for i, by in enumerate(MEASURES)
+            ),
         )
-        _family(out, WORKLOAD_GPU_SECONDS, ((_labels(row.key), row.gpu_seconds) for row in rows))
-        _family(
-            out,
-            WORKLOAD_IDLE_GPU_SECONDS,
-            ((_labels(row.key, by), row.idle_gpu_seconds[by]) for row in rows for by in MEASURES),
-        )
-        if self.prices:
+        for family, kind in ((FLEET_ALLOCATED, "allocated"), (FLEET_UNALLOCATED, "unallocated")):
             _family(
-                out, WORKLOAD_COST, ((_labels(row.key), row.cost) for row in rows if row.cost is not None)
+                out,
+                family,
+                ((_cluster_model(key[1], key[2]), units) for key, units in fleet if key[0] == kind),
+            )
+        return "".join(out).encode()
+
+    def _render_counters(self, now: float) -> bytes:
+        """The counters, as they stand now; a workload's idle ones from when it was first idle."""
+        seconds, costs = self._accrued(now)
+        out: list[str] = []
+        for (total, idle), accrued in (
+            ((WORKLOAD_GPU_SECONDS, WORKLOAD_IDLE_GPU_SECONDS), seconds),
+            ((WORKLOAD_COST, WORKLOAD_IDLE_COST), costs),
+        ):
+            if accrued is costs and not self.prices:
+                continue
+            rows = sorted(accrued.items())
+            _family(
+                out, total, ((self._labels(key), per[0]) for key, per in rows if per[0] is not None), units=1
             )
             _family(
                 out,
-                WORKLOAD_IDLE_COST,
+                idle,
                 (
-                    (_labels(row.key, by), row.idle_cost[by])
-                    for row in rows
-                    if row.idle_cost is not None
-                    for by in MEASURES
+                    (f'{self._labels(key)},by="{by}"', value)
+                    for key, per in rows
+                    for by, value in zip(MEASURES, per[1:], strict=True)
+                    if value is not None
                 ),
+                units=1,
             )
-        _family(
-            out, FLEET_ALLOCATED, ((_cluster_model(*key), value) for key, value in sorted(allocated.items()))
-        )
-        _family(
-            out,
-            FLEET_UNALLOCATED,
-            ((_cluster_model(*key), value) for key, value in sorted(unallocated.items())),
-        )
         return "".join(out).encode()
 
 
-def _family(out: list[str], family: Family, lines: Iterable[tuple[str, float | None]]) -> None:
+def _family(
+    out: list[str], family: Family, lines: Iterable[tuple[str, float]], units: int = UNITS_PER_GPU
+) -> None:
+    """A family's header and lines; values in ``units`` to one (whole numbers written as such)."""
     out.append(family.header())
-    out.extend(_line(family.name, labels, value) for labels, value in lines if value is not None)
+    name = family.name
+    for labels, value in lines:
+        if units == 1:
+            text = repr(float(value))
+        elif value % units:
+            text = repr(value / units)
+        else:
+            text = str(int(value) // units)
+        out.append(f"{name}{{{labels}}} {text}\n")
 
 
 def _labels(key: WorkloadKey, by: str | None = None) -> str:
