@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import grpc
 import pytest
 
 from gpufleet.agent.attribution.base import AttributionFailed
+from gpufleet.agent.attribution.kubelet import KubeletPodLister
 from gpufleet.agent.attribution.refresh import KEEP_LAST_S, Attribution
 from gpufleet.agent.sources.sim import SimulatedSource
 from gpufleet.allocations import MAX_ALLOCATIONS_PER_NODE, MAX_VALUE_CHARS
@@ -15,7 +17,7 @@ from gpufleet.collector.service import Collector
 from gpufleet.kubelet.podresources.v1 import api_pb2
 from gpufleet.v1 import ingest_pb2, inventory_pb2, telemetry_pb2
 from tests.conftest import metric
-from tests.fake_kubelet import pod
+from tests.fake_kubelet import pod, running_kubelet
 from tests.test_ingest import exchange, hello, report
 
 
@@ -178,3 +180,19 @@ async def test_with_job_files_the_environments_only_add_the_details_of_the_jobs_
     assert [(a.gpu_index, a.job, a.user, a.job_name) for a in allocations.allocations] == [
         (0, "7", "ana", "train")
     ]
+
+
+async def test_gpus_handed_out_under_an_unwatched_resource_name_are_pointed_out(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_kubelet(tmp_path / "kubelet.sock") as kubelet:
+        kubelet.allocatable = [
+            api_pb2.ContainerDevices(resource_name="nvidia.com/gpu.shared", device_ids=["GPU-1::0"])
+        ]
+        kubelet.add(pod("ml", "train", {"main": [("nvidia.com/gpu.shared", ["GPU-1::0"])]}))
+        attribution = Attribution(pods=KubeletPodLister(str(kubelet.socket_path)))
+        with caplog.at_level(logging.WARNING):
+            assert not (await attribution.refresh(node(), [])).allocations
+            await attribution.refresh(node(), [])
+    warnings = [r.message for r in caplog.records if "nvidia.com/gpu.shared" in r.message]
+    assert len(warnings) == 1 and "--kubelet-resources" in warnings[0]

@@ -46,6 +46,23 @@ def wanted(resource_name: str, resources: Sequence[str]) -> bool:
     return False
 
 
+def unwatched_gpu_resources(
+    allocatable: api_pb2.AllocatableResourcesResponse, targets: Targets, resources: Sequence[str]
+) -> list[str]:
+    """Resource names under which the kubelet hands out this node's GPUs but that are not watched.
+
+    The most common reason for pods missing from GPU metrics: a device plugin configured with
+    another name (time-slicing's ``nvidia.com/gpu.shared``, a renamed MIG strategy).
+    """
+    names = set()
+    for devices in allocatable.devices:
+        if wanted(devices.resource_name, resources):
+            continue
+        if any(targets.find(device_id.split(REPLICA_SEPARATOR, 1)[0]) for device_id in devices.device_ids):
+            names.add(devices.resource_name)
+    return sorted(names)
+
+
 def allocations_from_pods(
     response: api_pb2.ListPodResourcesResponse,
     targets: Targets,

@@ -96,6 +96,7 @@ class Attribution:
         self._kubernetes = _Source(kubelet.SOURCE)
         self._slurm = _Source(slurm.SOURCE_SLURM)
         self._from_processes: list[allocation_pb2.Allocation] = []
+        self._resources_checked = False
         self.errors_total = 0
         self.truncated_total = 0
 
@@ -161,6 +162,27 @@ class Attribution:
             return
         allocations, _unknown = kubelet.allocations_from_pods(response, targets, self._resources)
         self._kubernetes.answered(allocations, now)
+        if not self._resources_checked:
+            self._resources_checked = True
+            await self._check_resource_names(targets)
+
+    async def _check_resource_names(self, targets: Targets) -> None:
+        """Once: say so if the kubelet hands out this node's GPUs under names not watched."""
+        if not isinstance(self._pods, kubelet.KubeletPodLister):
+            return
+        try:
+            allocatable = await self._pods.allocatable()
+        except AttributionFailed as exc:  # older kubelets: nothing to check against
+            log.info("cannot check the kubelet's resource names: %s", exc)
+            return
+        unwatched = kubelet.unwatched_gpu_resources(allocatable, targets, self._resources)
+        if unwatched:
+            log.warning(
+                "the kubelet hands out this node's GPUs as %s, which --kubelet-resources (%s) leaves "
+                "out: pods holding them are not attributed; add them to --kubelet-resources",
+                ", ".join(unwatched),
+                ",".join(self._resources),
+            )
 
     def _read_job_files(self, targets: Targets, now: float) -> None:
         assert self._job_mapping is not None
