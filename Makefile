@@ -6,9 +6,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 # Debian packages the tests run for real: Prometheus (and promtool), Mosquitto, the Pushgateway,
-# systemd-analyze (systemd) for the units in deploy/systemd.
-SYSTEM_PACKAGES := prometheus mosquitto prometheus-pushgateway systemd
-SYSTEM_COMMANDS := promtool prometheus mosquitto prometheus-pushgateway systemd-analyze
+# systemd-analyze (systemd) for the units in deploy/systemd, PostgreSQL (tests/postgres_server.py,
+# which runs it as the package's postgres user through setpriv, from util-linux).
+SYSTEM_PACKAGES := prometheus mosquitto prometheus-pushgateway systemd postgresql util-linux
+SYSTEM_COMMANDS := promtool prometheus mosquitto prometheus-pushgateway systemd-analyze setpriv
+# Files that tell a package is there when its commands are off PATH, as PostgreSQL's server's are.
+SYSTEM_FILES := /usr/lib/postgresql/*/bin/initdb /usr/lib/postgresql/*/bin/postgres
 
 .PHONY: demo test lint bench fuzz proto system-deps clean
 
@@ -23,6 +26,7 @@ demo: $(BIN)/.installed
 
 system-deps:
 	@missing=""; for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing="$$missing $$c"; done; \
+	for f in $(SYSTEM_FILES); do [ -e "$$f" ] || missing="$$missing $$f"; done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages for:$$missing"; \
 		if [ "$$(id -u)" -ne 0 ]; then echo "run as root, or: sudo apt-get install $(SYSTEM_PACKAGES)"; exit 1; fi; \

@@ -20,6 +20,7 @@ from gpufleet.collector.service import Collector, CollectorConfig
 from gpufleet.collector.state import Liveness
 from gpufleet.ports import free_port
 from tests.mqtt_broker import Broker
+from tests.postgres_server import PostgresServer, postgres
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -116,6 +117,20 @@ def broker(tmp_path: Path) -> Iterator[Broker]:
     broker.start()
     yield broker
     broker.kill()
+
+
+@pytest.fixture
+def postgresql(tmp_path: Path) -> Iterator[PostgresServer]:
+    """A private PostgreSQL for this test, that it may stop, kill, restart and cut off."""
+    with postgres(tmp_path) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def postgresql_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PostgresServer]:
+    """One PostgreSQL for a module's tests: each makes its own `database(name)`, and leaves it running."""
+    with postgres(tmp_path_factory.mktemp("postgresql")) as server:
+        yield server
 
 
 class Processes:
