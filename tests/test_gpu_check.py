@@ -19,19 +19,25 @@ from gpufleet.agent.main import print_once
 from gpufleet.agent.node import NodeIdentity
 from gpufleet.agent.sources.nvml import NvmlSource
 from tests.conftest import ROOT
-from tests.fake_nvml import fake_node, h100_table
+from tests.fake_nvml import a100_table, fake_node, h100_table
 
 sys.path.insert(0, str(ROOT / "tools"))
 import gpu_check
 
 SMI_XML = ROOT / "tests" / "data" / "nvidia-smi-q-x-2xh100.xml"
+SMI_LIST = ROOT / "tests" / "data" / "nvidia-smi-L-2xh100.txt"
+# One H100 in MIG mode: the fake after set_mig(0, MIG_PROFILES).
+MIG_XML = ROOT / "tests" / "data" / "nvidia-smi-q-x-h100-mig.xml"
+MIG_LIST = ROOT / "tests" / "data" / "nvidia-smi-L-h100-mig.txt"
+MIG_PROFILES = ["3g.40gb", "2g.20gb", "1g.10gb"]
 DOC = ROOT / "docs" / "real-gpu.md"
 # Every command docs/real-gpu.md shows, each run by a test below.
 DOC_COMMANDS = {
     "python tools/gpu_check.py",
     "python tools/gpu_check.py --json",
     "python tools/gpu_check.py --save gpu-check",
-    "python tools/gpu_check.py --agent-json gpu-check/agent.json --smi-xml gpu-check/nvidia-smi.xml",
+    "python tools/gpu_check.py --agent-json gpu-check/agent.json --smi-xml gpu-check/nvidia-smi.xml "
+    "--smi-list gpu-check/nvidia-smi-L.txt",
 }
 NOT_SUPPORTED_BY_THE_FAKE = {"fan_speed"}
 
@@ -43,11 +49,15 @@ def h100_pair() -> list[dict[str, Any]]:
     return [first, second]
 
 
-def agent_json(tables: list[dict[str, Any]], lost: tuple[int, ...] = ()) -> str:
-    """What `gpufleet-agent --once` prints for a node with these fake GPUs."""
+def agent_json(
+    tables: list[dict[str, Any]], lost: tuple[int, ...] = (), mig: dict[int, list[str]] | None = None
+) -> str:
+    """What `gpufleet-agent --once` prints for a node with these fake GPUs (``mig``: profiles by GPU)."""
     nvml = fake_node(*tables)
     for index in lost:
         nvml.gpus[index].lost = True
+    for index, profiles in (mig or {}).items():
+        nvml.set_mig(index, profiles)
     source = NvmlSource(nvml, watch_xids=False)
     out = io.StringIO()
     try:
@@ -62,8 +72,8 @@ def smi_xml() -> str:
     return SMI_XML.read_text()
 
 
-def rows_for(agent: str, smi: str) -> list[gpu_check.Row]:
-    return gpu_check.compare(gpu_check.parse_agent(agent), gpu_check.parse_smi(smi))
+def rows_for(agent: str, smi: str, listing: str | None = None) -> list[gpu_check.Row]:
+    return gpu_check.compare(gpu_check.parse_agent(agent), gpu_check.parse_smi(smi, listing))
 
 
 def not_matching(rows: list[gpu_check.Row]) -> set[tuple[str, int | None, str]]:
@@ -272,6 +282,8 @@ def test_json_output_has_the_rows_and_the_summary(tmp_path: Path, capsys: pytest
     assert result["summary"][gpu_check.MATCH] == len(result["rows"])
     assert result["not_reported"] == ["fan_speed"]
     assert result["sample_ms_per_gpu"] is None  # recorded inputs: nothing to time
+    assert result["first_sample_ms_per_gpu"] is None and result["gpm"] is None
+    assert result["notes"] == []
     row = next(r for r in result["rows"] if r["field"] == "power_limit_max" and r["gpu"] == 0)
     assert row == {
         "field": "power_limit_max",
@@ -284,19 +296,24 @@ def test_json_output_has_the_rows_and_the_summary(tmp_path: Path, capsys: pytest
     }
 
 
-def test_one_sample_is_timed_per_gpu() -> None:
-    ms, gpus = gpu_check.time_sample(fake_node(*h100_pair()), repeats=3)
-    assert gpus == 2
-    assert 0 < ms < 1000
+def test_the_first_sample_and_the_later_ones_with_gpm_are_timed_per_gpu() -> None:
+    nvml = fake_node(*h100_pair())
+    measured = gpu_check.measure(nvml, 3, interval_s=0.15, gap_s=0.11)
+    assert (measured.gpus, measured.later_samples, measured.gpus_with_gpm) == (2, 3, 2)
+    assert 0 < measured.first_ms < 1000 and 0 < measured.later_ms < 1000
+    # Every later sample computed GPM metrics, one call per GPU: they are timed with GPM's cost.
+    assert nvml.calls["nvmlGpmMetricsGet"] == 3 * 2
+    assert nvml.gpm_samples_in_use() == 0  # the source was closed
 
 
 def test_recorded_files_on_the_command_line(tmp_path: Path) -> None:
     # Covers the doc's `python tools/gpu_check.py --agent-json gpu-check/agent.json
-    # --smi-xml gpu-check/nvidia-smi.xml`.
+    # --smi-xml gpu-check/nvidia-smi.xml --smi-list gpu-check/nvidia-smi-L.txt`.
     command = next(c for c in DOC_COMMANDS if "--agent-json" in c)
     (tmp_path / "gpu-check").mkdir()
     (tmp_path / "gpu-check" / "agent.json").write_text(agent_json(h100_pair()))
     shutil.copy(SMI_XML, tmp_path / "gpu-check" / "nvidia-smi.xml")
+    shutil.copy(SMI_LIST, tmp_path / "gpu-check" / "nvidia-smi-L.txt")
     done = subprocess.run(
         doc_command(command, tmp_path), capture_output=True, text=True, cwd=ROOT, timeout=120
     )
@@ -307,6 +324,7 @@ def test_recorded_files_on_the_command_line(tmp_path: Path) -> None:
         r"^2 GPUs, \d+ values: \d+ match, 0 mismatch, 0 only agent, 0 only nvidia-smi$", done.stdout, re.M
     )
     assert "serial  1  1654922001235  1654922001235  match" in re.sub(r" {2,}", "  ", done.stdout)
+    assert "GPM" not in done.stdout  # recorded outputs: no samples of the check's own
 
 
 @pytest.mark.parametrize("command", sorted(c for c in DOC_COMMANDS if "--agent-json" not in c))
@@ -348,10 +366,13 @@ def __getattr__(name):
 
 
 def stand_ins(tmp_path: Path) -> dict[str, str]:
-    """An environment whose nvidia-smi prints the recorded document and whose pynvml is the fake."""
+    """An environment whose nvidia-smi prints the recorded outputs and whose pynvml is the fake."""
     env = path_without_nvidia_smi(tmp_path)
     fake_smi = tmp_path / "empty-bin" / "nvidia-smi"
-    fake_smi.write_text(f"#!/bin/sh\nexec {shutil.which('cat')} {SMI_XML}\n")
+    cat = shutil.which("cat")
+    fake_smi.write_text(
+        f'#!/bin/sh\nif [ "$1" = -L ]; then exec {cat} {SMI_LIST}; fi\nexec {cat} {SMI_XML}\n'
+    )
     fake_smi.chmod(0o755)
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "pynvml.py").write_text(PYNVML_STAND_IN)
@@ -369,16 +390,35 @@ def test_the_live_path_with_stand_ins_for_nvidia_smi_and_nvml(command: str, tmp_
         doc_command(command, tmp_path), capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
     )
     assert done.returncode == gpu_check.EXIT_OK, done.stdout + done.stderr
+    assert done.stderr == ""  # what NVML logs in the check's own samples is in its output
     assert re.search(r"^2 GPUs, \d+ values: \d+ match, 0 mismatch, 0 only agent", done.stdout, re.M)
-    assert re.search(r"^one sample: \d+\.\d+ ms per GPU \(mean of 5 samples of 2 GPUs\)$", done.stdout, re.M)
+    assert re.search(r"^GPM from the check's own NVML samples, 1 s apart \(informational", done.stdout, re.M)
+    gpm_rows = re.findall(
+        r"^gpm +(\d) +present \(graphics 0\.97, sm_active 0\.62, .*\); within 0-1$", done.stdout, re.M
+    )
+    assert gpm_rows == ["0", "1"]
+    assert re.search(r"^first sample: \d+\.\d+ ms per GPU \(no GPM metrics yet", done.stdout, re.M)
+    assert re.search(
+        r"^later samples: \d+\.\d+ ms per GPU \(mean of 5 samples of 2 GPUs, with GPM metrics on 2\)$",
+        done.stdout,
+        re.M,
+    )
     saved = tmp_path / "gpu-check"
     if "--save" in command:
         assert (
             gpu_check.parse_agent((saved / "agent.json").read_text())["node"]["driver_version"] == "565.57.01"
         )
         assert (saved / "nvidia-smi.xml").read_text() == smi_xml()
+        assert (saved / "nvidia-smi-L.txt").read_text() == SMI_LIST.read_text()
         result = json.loads((saved / "result.json").read_text())
-        assert result["sample_ms_per_gpu"] > 0
+        assert result["sample_ms_per_gpu"] > 0 and result["first_sample_ms_per_gpu"] > 0
+        assert result["samples_timed"] == 5 and result["gpm_interval_s"] == 1.0
+        assert [(r["gpu"], r["present"], r["within_0_1"]) for r in result["gpm"]] == [
+            (0, True, True),
+            (1, True, True),
+        ]
+        assert result["gpm"][0]["shares"]["tensor"] == 0.455
+        assert result["nvidia_smi_list"] == "nvidia-smi -L"
     else:
         assert not saved.exists()
 
@@ -419,6 +459,202 @@ def test_an_unreadable_input_is_one_error_line(tmp_path: Path) -> None:
     assert done.returncode == gpu_check.EXIT_ERROR
     (line,) = done.stderr.splitlines()
     assert line.startswith("error: not an nvidia-smi XML document")
+
+
+def mig_node() -> Any:
+    """The fake node the recorded MIG document describes."""
+    nvml = fake_node(h100_table())
+    nvml.set_mig(0, MIG_PROFILES)
+    return nvml
+
+
+def mig_rows(xml: str | None = None, listing: str | None = None) -> list[gpu_check.Row]:
+    agent = agent_json([h100_table()], mig={0: MIG_PROFILES})
+    return rows_for(agent, MIG_XML.read_text() if xml is None else xml, listing)
+
+
+def test_a_mig_gpu_matches_the_recorded_mig_document() -> None:
+    rows = mig_rows(listing=MIG_LIST.read_text())
+    assert not_matching(rows) == set()
+    by_field = {row.field: row for row in rows if row.gpu == 0}
+    assert by_field["mig_enabled"].agent is True
+    assert by_field["mig_instances"].agent == by_field["mig_instances"].smi == "1/0 3/0 7/0"
+    mig = [row.field for row in rows if row.field.startswith("mig[")]
+    assert mig == [
+        f"mig[{ids}].{name}"
+        for ids in ("1/0", "3/0", "7/0")
+        for name in ("index", "uuid", "profile", "memory_total")
+    ]
+    assert (by_field["mig[1/0].profile"].smi, by_field["mig[7/0].memory_total"].agent) == ("3g.40gb", 9984)
+    assert by_field["mig[3/0].uuid"].smi == "MIG-00000001-eeee-ffff-0000-111111111111"
+    assert by_field["mig[3/0].index"].smi == 1
+    # In MIG mode NVML reads no utilization and no row remapping, and nvidia-smi shows N/A.
+    assert {"gpu_utilization", "row_remap_pending"} <= set(gpu_check.not_reported(rows))
+
+
+def test_a_missing_mig_device_a_wrong_memory_total_and_profile_are_mismatches(tmp_path: Path) -> None:
+    xml = MIG_XML.read_text()
+    # nvidia-smi sees GPU instance 8 where the agent has 7, and 40000 MiB on instance 1.
+    xml = xml.replace("<gpu_instance_id>7</gpu_instance_id>", "<gpu_instance_id>8</gpu_instance_id>")
+    xml = xml.replace("<total>40448 MiB</total>", "<total>40000 MiB</total>")
+    listing = MIG_LIST.read_text().replace("MIG 2g.20gb", "MIG 1c.2g.20gb")
+    rows = mig_rows(xml, listing)
+    only_7 = {
+        (f"mig[7/0].{name}", 0, gpu_check.ONLY_AGENT) for name in ("index", "uuid", "profile", "memory_total")
+    }
+    only_8 = {
+        (f"mig[8/0].{name}", 0, gpu_check.ONLY_SMI) for name in ("index", "uuid", "profile", "memory_total")
+    }
+    assert not_matching(rows) == {
+        ("mig_instances", 0, gpu_check.MISMATCH),
+        ("mig[1/0].memory_total", 0, gpu_check.MISMATCH),
+        ("mig[3/0].profile", 0, gpu_check.MISMATCH),
+        *only_7,
+        *only_8,
+    }
+    by_field = {row.field: row for row in rows}
+    assert (by_field["mig_instances"].agent, by_field["mig_instances"].smi) == ("1/0 3/0 7/0", "1/0 3/0 8/0")
+    (tmp_path / "agent.json").write_text(agent_json([h100_table()], mig={0: MIG_PROFILES}))
+    (tmp_path / "nvidia-smi.xml").write_text(xml)
+    (tmp_path / "nvidia-smi-L.txt").write_text(listing)
+    files = ["--agent-json", "agent.json", "--smi-xml", "nvidia-smi.xml", "--smi-list", "nvidia-smi-L.txt"]
+    done = run_tool(*files, cwd=tmp_path)
+    assert done.returncode == gpu_check.EXIT_MISMATCH, done.stdout + done.stderr
+    assert "mig[1/0].memory_total  0  40448 MiB  40000 MiB  mismatch" in re.sub(r" {2,}", "  ", done.stdout)
+
+
+def test_without_nvidia_smi_l_mig_profiles_and_uuids_are_only_the_agents() -> None:
+    rows = mig_rows()
+    assert not_matching(rows) == {
+        (f"mig[{ids}].{name}", 0, gpu_check.ONLY_AGENT)
+        for ids in ("1/0", "3/0", "7/0")
+        for name in ("uuid", "profile")
+    }
+    assert gpu_check.summary(rows)[gpu_check.MISMATCH] == 0
+
+
+def test_mig_mode_without_mig_devices_is_none_on_both_sides() -> None:
+    xml = MIG_XML.read_text()
+    xml = re.sub(
+        r"<mig_devices>\n.*</mig_devices>", "<mig_devices>\n\t\t\tNone\n\t\t</mig_devices>", xml, flags=re.S
+    )
+    rows = rows_for(agent_json([h100_table()], mig={0: []}), xml)
+    assert not_matching(rows) == set()
+    assert [(row.field, row.agent, row.smi) for row in rows if row.field.startswith("mig")] == [
+        ("mig_enabled", True, True),
+        ("mig_instances", "none", "none"),
+    ]
+
+
+def test_nvidia_smi_l_gives_each_mig_devices_profile_and_uuid_by_index() -> None:
+    listing = gpu_check.parse_smi_list(
+        MIG_LIST.read_text()
+        + "GPU 1: NVIDIA A100-SXM4-40GB (UUID: GPU-5f0b6b35-0000-1111-2222-333344445555)\n"
+        + "  MIG 1c.3g.20gb Device 0: (UUID: MIG-GPU-5f0b6b35-0000-1111-2222-333344445555/1/0)\n"
+        + "No devices were found\n"
+    )
+    assert listing["GPU-00000000-aaaa-bbbb-cccc-dddddddddddd"][2] == gpu_check.ListedMig(
+        "1g.10gb", "MIG-00000002-eeee-ffff-0000-111111111111"
+    )
+    # Older drivers name a MIG device by its GPU's UUID and its ids.
+    assert listing["GPU-5f0b6b35-0000-1111-2222-333344445555"] == {
+        0: gpu_check.ListedMig("1c.3g.20gb", "MIG-GPU-5f0b6b35-0000-1111-2222-333344445555/1/0")
+    }
+    assert gpu_check.parse_smi_list(SMI_LIST.read_text()) == {
+        "GPU-00000000-aaaa-bbbb-cccc-dddddddddddd": {},
+        "GPU-00000001-aaaa-bbbb-cccc-dddddddddddd": {},
+    }
+
+
+def test_the_agents_once_sample_has_no_gpm_so_the_check_samples_twice() -> None:
+    # --once takes one sample; GPM needs an earlier one at least 100 ms before.
+    once = json.loads(agent_json(h100_pair(), mig={1: MIG_PROFILES}))
+    readings = [reading for sample in once["gpus"] for reading in gpu_check.gpm_readings(sample)]
+    assert [(r.name, r.gpu, r.describe()) for r in readings] == [
+        ("gpm", 0, "absent"),
+        ("gpm", 1, "absent"),
+        ("mig[1/0].gpm", 1, "absent"),
+        ("mig[3/0].gpm", 1, "absent"),
+        ("mig[7/0].gpm", 1, "absent"),
+    ]
+
+
+def test_gpm_is_present_on_the_h100_and_absent_on_the_a100() -> None:
+    measured = gpu_check.measure(fake_node(h100_table(), a100_table()), 1, interval_s=0.15)
+    h100, a100 = measured.gpm
+    assert h100.describe() == (
+        "present (graphics 0.97, sm_active 0.62, sm_occupancy 0.31, tensor 0.46, dram 0.38, fp64 0.00, "
+        "fp32 0.12, fp16 0.04, nvlink_tx 180000.0 MiB/s, nvlink_rx 175000.5 MiB/s); within 0-1"
+    )
+    assert h100.shares["sm_active"] == 0.625 and h100.rates["nvlink_rx"] == 175_000.5
+    assert (a100.gpu, a100.describe(), a100.as_dict()["within_0_1"]) == (1, "absent", None)
+    assert measured.gpus_with_gpm == 1 and measured.messages == ()
+    text = gpu_check.render_measurement(measured)
+    assert re.search(r"^gpm +1 +absent$", text, re.M)
+    assert re.search(r"with GPM metrics on 1\)$", text, re.M)
+
+
+def test_gpm_of_each_mig_instance_and_a_parent_gpu_whose_gpm_fails() -> None:
+    nvml = mig_node()
+    nvml.gpus[0].migs[0].table["gpm"]["SM_UTIL"] = 53.0
+    measured = gpu_check.measure(nvml, 1, interval_s=0.15)
+    assert [(r.name, r.present) for r in measured.gpm] == [
+        ("gpm", True),
+        ("mig[1/0].gpm", True),
+        ("mig[3/0].gpm", True),
+        ("mig[7/0].gpm", True),
+    ]
+    assert measured.gpm[1].shares["sm_active"] == 0.53
+    # Whether nvmlGpmSampleGet works on a GPU in MIG mode is open: where it fails, the GPU's
+    # row says absent, its instances' rows still have theirs, and NVML's message is shown.
+    nvml = mig_node()
+    nvml.raises["nvmlGpmSampleGet"] = nvml.NVMLError(nvml.NVML_ERROR_UNKNOWN)
+    measured = gpu_check.measure(nvml, 1, interval_s=0.15)
+    assert [(r.name, r.present) for r in measured.gpm][:2] == [("gpm", False), ("mig[1/0].gpm", True)]
+    assert len(measured.messages) == 1 and "nvmlGpmSampleGet failed" in measured.messages[0]
+    assert "\nnvml: NVML nvmlGpmSampleGet failed" in gpu_check.render_measurement(measured)
+
+
+def test_gpm_values_out_of_0_1_and_unread_gpus_are_shown() -> None:
+    sample = {
+        "index": 0,
+        "read_status": "GPU_READ_STATUS_OK",
+        "sm_active_ppm": 530_000,
+        "tensor_active_ppm": 1_200_000,
+    }
+    (reading,) = gpu_check.gpm_readings(sample)
+    assert reading.describe() == "present (sm_active 0.53, tensor 1.20); out of 0-1: tensor 1.20"
+    assert reading.as_dict()["within_0_1"] is False
+    lost = {"index": 1, "read_status": "GPU_READ_STATUS_LOST", "read_error": "GPU is lost"}
+    assert [r.describe() for r in gpu_check.gpm_readings(lost)] == ["not read (LOST: GPU is lost)"]
+
+
+def test_gpm_rows_never_fail_the_check(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    odd = gpu_check.GpmReading(0, shares={"tensor": 1.2})
+    measured = gpu_check.Measurement(2, 1.0, 2.0, 5, 1.0, (odd, gpu_check.GpmReading(1)), ())
+    monkeypatch.setattr(gpu_check, "run_agent", lambda: (agent_json(h100_pair()), []))
+    monkeypatch.setattr(gpu_check, "measure", lambda samples: measured)
+    code = gpu_check.main(["--smi-xml", str(SMI_XML), "--smi-list", str(SMI_LIST)])
+    out = capsys.readouterr().out
+    assert code == gpu_check.EXIT_OK
+    assert re.search(r"^gpm +0 +present \(tensor 1\.20\); out of 0-1: tensor 1\.20$", out, re.M)
+    assert "first sample: 1.000 ms per GPU" in out and "later samples: 2.000 ms per GPU" in out
+
+
+def test_samples_that_cannot_be_taken_are_a_note(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def no_nvml(samples: int) -> gpu_check.Measurement:
+        raise RuntimeError("NVML could not start")
+
+    monkeypatch.setattr(gpu_check, "run_agent", lambda: (agent_json(h100_pair()), []))
+    monkeypatch.setattr(gpu_check, "measure", no_nvml)
+    assert gpu_check.main(["--json", "--smi-xml", str(SMI_XML)]) == gpu_check.EXIT_OK
+    result = json.loads(capsys.readouterr().out)
+    assert result["gpm"] is None and result["sample_ms_per_gpu"] is None
+    assert result["notes"] == ["no samples of the check's own (GPM, sample times): NVML could not start"]
 
 
 def test_the_doc_shows_only_commands_these_tests_run() -> None:

@@ -1,12 +1,21 @@
 """Compare what `gpufleet-agent --once` reports with what `nvidia-smi -q -x` reports, GPU by GPU.
 
 Run it on a GPU host from the repository root: ``python tools/gpu_check.py``. With
-``--agent-json FILE`` and ``--smi-xml FILE`` it compares recorded outputs instead.
+``--agent-json FILE`` and ``--smi-xml FILE`` (and ``--smi-list FILE``) it compares recorded
+outputs instead.
 
 Both sides are normalized to nvidia-smi's units (MiB, W, MHz, C, %, KB/s, ms). Identity
 fields must match exactly, to the resolution nvidia-smi prints; live values (power draw,
 utilization, temperatures, clocks, memory in use) may differ by the tolerance in
-GPU_FIELDS, since the two reads are seconds apart. GPUs are paired by PCI bus id.
+GPU_FIELDS, since the two reads are seconds apart. GPUs are paired by PCI bus id, MIG
+devices by their GPU and compute instance ids. ``nvidia-smi -q -x`` names no MIG profile
+and no MIG UUID: those come from ``nvidia-smi -L``.
+
+GPM activity is not in nvidia-smi's document, and ``--once`` takes one sample, which has
+none (GPM needs an earlier sample). On a live host the check takes its own NVML samples
+through the agent's NvmlSource: a first one, a second one GPM_INTERVAL_S later whose GPM
+values it shows (informational, never a mismatch), and more to time a sample with GPM
+against the first one without.
 
 Exit status: 0 every compared value matches, 1 a mismatch, 2 the check could not run,
 3 no NVIDIA GPU here (nothing to check).
@@ -15,17 +24,20 @@ Exit status: 0 every compared value matches, 1 a mismatch, 2 the check could not
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
+import logging
 import re
 import shutil
 import subprocess
 import sys
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 EXIT_OK = 0
 EXIT_MISMATCH = 1
@@ -127,6 +139,17 @@ GPU_FIELDS = (
     Field("persistence_enabled"),
 )
 
+# A GPU's MIG devices, by their (GPU instance, compute instance) ids: "1/0 3/0 7/0", or "none".
+MIG_INSTANCES = Field("mig_instances")
+# Each MIG device's values, compared as "mig[<GPU instance>/<compute instance>].<name>".
+MIG_FIELDS = (
+    Field("index"),  # the MIG device index on its GPU
+    Field("uuid"),
+    Field("profile"),
+    Field("memory_total", "MiB", resolution=1),
+)
+MIG_KEY = re.compile(r"^mig\[(\d+)/(\d+)\]\.")
+
 # -- nvidia-smi -q -x ---------------------------------------------------------------------
 
 # Texts nvidia-smi writes for a value it cannot give, with or without brackets.
@@ -186,6 +209,17 @@ RECOVERY_TEXTS = {
     "drainandreset": "drain and reset",
 }
 BUS_ID = re.compile(r"^([0-9a-f]+):([0-9a-f]+):([0-9a-f]+)\.([0-7])$", re.IGNORECASE)
+# `nvidia-smi -L`: "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-...)", then each of its MIG devices,
+# "  MIG 1g.10gb     Device  0: (UUID: MIG-...)" (older drivers: "MIG-GPU-<uuid>/<gi>/<ci>").
+LISTED_GPU = re.compile(r"^GPU\s+\d+:.*\(UUID:\s*(GPU-[^)\s]+)\)")
+LISTED_MIG = re.compile(r"^MIG\s+(\S+)\s+Device\s+(\d+):\s*\(UUID:\s*([^)\s]+)\)")
+
+
+class ListedMig(NamedTuple):
+    """A MIG device as `nvidia-smi -L` lists it."""
+
+    profile: str
+    uuid: str
 
 
 def _clean(text: str | None) -> str | None:
@@ -311,7 +345,63 @@ def _present(values: Mapping[str, Value | None]) -> dict[str, Value]:
     return {name: value for name, value in values.items() if value is not None}
 
 
-def _smi_gpu(gpu: ET.Element) -> dict[str, Value]:
+def mig_name(gpu_instance: int, compute_instance: int, name: str) -> str:
+    """``mig[1/0].memory_total``: a MIG device's value, named by its ids."""
+    return f"mig[{gpu_instance}/{compute_instance}].{name}"
+
+
+def _mig_values(
+    enabled: bool | None, devices: Sequence[tuple[int, int, Mapping[str, Value | None]]]
+) -> dict[str, Value]:
+    """A GPU's MIG devices as values of the GPU: the set of their ids, and each one's values.
+
+    The set is there when MIG mode is on or there are devices ("none" for MIG mode without any).
+    """
+    values: dict[str, Value | None] = {}
+    if enabled or devices:
+        ids = sorted((gpu_instance, compute_instance) for gpu_instance, compute_instance, _ in devices)
+        values[MIG_INSTANCES.name] = " ".join(f"{gi}/{ci}" for gi, ci in ids) or "none"
+    for gpu_instance, compute_instance, device in devices:
+        values.update({mig_name(gpu_instance, compute_instance, k): v for k, v in device.items()})
+    return _present(values)
+
+
+def _smi_migs(gpu: ET.Element, listed: Mapping[int, ListedMig]) -> dict[str, Value]:
+    """``<mig_devices>``; profile and UUID from the `nvidia-smi -L` entry of the same MIG device index."""
+    devices = []
+    for device in gpu.findall("mig_devices/mig_device"):
+        gpu_instance, compute_instance = (
+            _count(device, "gpu_instance_id"),
+            _count(device, "compute_instance_id"),
+        )
+        if gpu_instance is None or compute_instance is None:
+            continue
+        index = _count(device, "index")
+        entry = listed.get(index) if index is not None else None
+        values: dict[str, Value | None] = {
+            "index": index,
+            "uuid": entry.uuid if entry else None,
+            "profile": entry.profile if entry else None,
+            "memory_total": _number(device, "fb_memory_usage/total"),
+        }
+        devices.append((gpu_instance, compute_instance, values))
+    return _mig_values(_flag(gpu, "mig_mode/current_mig"), devices)
+
+
+def parse_smi_list(text: str) -> dict[str, dict[int, ListedMig]]:
+    """``nvidia-smi -L`` -> each GPU's MIG devices by MIG device index, the GPUs keyed by UUID."""
+    listing: dict[str, dict[int, ListedMig]] = {}
+    devices: dict[int, ListedMig] | None = None
+    for raw in text.splitlines():
+        line = raw.strip()
+        if gpu := LISTED_GPU.match(line):
+            devices = listing.setdefault(gpu.group(1), {})
+        elif (mig := LISTED_MIG.match(line)) and devices is not None:
+            devices[int(mig.group(2))] = ListedMig(profile=mig.group(1), uuid=mig.group(3))
+    return listing
+
+
+def _smi_gpu(gpu: ET.Element, listed: Mapping[int, ListedMig]) -> dict[str, Value]:
     # <power_readings> before driver 530, <gpu_power_readings> since.
     power = gpu.find("gpu_power_readings")
     if power is None:
@@ -366,7 +456,7 @@ def _smi_gpu(gpu: ET.Element) -> dict[str, Value]:
         "mig_enabled": _flag(gpu, "mig_mode/current_mig"),
         "persistence_enabled": _flag(gpu, "persistence_mode"),
     }
-    return _present(values)
+    return {**_present(values), **_smi_migs(gpu, listed)}
 
 
 def _gpu_key(values: Mapping[str, Value], index: int) -> str:
@@ -374,8 +464,11 @@ def _gpu_key(values: Mapping[str, Value], index: int) -> str:
     return bus_id if isinstance(bus_id, str) else f"#{index}"
 
 
-def parse_smi(xml_text: str | bytes) -> Snapshot:
-    """``nvidia-smi -q -x`` output -> node values and each GPU's, keyed by PCI bus id."""
+def parse_smi(xml_text: str | bytes, listing: str | None = None) -> Snapshot:
+    """``nvidia-smi -q -x`` output -> node values and each GPU's, keyed by PCI bus id.
+
+    ``listing``: ``nvidia-smi -L`` output, for the profile and UUID of each MIG device.
+    """
     data = xml_text.encode() if isinstance(xml_text, str) else xml_text
     try:
         root = ET.fromstring(data)
@@ -388,9 +481,10 @@ def parse_smi(xml_text: str | bytes) -> Snapshot:
             {"driver_version": _text(root, "driver_version"), "cuda_version": _text(root, "cuda_version")}
         )
     }
+    listed = parse_smi_list(listing) if listing is not None else {}
     # nvidia-smi lists GPUs in NVML's order, so the position is the GPU's index.
     for index, gpu in enumerate(root.findall("gpu")):
-        values = _smi_gpu(gpu)
+        values = _smi_gpu(gpu, listed.get(_text(gpu, "uuid") or "", {}))
         values["index"] = index
         snapshot[_gpu_key(values, index)] = values
     return snapshot
@@ -446,6 +540,19 @@ def _agent_inventory(gpu: Mapping[str, Any]) -> dict[str, Value | None]:
         "mig_enabled": _agent_flag(gpu, "mig_enabled"),
         "persistence_enabled": _agent_flag(gpu, "persistence_enabled"),
     }
+
+
+def _agent_migs(gpu: Mapping[str, Any]) -> dict[str, Value]:
+    devices = []
+    for mig in gpu.get("mig_instances", []):
+        values: dict[str, Value | None] = {
+            "index": _agent_count(mig, "index"),
+            "uuid": _agent_text(mig, "uuid"),
+            "profile": _agent_text(mig, "profile"),
+            "memory_total": _agent_number(mig, "memory_total_bytes", MIB),
+        }
+        devices.append((int(mig.get("gpu_instance_id", 0)), int(mig.get("compute_instance_id", 0)), values))
+    return _mig_values(_agent_flag(gpu, "mig_enabled"), devices)
 
 
 def _agent_sample(sample: Mapping[str, Any]) -> dict[str, Value | None]:
@@ -508,7 +615,7 @@ def parse_agent(document: str | Mapping[str, Any]) -> Snapshot:
     }
     by_index: dict[int, dict[str, Value | None]] = {}
     for gpu in inventory.get("gpus", []):
-        by_index[int(gpu.get("index", 0))] = _agent_inventory(gpu)
+        by_index[int(gpu.get("index", 0))] = {**_agent_inventory(gpu), **_agent_migs(gpu)}
     # A lost GPU's sample carries no values, so it adds nothing here.
     for sample in data.get("gpus", []):
         by_index.setdefault(int(sample.get("index", 0)), {}).update(_agent_sample(sample))
@@ -579,11 +686,23 @@ def _compare_values(
     return rows
 
 
+def mig_fields(agent: Mapping[str, Value], smi: Mapping[str, Value]) -> list[Field]:
+    """One GPU's MIG rows: the set of MIG device ids, then each device's values, in id order."""
+    ids = sorted({(int(m[1]), int(m[2])) for key in (*agent, *smi) if (m := MIG_KEY.match(key))})
+    named = [
+        dataclasses.replace(field, name=mig_name(gpu_instance, compute_instance, field.name))
+        for gpu_instance, compute_instance in ids
+        for field in MIG_FIELDS
+    ]
+    return [MIG_INSTANCES, *named]
+
+
 def compare(agent: Snapshot, smi: Snapshot) -> list[Row]:
     """One row per value either side reports: node-wide first, then each GPU in index order."""
     rows = _compare_values(NODE_FIELDS, None, agent.get(NODE, {}), smi.get(NODE, {}))
     for index, agent_gpu, smi_gpu in pair_gpus(agent, smi):
-        rows += _compare_values(GPU_FIELDS, index, agent_gpu, smi_gpu)
+        fields = [*GPU_FIELDS, *mig_fields(agent_gpu, smi_gpu)]
+        rows += _compare_values(fields, index, agent_gpu, smi_gpu)
     return rows
 
 
@@ -598,6 +717,184 @@ def not_reported(rows: Sequence[Row]) -> list[str]:
     """GPU fields that neither side reported for any GPU (so nothing checked them)."""
     seen = {row.field for row in rows}
     return [field.name for field in GPU_FIELDS if field.name not in seen]
+
+
+# -- GPM, from the check's own samples -----------------------------------------------------
+
+# GPM activity in a sample, in parts per million of the interval: shown as a 0-1 share.
+GPM_SHARES = {
+    "graphics": "graphics_active_ppm",
+    "sm_active": "sm_active_ppm",
+    "sm_occupancy": "sm_occupancy_ppm",
+    "tensor": "tensor_active_ppm",
+    "dram": "dram_active_ppm",
+    "fp64": "fp64_active_ppm",
+    "fp32": "fp32_active_ppm",
+    "fp16": "fp16_active_ppm",
+}
+# GPM throughputs in a whole GPU's sample, in bytes/s: shown in MiB/s, GPM's own unit.
+GPM_RATES = {"nvlink_tx": "nvlink_tx_bytes_per_second", "nvlink_rx": "nvlink_rx_bytes_per_second"}
+PPM = 1_000_000
+READ_OK = "GPU_READ_STATUS_OK"
+# The sample whose GPM is shown comes this long after the first (GPM needs 100 ms at least).
+GPM_INTERVAL_S = 1.0
+# Later timed samples are this far apart: over GPM's 100 ms, so that each one computes GPM metrics.
+TIMED_GAP_S = 0.2
+
+
+@dataclass(frozen=True)
+class GpmReading:
+    """The GPM values of one GPU's sample, or of one of its MIG instances: shown, never compared."""
+
+    gpu: int
+    mig: str | None = None  # "1/0": the MIG instance's GPU and compute instance ids
+    shares: Mapping[str, float] = dataclasses.field(default_factory=dict)  # 0-1
+    rates: Mapping[str, float] = dataclasses.field(default_factory=dict)  # MiB/s
+    not_read: str = ""  # why the GPU's sample has no values: LOST or ERROR, and NVML's reason
+
+    @property
+    def name(self) -> str:
+        return "gpm" if self.mig is None else f"mig[{self.mig}].gpm"
+
+    @property
+    def present(self) -> bool:
+        return bool(self.shares)
+
+    @property
+    def out_of_range(self) -> dict[str, float]:
+        return {name: share for name, share in self.shares.items() if not 0 <= share <= 1}
+
+    def describe(self) -> str:
+        """``present (sm_active 0.53, tensor 0.12, ...); within 0-1``, ``absent``, ``not read (...)``."""
+        if self.not_read:
+            return f"not read ({self.not_read})"
+        if not self.present:
+            return "absent"
+        values = [f"{name} {share:.2f}" for name, share in self.shares.items()]
+        values += [f"{name} {rate:.1f} MiB/s" for name, rate in self.rates.items()]
+        outside = self.out_of_range
+        verdict = (
+            "out of 0-1: " + ", ".join(f"{name} {share:.2f}" for name, share in outside.items())
+            if outside
+            else "within 0-1"
+        )
+        return f"present ({', '.join(values)}); {verdict}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "gpu": self.gpu,
+            "mig": self.mig,
+            "present": self.present,
+            "shares": dict(self.shares),
+            "rates_mib_per_second": dict(self.rates),
+            "within_0_1": not self.out_of_range if self.present else None,
+            "not_read": self.not_read or None,
+        }
+
+
+def _shares(message: Mapping[str, Any]) -> dict[str, float]:
+    return {name: int(message[key]) / PPM for name, key in GPM_SHARES.items() if key in message}
+
+
+def gpm_readings(sample: Mapping[str, Any]) -> list[GpmReading]:
+    """A GPU sample's GPM values (the JSON of a GpuSample): the GPU's, then each MIG instance's."""
+    index = int(sample.get("index", 0))
+    status = str(sample.get("read_status", READ_OK))
+    if status != READ_OK:
+        reason = str(sample.get("read_error") or "no reason given")
+        return [GpmReading(index, not_read=f"{status.removeprefix('GPU_READ_STATUS_')}: {reason}")]
+    rates = {name: int(sample[key]) / MIB for name, key in GPM_RATES.items() if key in sample}
+    readings = [GpmReading(index, shares=_shares(sample), rates=rates)]
+    for mig in sample.get("mig_instances", []):
+        ids = f"{int(mig.get('gpu_instance_id', 0))}/{int(mig.get('compute_instance_id', 0))}"
+        readings.append(GpmReading(index, ids, shares=_shares(mig)))
+    return readings
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """The check's own NVML samples: the first, then later ones far enough apart for GPM."""
+
+    gpus: int
+    first_ms: float  # the first sample, per GPU: no GPM metrics, since GPM needs an earlier sample
+    later_ms: float  # the mean of the later samples, per GPU: with GPM metrics where GPM works
+    later_samples: int
+    interval_s: float  # from the first sample to the second, whose GPM values are shown
+    gpm: tuple[GpmReading, ...]
+    messages: tuple[str, ...]  # what the NVML source logged meanwhile
+
+    @property
+    def gpus_with_gpm(self) -> int:
+        return sum(1 for reading in self.gpm if reading.mig is None and reading.present)
+
+
+class _Kept(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def _kept_logs(name: str) -> Iterator[list[str]]:
+    """What logger ``name`` logs meanwhile: kept for the check's output instead of printed."""
+    logger = logging.getLogger(name)
+    handler, propagate = _Kept(), logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
+def _timed_sample(source: Any) -> tuple[float, list[Any]]:
+    start = time.perf_counter()
+    samples = source.sample(with_processes=False)
+    return time.perf_counter() - start, samples
+
+
+def measure(
+    nvml: Any = None,
+    samples: int = 5,
+    *,
+    interval_s: float = GPM_INTERVAL_S,
+    gap_s: float = TIMED_GAP_S,
+) -> Measurement:
+    """Time ``NvmlSource.sample(with_processes=False)`` and read GPM as the agent does.
+
+    The first sample, then ``samples`` more: the first of them ``interval_s`` later (its GPM
+    values are the ones shown), the others ``gap_s`` apart. Times are per GPU: a sample's time
+    divided by the GPU count. ``nvml``: the pynvml module (imported when None) or a stand-in.
+    """
+    from gpufleet.agent.sources import nvml as nvml_source
+    from gpufleet.wire import message_dict
+
+    samples = max(samples, 1)
+    with _kept_logs(nvml_source.__name__) as messages:
+        source = nvml_source.NvmlSource(nvml, watch_xids=False)
+        try:
+            first_s, first = _timed_sample(source)
+            time.sleep(interval_s)
+            later_s, second = _timed_sample(source)
+            for _ in range(samples - 1):
+                time.sleep(gap_s)
+                later_s += _timed_sample(source)[0]
+        finally:
+            source.close()
+    ms_per_gpu = 1000 / max(len(first), 1)
+    return Measurement(
+        gpus=len(first),
+        first_ms=first_s * ms_per_gpu,
+        later_ms=later_s * ms_per_gpu / samples,
+        later_samples=samples,
+        interval_s=interval_s,
+        gpm=tuple(reading for sample in second for reading in gpm_readings(message_dict(sample))),
+        messages=tuple(messages),
+    )
 
 
 # -- output -------------------------------------------------------------------------------
@@ -624,6 +921,14 @@ def summary_line(rows: Sequence[Row]) -> str:
     return f"{gpus} GPUs, {len(rows)} values: " + ", ".join(f"{counts[v]} {v}" for v in VERDICTS)
 
 
+def _table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in [header, *cells]
+    ]
+
+
 def render_table(rows: Sequence[Row]) -> str:
     """field, GPU, agent value, nvidia-smi value, verdict; then the summary line."""
     header = ("field", "gpu", "agent", "nvidia-smi", "verdict")
@@ -637,16 +942,40 @@ def render_table(rows: Sequence[Row]) -> str:
         )
         for row in rows
     ]
-    widths = [max(len(line[i]) for line in [header, *cells]) for i in range(len(header))]
-    lines = [
-        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
-        for line in [header, *cells]
-    ]
+    lines = _table(header, cells)
     lines.append(summary_line(rows))
     missing = not_reported(rows)
     if missing:
         lines.append("reported by neither, not compared: " + ", ".join(missing))
     return "\n".join(lines)
+
+
+def render_measurement(measurement: Measurement) -> str:
+    """The GPM rows of the check's own samples, then what a sample costs with GPM and without."""
+    m = measurement
+    lines = [
+        f"GPM from the check's own NVML samples, {m.interval_s:g} s apart (informational: "
+        "nvidia-smi -q shows no GPM, and the agent's --once sample has none)",
+        *_table(("field", "gpu", "agent"), [(r.name, str(r.gpu), r.describe()) for r in m.gpm]),
+        f"first sample: {m.first_ms:.3f} ms per GPU (no GPM metrics yet: GPM needs an earlier sample)",
+        f"later samples: {m.later_ms:.3f} ms per GPU (mean of {m.later_samples} samples of {m.gpus} GPUs, "
+        f"with GPM metrics on {m.gpus_with_gpm})",
+    ]
+    lines += [f"nvml: {message}" for message in m.messages]
+    return "\n".join(lines)
+
+
+def measurement_dict(measurement: Measurement | None) -> dict[str, Any]:
+    """The JSON result's keys for the check's own samples; None values where none were taken."""
+    m = measurement
+    return {
+        "sample_ms_per_gpu": m.later_ms if m else None,
+        "first_sample_ms_per_gpu": m.first_ms if m else None,
+        "samples_timed": m.later_samples if m else None,
+        "gpm_interval_s": m.interval_s if m else None,
+        "gpm": [reading.as_dict() for reading in m.gpm] if m else None,
+        "nvml_messages": list(m.messages) if m else [],
+    }
 
 
 def result_dict(rows: Sequence[Row], **extra: Any) -> dict[str, Any]:
@@ -677,18 +1006,29 @@ def _last_line(text: str) -> str:
     return lines[-1] if lines else "no output"
 
 
-def run_smi() -> str:
-    """``nvidia-smi -q -x``; NoGpu when it is missing or finds no GPU."""
+def _nvidia_smi(*args: str) -> str:
+    """What ``nvidia-smi *args`` prints; NoGpu when it is missing, does not run or fails."""
     exe = shutil.which("nvidia-smi")
     if exe is None:
         raise NoGpu("nvidia-smi not found")
+    command = " ".join(["nvidia-smi", *args])
     try:
-        done = subprocess.run([exe, "-q", "-x"], capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
+        done = subprocess.run([exe, *args], capture_output=True, text=True, timeout=COMMAND_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
-        raise NoGpu(f"nvidia-smi did not run ({exc})") from exc
+        raise NoGpu(f"{command} did not run ({exc})") from exc
     if done.returncode != 0:  # e.g. "No devices were found", or no driver loaded
-        raise NoGpu(f"nvidia-smi failed: {_last_line(done.stdout + done.stderr)}")
+        raise NoGpu(f"{command} failed: {_last_line(done.stdout + done.stderr)}")
     return done.stdout
+
+
+def run_smi() -> str:
+    """``nvidia-smi -q -x``; NoGpu when it is missing or finds no GPU."""
+    return _nvidia_smi("-q", "-x")
+
+
+def run_smi_list() -> str:
+    """``nvidia-smi -L``: the GPUs and their MIG devices, with profiles and UUIDs."""
+    return _nvidia_smi("-L")
 
 
 def agent_command() -> list[str]:
@@ -710,25 +1050,6 @@ def run_agent() -> tuple[str, list[str]]:
     return done.stdout, [line for line in done.stderr.splitlines() if line.strip()]
 
 
-def time_sample(nvml: Any = None, repeats: int = 5) -> tuple[float, int]:
-    """Mean milliseconds of one ``NvmlSource.sample(with_processes=False)`` per GPU, and the GPU count.
-
-    ``nvml``: the pynvml module (imported when None) or a stand-in with its API.
-    """
-    from gpufleet.agent.sources.nvml import NvmlSource
-
-    source = NvmlSource(nvml, watch_xids=False)
-    try:
-        gpus = len(source.sample(with_processes=False))  # the first call warms NVML up
-        start = time.perf_counter()
-        for _ in range(repeats):
-            source.sample(with_processes=False)
-        elapsed = time.perf_counter() - start
-    finally:
-        source.close()
-    return elapsed * 1000 / repeats / max(gpus, 1), gpus
-
-
 # -- command line -------------------------------------------------------------------------
 
 
@@ -738,11 +1059,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--agent-json", type=Path, help="recorded `gpufleet-agent --once` output to use")
     parser.add_argument("--smi-xml", type=Path, help="recorded `nvidia-smi -q -x` output to use")
+    parser.add_argument(
+        "--smi-list", type=Path, help="recorded `nvidia-smi -L` output to use (MIG profiles and UUIDs)"
+    )
     parser.add_argument("--json", action="store_true", help="print the comparison as JSON")
     parser.add_argument(
-        "--save", type=Path, help="write agent.json, nvidia-smi.xml and result.json of this check here"
+        "--save",
+        type=Path,
+        help="write agent.json, nvidia-smi.xml, nvidia-smi-L.txt and result.json of this check here",
     )
-    parser.add_argument("--samples", type=int, default=5, help="samples timed on a live host (default: 5)")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        default=5,
+        help="NVML samples timed after the first one on a live host, with GPM (default: 5)",
+    )
     return parser
 
 
@@ -763,19 +1094,35 @@ def _run_agent(args: argparse.Namespace) -> tuple[str, list[str]]:
         raise
 
 
-def _timing(args: argparse.Namespace) -> tuple[float | None, str]:
+def _listing(args: argparse.Namespace) -> tuple[str | None, str]:
+    """The `nvidia-smi -L` output to use, and a note where there is none."""
+    if args.smi_list:
+        return _read(args.smi_list), ""
+    if args.smi_xml:  # a recorded document: this host's listing would describe other GPUs
+        return None, ""
+    try:
+        return run_smi_list(), ""
+    except NoGpu as exc:  # -q -x worked: a listing that fails costs only the MIG profiles and UUIDs
+        return None, f"MIG profiles and UUIDs not compared: {exc}"
+
+
+def _measure(args: argparse.Namespace) -> tuple[Measurement | None, str]:
+    """The check's own NVML samples, on a live host; a note where they could not be taken."""
     if args.agent_json:
         return None, ""
     try:
-        ms, gpus = time_sample(repeats=max(args.samples, 1))
+        return measure(samples=args.samples), ""
     except Exception as exc:  # a diagnostic line, not a reason to lose the comparison
-        return None, f"sample not timed: {exc}"
-    return ms, f"one sample: {ms:.3f} ms per GPU (mean of {max(args.samples, 1)} samples of {gpus} GPUs)"
+        return None, f"no samples of the check's own (GPM, sample times): {exc}"
 
 
-def _save(directory: Path, smi_xml: str, agent_json: str, result: Mapping[str, Any]) -> None:
+def _save(
+    directory: Path, smi_xml: str, listing: str | None, agent_json: str, result: Mapping[str, Any]
+) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "nvidia-smi.xml").write_text(smi_xml)
+    if listing is not None:
+        (directory / "nvidia-smi-L.txt").write_text(listing)
     (directory / "agent.json").write_text(agent_json)
     (directory / "result.json").write_text(json.dumps(result, indent=2) + "\n")
 
@@ -783,33 +1130,38 @@ def _save(directory: Path, smi_xml: str, agent_json: str, result: Mapping[str, A
 def check(args: argparse.Namespace) -> int:
     recorded_agent = _read(args.agent_json) if args.agent_json else None  # a wrong path fails first
     smi_xml = _read(args.smi_xml) if args.smi_xml else run_smi()
-    smi = parse_smi(smi_xml)
+    listing, listing_note = _listing(args)
+    smi = parse_smi(smi_xml, listing)
     if not args.smi_xml and len(smi) == 1:
         raise NoGpu("nvidia-smi lists no GPU")
     agent_json, messages = (recorded_agent, []) if recorded_agent is not None else _run_agent(args)
     agent_data = load_agent_json(agent_json)
     rows = compare(parse_agent(agent_data), smi)
-    ms, timing = _timing(args)
+    measurement, measure_note = _measure(args)
     dropped = int(agent_data.get("invalid_values_dropped", 0))
+    notes = [note for note in (listing_note, measure_note) if note]
     result = result_dict(
         rows,
         agent=str(args.agent_json or " ".join(agent_command())),
         nvidia_smi=str(args.smi_xml or "nvidia-smi -q -x"),
-        sample_ms_per_gpu=ms,
+        nvidia_smi_list=str(args.smi_list) if args.smi_list else ("nvidia-smi -L" if listing else None),
+        **measurement_dict(measurement),
         invalid_values_dropped=dropped,
         agent_messages=messages,
+        notes=notes,
     )
     if args.save:
-        _save(args.save, smi_xml, agent_json, result)
+        _save(args.save, smi_xml, listing, agent_json, result)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         print(render_table(rows))
-        for line in (timing, f"values the agent dropped as implausible: {dropped}" if dropped else ""):
-            if line:
-                print(line)
-        for message in messages:
-            print(f"agent: {message}")
+        if measurement is not None:
+            print(render_measurement(measurement))
+        if dropped:
+            print(f"values the agent dropped as implausible: {dropped}")
+        for line in (*notes, *(f"agent: {message}" for message in messages)):
+            print(line)
     return EXIT_MISMATCH if summary(rows)[MISMATCH] else EXIT_OK
 
 
