@@ -196,3 +196,15 @@ async def test_gpus_handed_out_under_an_unwatched_resource_name_are_pointed_out(
             await attribution.refresh(node(), [])
     warnings = [r.message for r in caplog.records if "nvidia.com/gpu.shared" in r.message]
     assert len(warnings) == 1 and "--kubelet-resources" in warnings[0]
+
+
+async def test_with_auto_a_node_without_a_kubelet_is_no_kubernetes_node(tmp_path: Path) -> None:
+    socket = tmp_path / "kubelet.sock"
+    attribution = Attribution(pods=KubeletPodLister(str(socket)), pods_if_present=True)
+    quiet = await attribution.refresh(node(), [])
+    assert not quiet.sources and attribution.errors_total == 0
+    async with running_kubelet(socket) as kubelet:
+        kubelet.add(pod("ml", "train", {"main": [("nvidia.com/gpu", ["GPU-0"])]}))
+        found = await attribution.refresh(node(), [])
+    assert [(s.name, s.available) for s in found.sources] == [("kubernetes", True)]
+    assert [a.pod for a in found.allocations] == ["train"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Protocol
 
 from gpufleet.agent.attribution import kubelet, slurm
@@ -86,9 +87,13 @@ class Attribution:
         resources: Sequence[str] = kubelet.DEFAULT_RESOURCES,
         job_mapping: slurm.JobMapping | None = None,
         environs: slurm.Environs | None = None,
+        pods_if_present: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``pods_if_present``: the kubelet's socket is looked for, not required (`--kubelet-socket
+        auto`): while there is none, the node is not a Kubernetes node and nothing is reported."""
         self._pods = pods
+        self._pods_if_present = pods_if_present
         self._resources = tuple(resources)
         self._job_mapping = job_mapping
         self._environs = environs
@@ -111,7 +116,7 @@ class Attribution:
         now = self._clock()
         targets = Targets(inventory)
         sources = []
-        if self._pods is not None:
+        if self._pods is not None and self._kubelet_here():
             await self._read_pods(targets, now)
             sources.append(self._kubernetes)
         if self._job_mapping is not None:
@@ -151,6 +156,11 @@ class Attribution:
             )
         self.truncated_total += cut
         return allocations
+
+    def _kubelet_here(self) -> bool:
+        if not self._pods_if_present or not isinstance(self._pods, kubelet.KubeletPodLister):
+            return True
+        return Path(self._pods.socket_path).exists()
 
     async def _read_pods(self, targets: Targets, now: float) -> None:
         assert self._pods is not None
