@@ -23,6 +23,7 @@ from gpufleet.agent.sources.base import GpuSource, SourceUnavailable
 from gpufleet.agent.sources.faults import PRESETS, FaultModel
 from gpufleet.agent.sources.models import MODELS
 from gpufleet.agent.sources.scheduler import KINDS, SimNode, SimScheduler
+from gpufleet.agent.uplink import FAILBACK_AFTER_S
 from gpufleet.plausible import drop_implausible
 from gpufleet.security import SecuritySettingsError, add_client_security_flags, client_security
 from gpufleet.settings import (
@@ -64,7 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--collector",
         default=DEFAULT_COLLECTOR,
         type=host_ports,
-        help="collector address HOST:PORT; several, comma-separated, for failover",
+        help="collector addresses HOST:PORT, comma-separated (a name counts as every address it resolves "
+        "to); the order does not matter: each node ranks them by rendezvous hashing of its node id",
+    )
+    add_flag(
+        parser,
+        "--failback-after",
+        type=positive_float,
+        default=FAILBACK_AFTER_S,
+        help="seconds on a collector other than the node's first-ranked before asking whether one ranked "
+        "higher is back, and between asks (plus up to as much again, at random, to spread the fleet)",
     )
     add_flag(parser, "--source", default="nvml", choices=("nvml", "sim"), help="where GPU readings come from")
     add_flag(
@@ -229,7 +239,11 @@ def host_attribution(args: argparse.Namespace) -> Attribution | None:
     jobs = JobMappingDir(args.job_mapping_dir) if args.job_mapping_dir else None
     environs = None if args.no_process_attribution or args.source == "sim" else ProcEnvirons()
     attribution = Attribution(
-        pods=pods, resources=args.kubelet_resources, job_mapping=jobs, environs=environs
+        pods=pods,
+        resources=args.kubelet_resources,
+        job_mapping=jobs,
+        environs=environs,
+        pods_if_present=args.kubelet_socket == "auto",
     )
     return attribution if attribution.enabled else None
 
@@ -412,6 +426,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             spool_dir=Path(args.spool_dir) if args.spool_dir else None,
             keepalive_s=args.keepalive,
             security=client_security(args),
+            failback_after_s=args.failback_after,
         )
         agents = []
         for position, (node, source) in enumerate(nodes):

@@ -21,7 +21,7 @@ import gpufleet
 from gpufleet.agent.attribution.refresh import Attribution
 from gpufleet.agent.sources.base import GpuSource
 from gpufleet.agent.spool import Spool
-from gpufleet.agent.uplink import Uplink
+from gpufleet.agent.uplink import FAILBACK_AFTER_S, Uplink
 from gpufleet.plausible import drop_implausible
 from gpufleet.security import ClientSecurity
 from gpufleet.v1 import inventory_pb2, telemetry_pb2
@@ -75,6 +75,8 @@ class Delivery:
     spool_dir: Path | None = None
     keepalive_s: float = 30.0
     security: ClientSecurity = field(default_factory=ClientSecurity)
+    # On a collector other than the node's first-ranked: seconds before asking for that one again.
+    failback_after_s: float = FAILBACK_AFTER_S
 
 
 # Fields whose change is an event worth keeping through a full buffer.
@@ -219,6 +221,7 @@ class NodeAgent:
             spool=spool,
             keepalive_s=delivery.keepalive_s,
             security=delivery.security,
+            failback_after_s=delivery.failback_after_s,
         )
 
     async def run(self, stop: asyncio.Event) -> None:

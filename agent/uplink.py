@@ -1,4 +1,4 @@
-"""One node's stream to the collector: hello, reports, acknowledgements, reconnection.
+"""One node's stream to its collector: placement, hello, reports, acknowledgements, reconnection.
 
 Reports stay in the node's ReportBuffer (agent/buffer.py: numbering, caps, spool) until the
 collector acknowledges them; after a reconnect the agent resends everything after the
@@ -7,6 +7,15 @@ long backlog after a pause: see REPLAY_AT_ONCE). Reconnects back off exponential
 jitter across the configured collector addresses, never longer than the report interval (see
 Backoff), and honour the collector's retry-after hint, so a restarted collector has its fleet
 back within about one interval, at the pace its admission control sets.
+
+Placement (agent/placement.py): the node ranks the collectors' members by rendezvous hashing
+of its node id, connects to the first, and on each failure moves on to the next in its
+ranking. While on one that is not its first, it asks every hold-down (--failback-after, plus
+up to as much again at random, so that a returning collector is not stormed by all its nodes
+at once) whether one ranked higher answers the standard gRPC health check; when one does, it
+ends the stream once the reports in flight are acknowledged and moves back, through that
+collector's admission control. The rest of the buffer follows on the new stream: nothing is
+skipped, nothing acknowledged is sent again.
 """
 
 from __future__ import annotations
@@ -21,8 +30,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gpufleet import wire
+from gpufleet.agent import placement
 from gpufleet.agent.buffer import ReportBuffer
 from gpufleet.agent.spool import Spool
 from gpufleet.security import ClientSecurity
@@ -44,6 +55,13 @@ MAX_IN_FLIGHT_REPORTS = 16
 # in the hellos of the nodes still connecting; this way every node connects and
 # reports first, and the replays follow, spread over an interval.
 REPLAY_AT_ONCE = 8
+# On a collector other than the node's first-ranked: seconds after connecting before asking
+# whether one ranked higher is back (plus up to as much again, at random), and between asks.
+FAILBACK_AFTER_S = 60.0
+# The deadline of that question (a health check): a collector that takes longer is not back.
+PROBE_TIMEOUT_S = 2.0
+# What the health check asks about: the service the collector serves agents on.
+INGEST_SERVICE = ingest_pb2.DESCRIPTOR.services_by_name["IngestService"].full_name
 
 
 class Failure(enum.Enum):
@@ -132,7 +150,7 @@ class _StreamEnded(Exception):
 
 
 class Uplink:
-    """Delivers one node's reports to the collector, in order, at least once."""
+    """Delivers one node's reports to its collector, in order, at least once."""
 
     def __init__(
         self,
@@ -147,10 +165,27 @@ class Uplink:
         backoff_base_s: float = 1.0,
         backoff_cap_s: float = 30.0,
         rng: random.Random | None = None,
+        failback_after_s: float = FAILBACK_AFTER_S,
     ) -> None:
         if not targets:
             raise ValueError("at least one collector address is needed")
-        self._targets = list(targets)
+        if not failback_after_s > 0:
+            raise ValueError(f"failback_after_s must be positive, got {failback_after_s!r}")
+        self._addresses = list(targets)
+        self._node_id = inventory.node_id
+        self._failback_after_s = failback_after_s
+        # Names are resolved again on each reconnection (off the event loop); addresses are fixed.
+        self._resolving = placement.needs_resolving(self._addresses)
+        self._members: dict[str, str | None] = {}
+        self._ranking: list[str] = []
+        if not self._resolving:
+            self._set_members(placement.members(self._addresses))
+        self._target: str | None = None
+        self._connected_to: str | None = None
+        # Streams opened to another collector than the one before, and of those, the moves
+        # back to one ranked higher once it answered.
+        self.moves_total = 0
+        self.failbacks_total = 0
         self._inventory = inventory
         self._inventory_changed = False
         self._allocations: allocation_pb2.Allocations | None = None
@@ -180,6 +215,21 @@ class Uplink:
     def buffered(self) -> int:
         return len(self._buffer)
 
+    @property
+    def current_target(self) -> str | None:
+        """The collector member the stream is open (or being opened) to; None before the first try."""
+        return self._target
+
+    @property
+    def preferred_target(self) -> str | None:
+        """The node's first-ranked collector member; None until its names are first resolved."""
+        return self._ranking[0] if self._ranking else None
+
+    @property
+    def ranking(self) -> list[str]:
+        """The collector members in the order this node prefers them."""
+        return list(self._ranking)
+
     def update_inventory(self, inventory: inventory_pb2.NodeInventory) -> None:
         """The node changed (a GPU added, a driver upgraded): tell the collector with the next report."""
         self._inventory = inventory
@@ -207,12 +257,19 @@ class Uplink:
         """Keep a stream open until ``stop`` is set, then flush what is buffered (briefly)."""
         attempt = 0
         last_error = ""
+        # The member whose stream ended last (next: the one after it in the ranking), or the
+        # member to try next whatever the ranking (one ranked higher that answered, or one that
+        # asked to be tried again later).
+        failed: str | None = None
+        chosen: str | None = None
         while True:
-            target = self._targets[attempt % len(self._targets)]
+            await self._refresh_ranking()
+            target = self._target = self._choose(chosen, failed)
             started = time.monotonic()
             failure: UplinkError | None = None
+            better: str | None = None
             try:
-                await self._session(target, stop)
+                better = await self._session(target, stop)
             except UplinkError as exc:
                 failure = exc
             except Exception:
@@ -222,6 +279,12 @@ class Uplink:
                 self.connected.clear()
             if stop.is_set():
                 return
+            if better is not None:
+                # A move, not a failure: straight on to the collector that answered.
+                self.failbacks_total += 1
+                self.stats.reconnects_total += 1
+                attempt, last_error, failed, chosen = 0, "", None, better
+                continue
             if time.monotonic() - started >= STABLE_CONNECTION_S:
                 attempt = 0
             kind = failure.kind if failure else Failure.STALLED
@@ -232,11 +295,53 @@ class Uplink:
             last_error = failure.log_key if failure else ""
             if retry_after_s is None:
                 attempt += 1
+                failed, chosen = target, None
+            else:
+                # The collector said when to come back (admission control): back to it, then.
+                failed, chosen = None, target
             self.stats.reconnects_total += 1
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=delay)
             if stop.is_set():
                 return
+
+    def _choose(self, chosen: str | None, failed: str | None) -> str:
+        """The member to try: ``chosen``, else the one after ``failed`` in the ranking, else the first."""
+        ranking = self._ranking
+        if chosen is not None and chosen in ranking:
+            return chosen
+        if failed is not None and failed in ranking:
+            return ranking[(ranking.index(failed) + 1) % len(ranking)]
+        return ranking[0]
+
+    async def _refresh_ranking(self) -> None:
+        """Resolve the collectors' names again (in a thread: the resolver blocks) and rank them."""
+        if self._resolving:
+            self._set_members(await asyncio.to_thread(placement.members, self._addresses))
+
+    def _set_members(self, members: dict[str, str | None]) -> None:
+        ranking = placement.rank(self._node_id, list(members))
+        if ranking != self._ranking:
+            log.debug("collectors of node %s, preferred first: %s", self._node_id, ", ".join(ranking))
+        self._members, self._ranking = members, ranking
+
+    def _ranked_above(self, target: str) -> list[str]:
+        """The members this node prefers to ``target`` (all others, if ``target`` left the ranking)."""
+        ranking = self._ranking
+        if target in ranking:
+            return ranking[: ranking.index(target)]
+        return [member for member in ranking if member != target]
+
+    def _channel(self, member: str) -> grpc.aio.Channel:
+        """A channel to ``member``. With TLS, the collector's certificate is checked against the
+        host name the member was resolved from, not against the address dialled."""
+        credentials = self._security.credentials()
+        if credentials is None:
+            return grpc.aio.insecure_channel(member, options=self._channel_options)
+        options: list[tuple[str, str | int]] = [*self._channel_options]
+        if (name := self._members.get(member)) is not None:
+            options.append(("grpc.ssl_target_name_override", name))
+        return grpc.aio.secure_channel(member, credentials, options=options)
 
     def _log_failure(self, target: str, failure: UplinkError, delay_s: float) -> None:
         if failure.retry_after_s is not None:
@@ -250,13 +355,14 @@ class Uplink:
             self._backoff.ceiling(64, failure.kind),
         )
 
-    async def _session(self, target: str, stop: asyncio.Event) -> None:
-        async with self._security.aio_channel(target, self._channel_options) as channel:
+    async def _session(self, target: str, stop: asyncio.Event) -> str | None:
+        """One stream to ``target`` until ``stop`` (None) or a move to a member ranked higher (it)."""
+        async with self._channel(target) as channel:
             stub = ingest_pb2_grpc.IngestServiceStub(channel)
             call = stub.Connect(metadata=self._security.metadata())
             call.add_done_callback(self._stop_writing)
             try:
-                await self._stream(call, target, stop)
+                return await self._stream(call, target, stop)
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError, _StreamEnded):
                 # However the end showed itself (a failed read or write, an EOF),
                 # the call's status says why, and when to come back.
@@ -264,7 +370,7 @@ class Uplink:
             finally:
                 call.cancel()
 
-    async def _stream(self, call: grpc.aio.StreamStreamCall, target: str, stop: asyncio.Event) -> None:
+    async def _stream(self, call: grpc.aio.StreamStreamCall, target: str, stop: asyncio.Event) -> str | None:
         try:
             last_acked = await asyncio.wait_for(self._hello(call), self._ack_timeout_s)
         except asyncio.TimeoutError:
@@ -272,21 +378,93 @@ class Uplink:
         self._on_hello_ack(last_acked)
         self._hold_long_replay()
         self.connected.set()
-        log.info("connected to collector %s (resuming after sequence %d)", target, last_acked)
+        self._arrived(target, last_acked)
         reader = asyncio.create_task(self._read_acks(call), name="uplink-acks")
         stopping = asyncio.create_task(stop.wait(), name="uplink-stop")
+        watcher = self._watch(target)
+        tasks = [task for task in (reader, stopping, watcher) if task is not None]
         try:
-            await self._send_loop(call, reader, stopping)
+            await self._send_loop(call, reader, stopping, watcher)
             if stop.is_set():
                 await self._flush(call, reader)
-                return
+                return None
+            if watcher is not None and watcher.done():
+                better = watcher.result()
+                await self._hand_over(call, reader)
+                return better
             reader.result()  # the reader is done: this raises the stream's error, if any
             raise _StreamEnded
         finally:
-            for task in (reader, stopping):
+            for task in tasks:
                 task.cancel()
             # Collect the reader's error, if any: the call's status tells the same story.
-            await asyncio.gather(reader, stopping, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _arrived(self, target: str, last_acked: int) -> None:
+        """The stream to ``target`` is open: count a move, say where the node is."""
+        if self._connected_to is not None and self._connected_to != target:
+            self.moves_total += 1
+        self._connected_to = target
+        position = self._ranking.index(target) + 1 if target in self._ranking else 0
+        if position <= 1:
+            log.info("connected to collector %s (resuming after sequence %d)", target, last_acked)
+            return
+        log.info(
+            "connected to collector %s, ranked %d of %d for this node (resuming after sequence %d); "
+            "checking for the ones ranked higher every %.0f-%.0f s",
+            target,
+            position,
+            len(self._ranking),
+            last_acked,
+            self._failback_after_s,
+            2 * self._failback_after_s,
+        )
+
+    def _watch(self, target: str) -> asyncio.Task[str] | None:
+        """While on ``target``: a task that ends with a member ranked higher once one answers;
+        None when none can (``target`` is first and the members are fixed addresses)."""
+        if not self._resolving and not self._ranked_above(target):
+            return None
+        return asyncio.create_task(self._better_than(target), name="uplink-failback")
+
+    async def _better_than(self, target: str) -> str:
+        """Every hold-down plus up to one more at random: the first member ranked above
+        ``target`` that answers (names are resolved again each time: members come and go)."""
+        while True:
+            await asyncio.sleep(self._failback_after_s * self._rng.uniform(1.0, 2.0))
+            await self._refresh_ranking()
+            for member in self._ranked_above(target):
+                if await self._answers(member):
+                    log.info(
+                        "collector %s, ranked above %s for this node, answers: moving to it", member, target
+                    )
+                    return member
+
+    async def _answers(self, member: str) -> bool:
+        """Whether ``member`` serves agents now: the standard gRPC health check, briefly."""
+        request = health_pb2.HealthCheckRequest(service=INGEST_SERVICE)
+        try:
+            async with self._channel(member) as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    request, timeout=PROBE_TIMEOUT_S, metadata=self._security.metadata()
+                )
+        except grpc.aio.AioRpcError as exc:
+            log.debug("collector %s does not answer the health check: %s", member, exc.code().name)
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def _hand_over(self, call: grpc.aio.StreamStreamCall, reader: asyncio.Task[None]) -> None:
+        """Moving on: end this stream once the reports in flight are acknowledged. What is not
+        (the collector hangs, the stream broke) stays buffered and goes on the next stream."""
+
+        async def drain() -> None:
+            await call.done_writing()
+            await asyncio.shield(reader)
+
+        try:
+            await asyncio.wait_for(drain(), FLUSH_TIMEOUT_S)
+        except (asyncio.TimeoutError, asyncio.InvalidStateError, grpc.aio.AioRpcError) as exc:
+            log.debug("the stream ended before every report in flight was acknowledged: %r", exc)
 
     async def _hello(self, call: grpc.aio.StreamStreamCall) -> int:
         """Introduce the node; the collector's last acknowledged sequence number for it."""
@@ -307,8 +485,14 @@ class Uplink:
         return int(answer.hello_ack.last_acked_sequence)
 
     async def _send_loop(
-        self, call: grpc.aio.StreamStreamCall, reader: asyncio.Task[None], stopping: asyncio.Task[bool]
+        self,
+        call: grpc.aio.StreamStreamCall,
+        reader: asyncio.Task[None],
+        stopping: asyncio.Task[bool],
+        watcher: asyncio.Task[str] | None,
     ) -> None:
+        """Write reports as the window allows, until the stream ends, ``stop`` or a move."""
+        ending = [task for task in (reader, stopping, watcher) if task is not None]
         self._waiting_for_ack_since = None
         while True:
             self._wakeup.clear()
@@ -317,12 +501,12 @@ class Uplink:
                 self._last_sent = report.sequence
                 if self._waiting_for_ack_since is None:
                     self._waiting_for_ack_since = time.monotonic()
-            if stopping.done() or reader.done():
+            if any(task.done() for task in ending):
                 return
             waker = asyncio.create_task(self._wakeup.wait(), name="uplink-wakeup")
             try:
                 await asyncio.wait(
-                    (waker, reader, stopping), return_when=asyncio.FIRST_COMPLETED, timeout=self._idle_s()
+                    (waker, *ending), return_when=asyncio.FIRST_COMPLETED, timeout=self._idle_s()
                 )
             finally:
                 waker.cancel()

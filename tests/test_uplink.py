@@ -8,6 +8,7 @@ import random
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from gpufleet.agent.placement import rank
 from gpufleet.agent.sources.sim import SimulatedSource
 from gpufleet.agent.spool import Spool
 from gpufleet.agent.uplink import Uplink
@@ -164,15 +165,17 @@ async def test_spooled_reports_of_an_earlier_boot_are_discarded_and_counted(tmp_
 
 async def test_failover_to_the_next_collector_address(collector: Collector) -> None:
     source = SimulatedSource("H100", 8, seed=0)
-    dead = f"127.0.0.1:{free_port()}"
-    uplink = Uplink(
-        [dead, f"127.0.0.1:{collector.grpc_port}"],
-        inventory_for(source, 0),
-        backoff_base_s=0.05,
-        backoff_cap_s=0.2,
-        rng=random.Random(0),
+    inventory = inventory_for(source, 0)
+    live = f"127.0.0.1:{collector.grpc_port}"
+    # A dead address this node ranks first: it is tried first, and the node moves on to the live one.
+    dead = next(
+        address
+        for address in (f"127.0.0.1:{free_port()}" for _ in range(64))
+        if rank(inventory.node_id, [address, live])[0] == address
     )
+    uplink = Uplink([live, dead], inventory, backoff_base_s=0.05, backoff_cap_s=0.2, rng=random.Random(0))
     async with running(uplink):
         uplink.submit(source.sample(with_processes=False))
         await until(lambda: uplink.last_acked_sequence == 1)
     assert uplink.stats.reconnects_total >= 1
+    assert uplink.current_target == live and uplink.preferred_target == dead
