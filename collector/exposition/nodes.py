@@ -178,7 +178,7 @@ class _NodeLines:
         self._health_key: tuple[int, ...] | None = None
         self._up_key: tuple[bool, ...] | None = None
         self._xid_key: tuple[object, ...] = ()
-        self._allocation_key: tuple[int, int] | None = None
+        self._allocation_key: tuple[int, int, int] | None = None
         self._mig_key: tuple[object, ...] = ()
 
     def render(self, node: NodeRecord) -> list[int]:
@@ -258,7 +258,8 @@ class _NodeLines:
             )
         if self._xid_key or any(gpu.xid_totals for gpu in gpus):
             self._render_xids(gpus, new)
-        allocation_key = (node.allocation_version, node.inventory_version)  # lines name the GPUs' UUIDs
+        # The lines name the GPUs' UUIDs, and only GPUs the node has (a sample may add one).
+        allocation_key = (node.allocation_version, node.inventory_version, len(node.gpus))
         if allocation_key != self._allocation_key:
             self._allocation_key = allocation_key
             self._render_allocations(node, new)
