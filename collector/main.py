@@ -20,6 +20,7 @@ from gpufleet.collector.mqtt import MqttConfig
 from gpufleet.collector.service import Collector, CollectorConfig
 from gpufleet.collector.state import Liveness
 from gpufleet.collector.store import StoreBusy
+from gpufleet.collector.store_postgres import DatabaseRefused, is_postgres_url
 from gpufleet.settings import (
     Parser,
     add_flag,
@@ -77,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
         parser,
         "--db",
         default="gpufleet-collector.db",
-        help="SQLite database for the fleet's inventory, watermarks and event log ('none': memory only)",
+        help="where the fleet's inventory, watermarks and event log are kept: a SQLite file, a "
+        "postgresql://USER:PASSWORD@HOST:PORT/DB URL, or 'none' (memory only)",
     )
     add_flag(
         parser,
@@ -274,7 +276,7 @@ async def serve(config: CollectorConfig) -> None:
     collector = Collector(config)
     try:
         await collector.start()
-    except (OSError, StoreBusy) as exc:
+    except (OSError, StoreBusy, DatabaseRefused) as exc:
         fail(str(exc))
     stopping = asyncio.Event()
     stop_on_signals(stopping, "shutting down")
@@ -375,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         http_host=http_host,
         http_port=http_port,
         liveness=Liveness(args.stale_after_intervals, args.down_after_intervals),
-        db_path=None if args.db.lower() in ("", "none") else Path(args.db),
+        db_path=None if args.db.lower() in ("", "none") or is_postgres_url(args.db) else Path(args.db),
+        db_url=args.db if is_postgres_url(args.db) else "",
         ingest=IngestPolicy(
             limits=Limits(
                 max_gpus_per_node=args.max_gpus_per_node,

@@ -38,6 +38,7 @@ from gpufleet.collector.recorder import EventBudget
 from gpufleet.collector.selfmetrics import CollectorMetrics
 from gpufleet.collector.state import FleetState, Liveness
 from gpufleet.collector.store import Store
+from gpufleet.collector.store_postgres import PostgresStore
 from gpufleet.collector.workload import WorkloadLedger
 from gpufleet.v1 import admin_pb2, admin_pb2_grpc, ingest_pb2, query_pb2, query_pb2_grpc
 
@@ -59,6 +60,8 @@ class CollectorConfig:
     shutdown_grace_s: float = 5.0
     # The SQLite database; None keeps everything in memory only.
     db_path: Path | None = None
+    # A PostgreSQL URL: the fleet is kept there instead (db_path is then unused).
+    db_url: str = ""
     ingest: IngestPolicy = field(default_factory=IngestPolicy)
     # Where events are published; None: no MQTT.
     mqtt: MqttConfig | None = None
@@ -82,7 +85,11 @@ class Collector:
             event_budget=EventBudget(limits.events_per_node_per_second, limits.event_burst_per_node),
             on_suppressed=self.metrics.events_suppressed.inc,
         )
-        self.store = Store(config.db_path, self.state, self.metrics)
+        self.store = (
+            PostgresStore(config.db_url, self.state, self.metrics)
+            if config.db_url
+            else Store(config.db_path, self.state, self.metrics)
+        )
         self.metrics.store_uncommitted_seconds.set_function(self.store.uncommitted_seconds)
         self.workloads = WorkloadLedger(self.state, Prices(config.prices))
         self.exposition = Exposition(self.state, lambda: self.workloads.render() + self.metrics.render())
@@ -118,7 +125,7 @@ class Collector:
         self.http_port = config.http_port
 
     async def start(self) -> None:
-        self.store.open()
+        await self.store.open_async()
         self.memory.settle()
         self.state.sinks.start()
         security = self.config.security

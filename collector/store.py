@@ -26,6 +26,7 @@ import sqlite3
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from gpufleet import event_kinds as kinds
 from gpufleet.collector import health
@@ -220,15 +221,21 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 class Store(Sink):
-    """Keeps FleetState durable; `durable()` waits until everything changed so far is committed."""
+    """Keeps FleetState durable; `durable()` waits until everything changed so far is committed.
+
+    The batching, the waiting and the failure handling are here; the engine is SQLite, or
+    PostgreSQL in `store_postgres.py` (a subclass that replaces opening, restoring and writing).
+    """
 
     name = "store"
+    # Errors of the engine itself: logged in one line, where anything else (a bug) shows its traceback.
+    engine_errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
 
     def __init__(self, path: Path | None, state: FleetState, metrics: CollectorMetrics) -> None:
         self.path = path
         self._state = state
         self._metrics = metrics
-        self._db: sqlite3.Connection | None = None
+        self._db: Any = None  # the engine's connection while the store is up
         self._dirty: set[str] = set()
         self._pending = Batch()
         self._written_inventory: dict[str, int] = {}
@@ -245,6 +252,14 @@ class Store(Sink):
     @property
     def up(self) -> bool:
         return self._db is not None
+
+    def describe(self) -> str:
+        """Where the fleet is kept, for log lines."""
+        return str(self.path)
+
+    async def open_async(self) -> None:
+        """Open (the collector's start calls this; an engine that connects over the network waits here)."""
+        self.open()
 
     def open(self) -> None:
         """Open the database and restore the fleet it holds; failures leave the store down.
@@ -291,11 +306,11 @@ class Store(Sink):
         self._metrics.store_up.set(0)
         self._metrics.store_errors.inc()
         if self._db is not None:
-            with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(Exception):
                 self._db.close()
         self._db = None
 
-    def _restore(self, db: sqlite3.Connection) -> None:
+    def _restore(self, db: Any) -> None:
         xids: dict[str, dict[int, dict[int, int]]] = {}
         for node_id, gpu_index, xid, count in db.execute(
             "SELECT node_id, gpu_index, xid, count FROM xid_totals"
@@ -336,7 +351,7 @@ class Store(Sink):
         self._meta = dict(db.execute("SELECT key, value FROM meta"))
         events = db.execute("SELECT event FROM events ORDER BY id")
         self._state.events.restore(events_pb2.Event.FromString(blob) for (blob,) in events)
-        log.info("restored %d nodes and the event log from %s", restored, self.path)
+        log.info("restored %d nodes and the event log from %s", restored, self.describe())
 
     def get_meta(self, key: str, default: int = 0) -> int:
         """A small named number kept with the fleet (e.g. how far the MQTT publisher got)."""
@@ -424,9 +439,9 @@ class Store(Sink):
             try:
                 await self._flush()
             except Exception as exc:
-                if not isinstance(exc, sqlite3.Error):
+                if not isinstance(exc, self.engine_errors):
                     log.exception("the database writer failed")  # a bug: its traceback helps
-                self._down(f"writing to {self.path} failed: {type(exc).__name__}: {exc}")
+                self._down(f"writing to {self.describe()} failed: {type(exc).__name__}: {exc}")
                 self._fail_waiters(exc)
             if self._stopping:
                 return
@@ -453,7 +468,7 @@ class Store(Sink):
             self._flushing = True
             if batch and self._db is not None:
                 started = time.perf_counter()
-                await asyncio.to_thread(_write, self._db, batch)
+                await asyncio.to_thread(self._write, batch)
                 self._metrics.store_commit_seconds.observe(time.perf_counter() - started)
         except Exception as exc:
             if done is not None and not done.done():
@@ -466,6 +481,10 @@ class Store(Sink):
         finally:
             self._flushing = False
             self._pending_since = None if self._next_commit is None else time.monotonic()
+
+    def _write(self, batch: Batch) -> None:
+        """Commit ``batch`` in one transaction (in the writer's thread)."""
+        _write(self._db, batch)
 
     def _collect(self, batch: Batch, node: NodeRecord) -> None:
         """What of ``node`` changed since it was last written, into ``batch``."""

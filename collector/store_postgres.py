@@ -1,0 +1,189 @@
+"""The fleet's durable state in PostgreSQL (`--db postgresql://...`), instead of the embedded SQLite.
+
+The same tables, batches and guarantees as `store.py` (a report is acknowledged once the batch
+holding it is committed), written through psycopg 3 in the store's writer thread, one
+transaction per batch with pipelined statements. The schema is created and migrated by the
+collector and versioned in `gpufleet_schema`; a database whose schema is newer than this
+collector's is refused at start, as is one that cannot be reached or logged into: one line,
+exit 2 (an operator who points a collector at PostgreSQL wants the shared state, not a fleet
+kept only in memory). A connection lost while running takes the store down as with SQLite: the
+batch is not acknowledged, the agents resend it, and the collector runs from memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+from typing import Any
+
+import psycopg
+
+from gpufleet.collector.selfmetrics import CollectorMetrics
+from gpufleet.collector.state import FleetState
+from gpufleet.collector.store import Batch, Store
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+MIGRATIONS: dict[int, str] = {
+    1: """
+CREATE TABLE nodes (
+    node_id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    interval_s DOUBLE PRECISION NOT NULL,
+    last_seen_unix_ns BIGINT NOT NULL,
+    last_sequence BIGINT NOT NULL,
+    inventory BYTEA NOT NULL,
+    missing_gpus BYTEA NOT NULL
+);
+CREATE TABLE xid_totals (
+    node_id TEXT NOT NULL,
+    gpu_index INTEGER NOT NULL,
+    xid INTEGER NOT NULL,
+    count BIGINT NOT NULL,
+    PRIMARY KEY (node_id, gpu_index, xid)
+);
+CREATE TABLE events (
+    id BIGINT PRIMARY KEY,
+    time_unix_ns BIGINT NOT NULL,
+    node_id TEXT NOT NULL,
+    event BYTEA NOT NULL
+);
+CREATE INDEX events_by_node ON events (node_id, id);
+CREATE TABLE gpu_health (
+    node_id TEXT NOT NULL,
+    gpu_index INTEGER NOT NULL,
+    health INTEGER NOT NULL,
+    reasons TEXT NOT NULL,
+    action TEXT NOT NULL,
+    xids_this_boot TEXT NOT NULL,
+    PRIMARY KEY (node_id, gpu_index)
+);
+CREATE TABLE meta (
+    key TEXT PRIMARY KEY,
+    value BIGINT NOT NULL
+);
+""",
+}
+CONNECT_TIMEOUT_S = 5
+
+
+class DatabaseRefused(Exception):
+    """The PostgreSQL database cannot be used at start; the message says what to do."""
+
+
+def is_postgres_url(value: str) -> bool:
+    return value.startswith(("postgresql://", "postgres://"))
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for log lines."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def migrate(db: psycopg.Connection[Any]) -> int:
+    """Bring the schema to SCHEMA_VERSION; return the version it had. Refuses a newer one."""
+    with db.transaction():
+        db.execute("CREATE TABLE IF NOT EXISTS gpufleet_schema (version INTEGER NOT NULL)")
+        db.execute("LOCK TABLE gpufleet_schema IN EXCLUSIVE MODE")  # collectors starting together
+        row = db.execute("SELECT version FROM gpufleet_schema").fetchone()
+        found = int(row[0]) if row else 0
+        if found > SCHEMA_VERSION:
+            raise DatabaseRefused(
+                f"the database's schema is version {found}, newer than this collector's "
+                f"({SCHEMA_VERSION}): upgrade the collector, or give it another database"
+            )
+        for version in range(found + 1, SCHEMA_VERSION + 1):
+            db.execute(MIGRATIONS[version])
+        if not row:
+            db.execute("INSERT INTO gpufleet_schema VALUES (%s)", (SCHEMA_VERSION,))
+        elif found < SCHEMA_VERSION:
+            db.execute("UPDATE gpufleet_schema SET version = %s", (SCHEMA_VERSION,))
+    return found
+
+
+class PostgresStore(Store):
+    """The Store, kept in PostgreSQL."""
+
+    engine_errors = (psycopg.Error,)
+
+    def __init__(self, url: str, state: FleetState, metrics: CollectorMetrics) -> None:
+        super().__init__(None, state, metrics)
+        self.url = url
+
+    def describe(self) -> str:
+        return f"PostgreSQL {redacted(self.url)}"
+
+    def open(self) -> None:
+        """Connect, migrate and restore; raises DatabaseRefused (nothing is kept only in memory)."""
+        try:
+            db = psycopg.connect(self.url, connect_timeout=CONNECT_TIMEOUT_S, autocommit=True)
+        except psycopg.Error as exc:
+            raise DatabaseRefused(f"cannot connect to {self.describe()}: {_gist(exc)}") from None
+        try:
+            found = migrate(db)
+            if found < SCHEMA_VERSION:
+                log.info("%s: schema version %d -> %d", self.describe(), found, SCHEMA_VERSION)
+            self._restore(db)
+        except DatabaseRefused:
+            db.close()
+            raise
+        except psycopg.Error as exc:
+            db.close()
+            raise DatabaseRefused(f"cannot use {self.describe()}: {_gist(exc)}") from None
+        self._db = db
+        self._metrics.store_up.set(1)
+        self._dirty.clear()
+
+    def _write(self, batch: Batch) -> None:
+        db: psycopg.Connection[Any] = self._db
+        with db.transaction(), db.cursor() as cursor:
+            cursor.executemany(
+                "INSERT INTO nodes VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (node_id) DO UPDATE SET "
+                "name = excluded.name, interval_s = excluded.interval_s, "
+                "last_seen_unix_ns = excluded.last_seen_unix_ns, last_sequence = excluded.last_sequence, "
+                "inventory = excluded.inventory, missing_gpus = excluded.missing_gpus",
+                list(batch.nodes.values()),
+            )
+            cursor.executemany(
+                "UPDATE nodes SET interval_s = %s, last_seen_unix_ns = %s, last_sequence = %s "
+                "WHERE node_id = %s",
+                list(batch.watermarks.values()),
+            )
+            cursor.executemany(
+                "INSERT INTO xid_totals VALUES (%s, %s, %s, %s) ON CONFLICT (node_id, gpu_index, xid) "
+                "DO UPDATE SET count = xid_totals.count + excluded.count",
+                [(node_id, gpu, xid, count) for (node_id, gpu, xid), count in batch.xids.items()],
+            )
+            cursor.executemany(
+                "INSERT INTO events VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
+                "time_unix_ns = excluded.time_unix_ns, node_id = excluded.node_id, event = excluded.event",
+                batch.events,
+            )
+            # Each node keeps its own newest events, as in memory and in SQLite.
+            cursor.executemany(
+                "DELETE FROM events WHERE node_id = %s AND id < (SELECT id FROM events WHERE node_id = %s "
+                "ORDER BY id DESC LIMIT 1 OFFSET %s)",
+                [(node_id, node_id, batch.events_per_node - 1) for node_id in {e[2] for e in batch.events}],
+            )
+            cursor.executemany(
+                "INSERT INTO gpu_health VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (node_id, gpu_index) "
+                "DO UPDATE SET health = excluded.health, reasons = excluded.reasons, "
+                "action = excluded.action, xids_this_boot = excluded.xids_this_boot",
+                batch.verdicts,
+            )
+            cursor.executemany(
+                "INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                list(batch.meta.items()),
+            )
+            for table in ("nodes", "xid_totals", "gpu_health"):
+                cursor.executemany(f"DELETE FROM {table} WHERE node_id = %s", [(n,) for n in batch.forgotten])
+
+
+def _gist(exc: psycopg.Error) -> str:
+    """psycopg's message, on one line."""
+    return " ".join(str(exc).split())
