@@ -9,6 +9,7 @@ ingest path.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -43,6 +44,46 @@ class Sink:
 
     async def stop(self, timeout_s: float) -> None:
         """Finish within ``timeout_s`` seconds."""
+
+
+class BatchedSink(Sink):
+    """A sink that redoes the nodes that changed in batches, REFRESH_DELAY_S after the first change.
+
+    Readers call ``refresh()`` first, so they never see less than what changed; without an event
+    loop (unit tests) nothing is scheduled and the next read does the work.
+    """
+
+    REFRESH_DELAY_S = 0.05
+    # What a failed scheduled refresh was doing, for its log line.
+    doing = "refreshing"
+
+    def __init__(self) -> None:
+        self._dirty: set[str] = set()
+        self._refresh_scheduled = False
+
+    def node_changed(self, node: NodeRecord) -> None:
+        self._dirty.add(node.node_id)
+        if not self._refresh_scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop: done at the next read
+                return
+            self._refresh_scheduled = True
+            loop.call_later(self.REFRESH_DELAY_S, self._scheduled_refresh)
+
+    def node_removed(self, node: NodeRecord) -> None:
+        self.node_changed(node)
+
+    def _scheduled_refresh(self) -> None:
+        self._refresh_scheduled = False
+        try:
+            self.refresh()
+        except Exception:
+            log.exception("%s failed; retrying with the next change", self.doing)
+
+    def refresh(self) -> object:
+        """Take in the nodes that changed since the last refresh."""
+        raise NotImplementedError
 
 
 class Sinks(Sink):

@@ -19,8 +19,6 @@ Nodes that changed are taken in batches REFRESH_DELAY_S after the first change, 
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -39,12 +37,10 @@ from gpufleet.collector.exposition.catalog import (
     WORKLOAD_IDLE_GPUS,
 )
 from gpufleet.collector.exposition.textformat import Family, escape_label_value
-from gpufleet.collector.sinks import Sink
+from gpufleet.collector.sinks import BatchedSink
 from gpufleet.collector.state import UP, FleetState, GpuRecord, NodeRecord
 from gpufleet.definitions import IDLE_SM_ACTIVE_PPM, IDLE_UTILIZATION_PERCENT
 from gpufleet.v1 import allocation_pb2, telemetry_pb2
-
-log = logging.getLogger(__name__)
 
 # 7! : a whole GPU, divisible by every MIG slice count (1-7) and by up to 7 sharing workloads.
 UNITS_PER_GPU = 5040
@@ -199,11 +195,12 @@ class WorkloadRow:
     idle_cost: dict[str, float] | None
 
 
-class WorkloadLedger(Sink):
+class WorkloadLedger(BatchedSink):
     """Keeps each node's share of the workloads current, their totals and their GPU-seconds."""
 
     name = "workloads"
     REFRESH_DELAY_S = 0.5
+    doing = "accounting the workloads"
 
     def __init__(
         self,
@@ -217,8 +214,8 @@ class WorkloadLedger(Sink):
         self._clock = clock
         self._wall_ns = wall_clock_ns
         self._nodes: dict[str, _NodeWork] = {}
-        self._dirty: set[str] = {node.node_id for node in state.nodes()}
-        self._refresh_scheduled = False
+        super().__init__()
+        self._dirty = {node.node_id for node in state.nodes()}
         # ("gpus"|"idle_utilization"|"idle_sm_active", cluster, namespace, job, user, model) -> units,
         # ("allocated"|"unallocated", cluster, model) -> units.
         self._totals: dict[tuple[str, ...], int] = {}
@@ -230,26 +227,6 @@ class WorkloadLedger(Sink):
         self._label_cache: dict[WorkloadKey, str] = {}
 
     # -- the sink ----------------------------------------------------------------------
-
-    def node_changed(self, node: NodeRecord) -> None:
-        self._dirty.add(node.node_id)
-        if not self._refresh_scheduled:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # no event loop: refreshed on the next read
-                return
-            self._refresh_scheduled = True
-            loop.call_later(self.REFRESH_DELAY_S, self._scheduled_refresh)
-
-    def node_removed(self, node: NodeRecord) -> None:
-        self.node_changed(node)
-
-    def _scheduled_refresh(self) -> None:
-        self._refresh_scheduled = False
-        try:
-            self.refresh()
-        except Exception:
-            log.exception("accounting the workloads failed; retrying with the next change")
 
     def refresh(self) -> None:
         """Take in the nodes that changed since the last refresh."""

@@ -16,8 +16,6 @@ node's lines), `views` (shards, blocks, gzip), `aggregates` (the fleet's totals)
 
 from __future__ import annotations
 
-import asyncio
-import logging
 from collections.abc import Callable
 
 from gpufleet.collector.exposition.aggregates import render_aggregates
@@ -25,8 +23,8 @@ from gpufleet.collector.exposition.catalog import FAMILIES
 from gpufleet.collector.exposition.nodes import _NodeLines
 from gpufleet.collector.exposition.textformat import CONTENT_TYPE, escape_label_value, format_value
 from gpufleet.collector.exposition.views import Body, ShardViews, shard_of
-from gpufleet.collector.sinks import Sink
-from gpufleet.collector.state import FleetState, NodeRecord
+from gpufleet.collector.sinks import BatchedSink
+from gpufleet.collector.state import FleetState
 from gpufleet.collector.totals import FleetTotals
 
 __all__ = [
@@ -40,10 +38,8 @@ __all__ = [
     "shard_of",
 ]
 
-log = logging.getLogger(__name__)
 
-
-class Exposition(Sink):
+class Exposition(BatchedSink):
     """Keeps every node's rendered lines current and joins them on scrape.
 
     Nodes that changed are rendered in small batches, REFRESH_DELAY_S after the
@@ -55,6 +51,7 @@ class Exposition(Sink):
     # Shard views kept (least recently scraped dropped first).
     MAX_VIEWS = 64
     REFRESH_DELAY_S = 0.05
+    doing = "rendering the exposition"
 
     def __init__(
         self, state: FleetState, extra: Callable[[], bytes] = lambda: b"", totals: FleetTotals | None = None
@@ -62,31 +59,11 @@ class Exposition(Sink):
         self._state = state
         self._extra = extra
         self._nodes: dict[str, _NodeLines] = {}
-        self._dirty: set[str] = {node.node_id for node in state.nodes()}
+        super().__init__()
+        self._dirty = {node.node_id for node in state.nodes()}
         self._totals = totals or FleetTotals()
         self._aggregates = render_aggregates(self._totals).encode()
         self._views = ShardViews([family.header().encode() for family in FAMILIES], self.MAX_VIEWS)
-        self._refresh_scheduled = False
-
-    def node_removed(self, node: NodeRecord) -> None:
-        self.node_changed(node)
-
-    def node_changed(self, node: NodeRecord) -> None:
-        self._dirty.add(node.node_id)
-        if not self._refresh_scheduled:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # no event loop: refreshed on the next scrape
-                return
-            self._refresh_scheduled = True
-            loop.call_later(self.REFRESH_DELAY_S, self._scheduled_refresh)
-
-    def _scheduled_refresh(self) -> None:
-        self._refresh_scheduled = False
-        try:
-            self.refresh()
-        except Exception:
-            log.exception("rendering the exposition failed; retrying with the next change")
 
     def refresh(self) -> int:
         """Re-render the nodes that changed since the last refresh; return how many."""
