@@ -9,6 +9,7 @@ something else listening on the socket: it answers every connection with bytes t
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 from collections.abc import AsyncIterator, Iterable, Mapping
@@ -126,3 +127,37 @@ async def garbage_server(socket_path: Path) -> AsyncIterator[asyncio.Server]:
     finally:
         server.close()
         await server.wait_closed()
+
+
+class _SyncLister(api_pb2_grpc.PodResourcesListerServicer):
+    def __init__(self, kubelet: ThreadedKubelet) -> None:
+        self.kubelet = kubelet
+
+    def List(  # noqa: N802
+        self, request: api_pb2.ListPodResourcesRequest, context: grpc.ServicerContext
+    ) -> api_pb2.ListPodResourcesResponse:
+        return api_pb2.ListPodResourcesResponse(pod_resources=list(self.kubelet.pods.values()))
+
+
+class ThreadedKubelet:
+    """The same service on grpc's threaded server, for tests that have no event loop of their own
+    (a grpc.aio server on a second thread's loop would share grpc's process-wide aio state)."""
+
+    def __init__(self, socket_path: Path) -> None:
+        self.socket_path = socket_path
+        # Replaced whole by the test (one atomic swap), read by the server's threads.
+        self.pods: dict[tuple[str, str], api_pb2.PodResources] = {}
+        self._server: grpc.Server | None = None
+
+    def start(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket_path)
+        self._server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=2))
+        api_pb2_grpc.add_PodResourcesListerServicer_to_server(_SyncLister(self), self._server)
+        self._server.add_insecure_port(f"unix://{self.socket_path}")
+        self._server.start()
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(grace=None).wait()
+            self._server = None

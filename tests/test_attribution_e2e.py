@@ -7,11 +7,9 @@ exactly as a real host would be.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import subprocess
 import sys
-import threading
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import ROOT, Processes, http_get, wait_until
-from tests.fake_kubelet import FakeKubelet, pod
+from tests.fake_kubelet import ThreadedKubelet, pod
 
 NODES = 24
 CLUSTERS = 2
@@ -112,21 +110,15 @@ def test_jobs_and_idle_show_the_simulated_schedulers_allocations(
 
 
 @pytest.fixture
-def kubelet(tmp_path: Path) -> Iterator[FakeKubelet]:
-    """A stand-in kubelet on a real unix socket, served from its own thread's event loop."""
-    loop = asyncio.new_event_loop()
+def kubelet(tmp_path: Path) -> Iterator[ThreadedKubelet]:
+    """A stand-in kubelet on a real unix socket."""
     (tmp_path / "pod-resources").mkdir()
-    server = FakeKubelet(tmp_path / "pod-resources" / "kubelet.sock")
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    asyncio.run_coroutine_threadsafe(server.start(), loop).result(timeout=10)
-    server.loop = loop  # type: ignore[attr-defined]
+    server = ThreadedKubelet(tmp_path / "pod-resources" / "kubelet.sock")
+    server.start()
     try:
         yield server
     finally:
-        asyncio.run_coroutine_threadsafe(server.stop(), loop).result(timeout=10)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(timeout=5)
+        server.stop()
 
 
 def agent_once(*args: str) -> dict[str, Any]:
@@ -143,11 +135,10 @@ def agent_once(*args: str) -> dict[str, Any]:
 
 
 def test_simulated_gpus_are_attributed_through_a_real_socket_and_job_files(
-    processes: Processes, tmp_path: Path, kubelet: FakeKubelet
+    processes: Processes, tmp_path: Path, kubelet: ThreadedKubelet
 ) -> None:
     inventory = agent_once("--gpus-per-node", "4")["inventory"]
     uuids = [gpu["uuid"] for gpu in inventory["gpus"]]
-    loop: asyncio.AbstractEventLoop = kubelet.loop  # type: ignore[attr-defined]
 
     def pods(*entries: Any) -> None:
         kubelet.pods = {(entry.namespace, entry.name): entry for entry in entries}  # one atomic swap
@@ -185,7 +176,7 @@ def test_simulated_gpus_are_attributed_through_a_real_socket_and_job_files(
     assert 'gpufleet_node_attribution_available{node="sim-node-00000",source="slurm"} 1' in metrics
 
     # The kubelet goes away: attribution says so, telemetry carries on, one log line.
-    asyncio.run_coroutine_threadsafe(kubelet.stop(), loop).result(timeout=10)
+    kubelet.stop()
     wait_until(
         lambda: 'source="kubernetes"} 0' in text(f"{base}/metrics"),
         timeout=20,
