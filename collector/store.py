@@ -111,6 +111,8 @@ class Batch:
     forgotten: list[str] = field(default_factory=list)
     verdicts: list[tuple[object, ...]] = field(default_factory=list)
     events_per_node: int = MIN_EVENTS_PER_NODE
+    # XID counts as totals to set, not increments to add (after a reconnection: what was missed).
+    xid_totals: dict[tuple[str, int, int], int] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(
@@ -121,6 +123,7 @@ class Batch:
             or self.meta
             or self.forgotten
             or self.verdicts
+            or self.xid_totals
         )
 
 
@@ -432,7 +435,7 @@ class Store(Sink):
 
     async def _run(self) -> None:
         """The writer: never ends on an error (it takes the store down instead and releases every waiter)."""
-        while self._db is not None:
+        while self._db is not None or await self._back_up():
             await self._wake.wait()
             if not self._stopping:
                 await asyncio.sleep(COMMIT_DELAY_S)
@@ -481,6 +484,10 @@ class Store(Sink):
         finally:
             self._flushing = False
             self._pending_since = None if self._next_commit is None else time.monotonic()
+
+    async def _back_up(self) -> bool:
+        """Once down, whether the store is up again (a SQLite store stays down until a restart)."""
+        return False
 
     def _write(self, batch: Batch) -> None:
         """Commit ``batch`` in one transaction (in the writer's thread)."""

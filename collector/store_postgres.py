@@ -6,18 +6,22 @@ transaction per batch with pipelined statements. The schema is created and migra
 collector and versioned in `gpufleet_schema`; a database whose schema is newer than this
 collector's is refused at start, as is one that cannot be reached or logged into: one line,
 exit 2 (an operator who points a collector at PostgreSQL wants the shared state, not a fleet
-kept only in memory). A connection lost while running takes the store down as with SQLite: the
-batch is not acknowledged, the agents resend it, and the collector runs from memory.
+kept only in memory). A connection lost while running takes the store down as with SQLite (the
+batch is not acknowledged, the agents resend it, and the collector runs from memory), but the
+writer then connects again, RECONNECT_S apart: once back, it writes the whole fleet as memory
+holds it (nodes, verdicts, XID totals) and the events logged meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import urllib.parse
 from typing import Any
 
 import psycopg
 
+from gpufleet.collector.eventlog import EventMatch
 from gpufleet.collector.selfmetrics import CollectorMetrics
 from gpufleet.collector.state import FleetState
 from gpufleet.collector.store import Batch, Store
@@ -66,6 +70,10 @@ CREATE TABLE meta (
 """,
 }
 CONNECT_TIMEOUT_S = 5
+# Events written back after a reconnection, at most (the newest; the log keeps a share per node).
+EVENTS_CAUGHT_UP = 1_000_000
+# How long apart the writer tries to connect again after losing the database.
+RECONNECT_S = 1.0
 
 
 class DatabaseRefused(Exception):
@@ -139,6 +147,49 @@ class PostgresStore(Store):
         self._metrics.store_up.set(1)
         self._dirty.clear()
 
+    async def _back_up(self) -> bool:
+        """Connect again; once connected, the next batch writes what memory holds."""
+        while not self._stopping:
+            await asyncio.sleep(RECONNECT_S)
+            try:
+                db, last_event_id = await asyncio.to_thread(self._connect_again)
+            except psycopg.Error:
+                continue
+            self._db = db
+            self._catch_up(last_event_id)
+            self._metrics.store_up.set(1)
+            log.info("%s is back: writing the fleet as it stands", self.describe())
+            return True
+        return False
+
+    def _connect_again(self) -> tuple[psycopg.Connection[Any], int]:
+        """A new connection, and the newest event id the database holds."""
+        db = psycopg.connect(self.url, connect_timeout=CONNECT_TIMEOUT_S, autocommit=True)
+        try:
+            row = db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()
+        except psycopg.Error:
+            db.close()
+            raise
+        return db, int(row[0]) if row else 0
+
+    def _catch_up(self, last_event_id: int) -> None:
+        """Have the next batch write every node, the XID totals and the events the database missed."""
+        self._written_inventory.clear()
+        self._written_health.clear()
+        batch = self._pending
+        for node in self._state.nodes():
+            self._dirty.add(node.node_id)
+            for index, gpu in node.gpus.items():
+                for xid, count in gpu.xid_totals.items():
+                    batch.xid_totals[(node.node_id, index, xid)] = count
+        batch.xids.clear()
+        batch.events.extend(
+            (e.id, e.time_unix_nano, e.node_id, e.SerializeToString())
+            for e in self._state.events.query(EventMatch(after_id=last_event_id), limit=EVENTS_CAUGHT_UP)
+        )
+        self._mark_pending()
+        self._wake.set()
+
     def _write(self, batch: Batch) -> None:
         db: psycopg.Connection[Any] = self._db
         with db.transaction(), db.cursor() as cursor:
@@ -158,6 +209,11 @@ class PostgresStore(Store):
                 "INSERT INTO xid_totals VALUES (%s, %s, %s, %s) ON CONFLICT (node_id, gpu_index, xid) "
                 "DO UPDATE SET count = xid_totals.count + excluded.count",
                 [(node_id, gpu, xid, count) for (node_id, gpu, xid), count in batch.xids.items()],
+            )
+            cursor.executemany(
+                "INSERT INTO xid_totals VALUES (%s, %s, %s, %s) ON CONFLICT (node_id, gpu_index, xid) "
+                "DO UPDATE SET count = excluded.count",
+                [(node_id, gpu, xid, count) for (node_id, gpu, xid), count in batch.xid_totals.items()],
             )
             cursor.executemany(
                 "INSERT INTO events VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "

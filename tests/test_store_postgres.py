@@ -15,7 +15,7 @@ from gpufleet.collector.service import Collector
 from gpufleet.collector.store_postgres import SCHEMA_VERSION, redacted
 from gpufleet.ports import free_port
 from gpufleet.v1 import ingest_pb2
-from tests.conftest import ROOT, Processes, local_config, wait_until
+from tests.conftest import ROOT, Processes, local_config, metric, until, wait_until
 from tests.postgres_server import PostgresServer
 from tests.test_durable_verdicts import FAULTY, PATIENT, event_ids, verdicts
 from tests.test_ingest import exchange, hello
@@ -57,6 +57,39 @@ async def test_what_was_acknowledged_is_restored_by_the_next_collector(postgresq
         assert answers[-1].report_ack.sequence == 3
     finally:
         await second.stop()
+
+
+async def test_a_lost_database_is_connected_again_and_told_what_it_missed(postgresql: PostgresServer) -> None:
+    source = SimulatedSource("H100", 8, node_index=1)
+    collector = Collector(local_config(db_url=postgresql.proxy_dsn))
+    await collector.start()
+    try:
+        answers, _, _ = await exchange(collector, hello(1), report_with_xid(1, source))
+        assert answers[-1].report_ack.sequence == 1
+        postgresql.block(refuse=True)
+        # The write fails: the store is down, the collector goes on from memory.
+        await exchange(collector, hello(1), report_with_xid(2, source))
+        await until(lambda: metric(collector, "gpufleet_collector_store_up") == 0, what="the store down")
+        await exchange(collector, hello(1), report_with_xid(3, source), report_with_xid(4, source))
+        postgresql.unblock()
+        await until(lambda: metric(collector, "gpufleet_collector_store_up") == 1, timeout=20, what="back up")
+        node = collector.state.find("node-0001")
+        assert node is not None
+        totals = dict(node.gpus[1].xid_totals)
+        events = [e.id for e in collector.state.events.query(EventMatch(), limit=1000)]
+        sequence = node.last_sequence
+        await collector.store.durable()
+    finally:
+        await collector.stop()
+    again = Collector(local_config(db_url=postgresql.dsn))
+    await again.start()
+    try:
+        node = again.state.find("node-0001")
+        assert node is not None
+        assert node.gpus[1].xid_totals == totals and node.last_sequence == sequence
+        assert [e.id for e in again.state.events.query(EventMatch(), limit=1000)] == events
+    finally:
+        await again.stop()
 
 
 def test_verdicts_and_events_survive_kill_9_with_postgresql(
