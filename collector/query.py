@@ -124,13 +124,14 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
         state: FleetState,
         totals: Callable[[], FleetTotals],
         followers: EventFollowers,
-        workloads: WorkloadLedger | None = None,
+        workloads: WorkloadLedger,
     ) -> None:
-        """``totals``: the fleet's running totals, current (the same the fleet metrics show)."""
+        """``totals``: the fleet's running totals, current (the same the fleet metrics show);
+        ``workloads``: the ledger registered with the state's sinks."""
         self._state = state
         self._totals = totals
         self._followers = followers
-        self._workloads = workloads or WorkloadLedger(state)
+        self._workloads = workloads
 
     def _gpu_view(self, node: NodeRecord, gpu: GpuRecord) -> query_pb2.GpuView:
         return gpu_view(node, gpu, self._workloads.gpu_slots(node.node_id, gpu.inventory.index))

@@ -409,16 +409,17 @@ class WorkloadLedger(BatchedSink):
             )
         return rows
 
+    def _fleet_units(self, kind: str) -> list[tuple[tuple[str, str], int]]:
+        """Units of reachable GPUs by (cluster, model): kind "allocated" or "unallocated"."""
+        return sorted(((key[1], key[2]), units) for key, units in self._totals.items() if key[0] == kind)
+
     def fleet_gpus(self) -> tuple[dict[tuple[str, str], float], dict[tuple[str, str], float]]:
         """Allocated and unallocated GPUs by (cluster, model)."""
         self.refresh()
-        allocated: dict[tuple[str, str], float] = {}
-        unallocated: dict[tuple[str, str], float] = {}
-        for (kind, *rest), units in self._totals.items():
-            if kind == "allocated":
-                allocated[(rest[0], rest[1])] = units / UNITS_PER_GPU
-            elif kind == "unallocated":
-                unallocated[(rest[0], rest[1])] = units / UNITS_PER_GPU
+        allocated, unallocated = (
+            {key: units / UNITS_PER_GPU for key, units in self._fleet_units(kind)}
+            for kind in ("allocated", "unallocated")
+        )
         return allocated, unallocated
 
     def _labels(self, key: WorkloadKey) -> str:
@@ -436,9 +437,6 @@ class WorkloadLedger(BatchedSink):
 
     def _render_gauges(self) -> bytes:
         gauges = sorted(self._gauges().items())
-        fleet = sorted(
-            (key, units) for key, units in self._totals.items() if key[0] in ("allocated", "unallocated")
-        )
         out: list[str] = []
         _family(out, WORKLOAD_GPUS, ((self._labels(key), units) for key, (units, _, _) in gauges if units))
         _family(
@@ -452,11 +450,7 @@ class WorkloadLedger(BatchedSink):
             ),
         )
         for family, kind in ((FLEET_ALLOCATED, "allocated"), (FLEET_UNALLOCATED, "unallocated")):
-            _family(
-                out,
-                family,
-                ((_cluster_model(key[1], key[2]), units) for key, units in fleet if key[0] == kind),
-            )
+            _family(out, family, ((_cluster_model(*key), units) for key, units in self._fleet_units(kind)))
         return "".join(out).encode()
 
     def _render_counters(self, now: float) -> bytes:

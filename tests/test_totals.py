@@ -9,6 +9,7 @@ from gpufleet.collector.eventlog import EventFollowers
 from gpufleet.collector.exposition import Exposition
 from gpufleet.collector.query import QueryServicer
 from gpufleet.collector.state import STALE, FleetState
+from gpufleet.collector.workload import WorkloadLedger
 from gpufleet.v1 import ingest_pb2, query_pb2, telemetry_pb2
 from tests.fleet import add_node, exposition_of
 
@@ -29,7 +30,9 @@ async def test_the_summary_and_the_fleet_metrics_count_by_the_same_rules() -> No
     now = [0.0]
     state = FleetState(clock=lambda: now[0])
     exposition = exposition_of(state)
-    query = QueryServicer(state, exposition.totals, EventFollowers())
+    ledger = WorkloadLedger(state)
+    state.sinks.add(ledger)
+    query = QueryServicer(state, exposition.totals, EventFollowers(), ledger)
     # Idle GPUs everywhere, then the awkward cases: a GPU that failed to read, one that
     # vanished from its node's inventory, and a stale node whose last samples are old.
     add_node(state, SimulatedSource("H100", 8, node_index=3, workload="idle"), 3)
