@@ -40,7 +40,7 @@ lint: $(BIN)/.installed
 	$(BIN)/mypy .
 
 test: $(BIN)/.installed system-deps lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2
 
 bench: $(BIN)/.installed system-deps
 	$(BIN)/python -m bench

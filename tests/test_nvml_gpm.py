@@ -558,8 +558,10 @@ def test_the_fakes_gpm_and_mig_answers_are_the_real_bindings_structures() -> Non
 # -- what GPM costs the agent ---------------------------------------------------------------
 
 
-def test_gpm_costs_the_agent_under_a_millisecond_of_cpu_per_gpu_per_interval() -> None:
-    cost = agent_cost.gpm_sample_cost(gpus=2, samples=20)
-    assert cost["without_gpm_us"] > 0 and cost["with_gpm_us"] > cost["without_gpm_us"]
-    assert cost["gpm_us"] <= agent_cost.TARGET_US
-    assert cost["mig7_gpm_us"] <= agent_cost.TARGET_US  # seven GPU instances, each with its own GPM
+def test_the_gpm_cost_benchmark_measures_whole_gpus_and_mig_instances() -> None:
+    # The benchmark (python -m bench) holds the target; here only that its measurement runs.
+    cost = agent_cost.gpm_sample_cost(gpus=2, samples=3)
+    for prefix in ("", "mig7_"):
+        for key in ("with_gpm_us", "without_gpm_us", "fake_gpm_us"):
+            assert cost[prefix + key] > 0, prefix + key
+        assert cost[prefix + "gpm_us"] == cost[prefix + "with_gpm_us"] - cost[prefix + "without_gpm_us"]
