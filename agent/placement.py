@@ -16,16 +16,18 @@ so the members follow the name.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import ipaddress
 import logging
 import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from gpufleet.rendezvous import rank, weight
 from gpufleet.settings import parse_host_port
 
 log = logging.getLogger(__name__)
+
+__all__ = ["expand", "members", "rank", "weight"]
 
 # socket.getaddrinfo's signature, for tests and callers that resolve differently.
 Resolve = Callable[..., list[tuple[Any, ...]]]
@@ -33,17 +35,6 @@ Resolve = Callable[..., list[tuple[Any, ...]]]
 # Configured names that did not resolve, logged once each (in this process, however many
 # simulated nodes share the name) until they resolve again.
 _unresolved: set[str] = set()
-
-
-def weight(node_id: str, member: str) -> int:
-    """The node's weight for one collector: the same in every process, on every Python."""
-    digest = hashlib.blake2b(f"{node_id}\0{member}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big")
-
-
-def rank(node_id: str, collectors: Sequence[str]) -> list[str]:
-    """The collectors in the order ``node_id`` tries them: its preferred one first."""
-    return sorted(dict.fromkeys(collectors), key=lambda member: (-weight(node_id, member), member))
 
 
 def _literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -61,6 +61,8 @@ class EventLog:
         # Told of each new event (the fleet state sets its sinks here).
         self.sink: Sink = Sink()
         self.last_id = 0
+        # The least id the next event may have (in a tier: ids unique across its collectors).
+        self.id_floor: Callable[[], int] = lambda: 0
 
     def __len__(self) -> int:
         return sum(len(events) for events in self._by_node.values())
@@ -69,11 +71,20 @@ class EventLog:
         """How many events each node keeps now."""
         return events_per_node(self.capacity, len(self._by_node))
 
-    def restore(self, events: Iterable[events_pb2.Event]) -> None:
-        """Events read back from the store at start-up (oldest first); not published again."""
+    def restore(self, events: Iterable[events_pb2.Event], *, own: bool = True) -> None:
+        """Events read back from the store (oldest first); not published again.
+
+        ``own=False``: events another collector of the tier logged (of a node taken over); their
+        ids are theirs, so they do not move this log's next id.
+        """
         for event in events:
             self._keep(event)
-            self.last_id = max(self.last_id, event.id)
+            if own:
+                self.last_id = max(self.last_id, event.id)
+
+    def drop(self, node_id: str) -> None:
+        """Forget a node's events here (another collector of the tier serves it now)."""
+        self._by_node.pop(node_id, None)
 
     def _keep(self, event: events_pb2.Event) -> None:
         kept = self._by_node.get(event.node_id)
@@ -98,7 +109,7 @@ class EventLog:
         attributes: Mapping[str, str] | None = None,
         time_unix_nano: int | None = None,
     ) -> events_pb2.Event:
-        self.last_id += 1
+        self.last_id = max(self.last_id + 1, self.id_floor())
         event = events_pb2.Event(
             id=self.last_id,
             time_unix_nano=time_unix_nano or time.time_ns(),

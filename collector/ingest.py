@@ -28,6 +28,7 @@ from gpufleet.collector.limits import (
     check_report,
     clamp_report,
 )
+from gpufleet.collector.ownership import Ownership
 from gpufleet.collector.selfmetrics import CollectorMetrics
 from gpufleet.collector.state import FleetState, NodeIdConflict, NodeRecord
 from gpufleet.collector.store import CommitFailed
@@ -71,8 +72,11 @@ class IngestServicer:
         *,
         durable: Callable[[], Awaitable[None]] = _nothing_to_wait_for,
         policy: IngestPolicy | None = None,
+        ownership: Ownership | None = None,
     ) -> None:
+        """``ownership``: in a tier, which nodes this collector serves (None: every node)."""
         self._state = state
+        self._ownership = ownership
         self._metrics = metrics
         self._durable = durable
         self._policy = policy or IngestPolicy()
@@ -153,6 +157,7 @@ class IngestServicer:
         self._streams_by_peer[peer] = self._streams_by_peer.get(peer, 0) + 1
         self._metrics.streams.inc()
         node: NodeRecord | None = None
+        task = asyncio.current_task()
         try:
             messages = requests.__aiter__()
             try:
@@ -167,7 +172,10 @@ class IngestServicer:
                     f"no Hello within {self._limits.hello_timeout_s:.0f} s",
                 )
             node = await self._hello(await self._parse(first, context), context)
+            if self._ownership is not None:
+                self._ownership.attach(node.node_id, task)
             await self._committed(context)
+            await self._still_served(node, context)
             yield ingest_pb2.CollectorMessage(
                 hello_ack=ingest_pb2.HelloAck(last_acked_sequence=node.last_sequence)
             )
@@ -180,6 +188,7 @@ class IngestServicer:
                 else:
                     self._metrics.duplicate_reports.inc()
                 await self._committed(context)
+                await self._still_served(node, context)
                 yield ingest_pb2.CollectorMessage(
                     report_ack=ingest_pb2.ReportAck(sequence=node.last_sequence)
                 )
@@ -190,6 +199,18 @@ class IngestServicer:
             self._metrics.streams.dec()
             if node is not None:
                 self._state.disconnected(node)
+                if self._ownership is not None:
+                    self._ownership.detach(node.node_id, task)
+
+    async def _still_served(self, node: NodeRecord, context: grpc.aio.ServicerContext) -> None:
+        """In a tier: acknowledge only while this collector holds the node's lease (fencing)."""
+        if self._ownership is not None and not self._ownership.owns(node.node_id):
+            await self._reject(
+                context,
+                grpc.StatusCode.UNAVAILABLE,
+                "not_owner",
+                f"this collector no longer serves node {node.name}: try another collector of the tier",
+            )
 
     async def _hello(self, message: ingest_pb2.AgentMessage, context: grpc.aio.ServicerContext) -> NodeRecord:
         if message.WhichOneof("kind") != "hello":
@@ -235,6 +256,8 @@ class IngestServicer:
                 f"too many agents connecting at once; retry in {wait_ms} ms",
                 ((wire.RETRY_AFTER_KEY, str(wait_ms)),),
             )
+        if self._ownership is not None:
+            await self._acquire(inventory.node_id, context)
         if self._state.get(inventory.node_id) is None:
             await self._admit_new_node(context)
         if hello.HasField("allocations") and (cut := bound_allocations(hello.allocations, self._limits)):
@@ -244,6 +267,26 @@ class IngestServicer:
         except NodeIdConflict as exc:
             await self._reject(context, grpc.StatusCode.ALREADY_EXISTS, "node_id_conflict", str(exc))
             raise  # not reached: abort raises
+
+    async def _acquire(self, node_id: str, context: grpc.aio.ServicerContext) -> None:
+        """In a tier: take the node's lease, or tell the agent when to ask again, or to go elsewhere."""
+        assert self._ownership is not None
+        owner = await self._ownership.acquire(node_id)
+        if owner is None:
+            return
+        if owner:
+            await self._retry_later(
+                context,
+                "not_owner",
+                self._ownership.retry_after_s,
+                f"node {node_id} is served by collector {owner}, which is asked to let it go",
+            )
+        await self._reject(
+            context,
+            grpc.StatusCode.UNAVAILABLE,
+            "fenced",
+            "this collector cannot reach the tier's shared store: try another collector",
+        )
 
     async def _admit_new_node(self, context: grpc.aio.ServicerContext) -> None:
         """A node the collector has never seen: within the node cap, and the peer's registration rate."""

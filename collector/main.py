@@ -21,11 +21,13 @@ from gpufleet.collector.service import Collector, CollectorConfig
 from gpufleet.collector.state import Liveness
 from gpufleet.collector.store import StoreBusy
 from gpufleet.collector.store_postgres import DatabaseRefused, is_postgres_url
+from gpufleet.collector.tier import DEFAULT_LEASE_S
 from gpufleet.settings import (
     Parser,
     add_flag,
     add_log_level,
     fail,
+    host_port,
     non_negative_int,
     parse_host_port,
     pem_file,
@@ -39,6 +41,11 @@ from gpufleet.settings import (
 from gpufleet.signals import stop_on_signals
 
 log = logging.getLogger("gpufleet.collector")
+
+
+def advertised_address(value: str) -> str:
+    """--advertise: HOST:PORT, or empty for this host's address."""
+    return host_port(value) if value else ""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -142,6 +149,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         help="MODEL=PRICE per GPU-hour (repeatable, e.g. H100=2.50): count what allocated and idle "
         "GPUs cost (docs/attribution.md); MODEL matches part of the GPU's name",
+    )
+    tier = parser.add_argument_group("a tier of collectors on one PostgreSQL --db (docs/operations.md)")
+    add_flag(
+        tier,
+        "--collector-id",
+        default="",
+        help="this collector's name, on its own metrics and in the tier (default: HOST:GRPC_PORT in a "
+        "tier; none for a collector on its own)",
+    )
+    add_flag(
+        tier,
+        "--advertise",
+        default="",
+        type=advertised_address,
+        help="the HOST:PORT agents give for this collector in --collector (default: this host's address "
+        "and the gRPC port); nodes nobody serves go to the collector their agents would prefer",
+    )
+    add_flag(
+        tier,
+        "--lease-seconds",
+        type=positive_float,
+        default=DEFAULT_LEASE_S,
+        help="how long a collector's nodes stay its own without renewal: after a crash, others take "
+        "them over within this time",
     )
     limits = parser.add_argument_group("limits on what agents send")
     defaults = Limits()
@@ -403,6 +434,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         http_max_connections=args.http_max_connections,
         http_max_connections_per_peer=args.http_max_connections_per_peer,
         prices=dict(args.price),
+        collector_id=args.collector_id,
+        advertise=args.advertise,
+        lease_s=args.lease_seconds,
     )
     raise_open_files_limit()
     with contextlib.suppress(asyncio.CancelledError):

@@ -127,6 +127,19 @@ class CollectorMetrics:
             "Failed connections to (or lost connections with) the MQTT broker.",
             registry=r,
         )
+        self.tier_nodes = Gauge(
+            "gpufleet_collector_tier_nodes",
+            "Nodes this collector serves in its tier (holds the lease of).",
+            registry=r,
+        )
+        self.tier_members = Gauge(
+            "gpufleet_collector_tier_members", "Live collectors of the tier, this one included.", registry=r
+        )
+        self.tier_fenced = Gauge(
+            "gpufleet_collector_tier_fenced",
+            "1 while this collector cannot renew its membership of the tier (it serves no node).",
+            registry=r,
+        )
         self.scrape_render_seconds = Gauge(
             "gpufleet_collector_last_render_seconds",
             "Time the latest /metrics answer took to build.",

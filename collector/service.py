@@ -6,11 +6,13 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import psycopg
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -33,12 +35,14 @@ from gpufleet.collector.ingest import SERVICE_NAME as INGEST_SERVICE
 from gpufleet.collector.ingest import IngestPolicy, IngestServicer, handler
 from gpufleet.collector.memory import LongLivedObjects
 from gpufleet.collector.mqtt import MqttConfig, MqttPublisher
+from gpufleet.collector.ownership import Ownership
 from gpufleet.collector.query import QueryServicer
 from gpufleet.collector.recorder import EventBudget
 from gpufleet.collector.selfmetrics import CollectorMetrics
 from gpufleet.collector.state import FleetState, Liveness
 from gpufleet.collector.store import Store
-from gpufleet.collector.store_postgres import PostgresStore
+from gpufleet.collector.store_postgres import DatabaseRefused, PostgresStore
+from gpufleet.collector.tier import DEFAULT_LEASE_S, CollectorIdInUse, Tier, event_id_base
 from gpufleet.collector.workload import WorkloadLedger
 from gpufleet.v1 import admin_pb2, admin_pb2_grpc, ingest_pb2, query_pb2, query_pb2_grpc
 
@@ -71,6 +75,12 @@ class CollectorConfig:
     http_max_connections_per_peer: int = MAX_CONNECTIONS_PER_PEER
     # Price per GPU-hour by model (part of its name), for what allocated and idle GPUs cost.
     prices: dict[str, float] = field(default_factory=dict)
+    # This collector's name on its own metrics and in the tier ("": host:gRPC port, in a tier).
+    collector_id: str = ""
+    # In a tier: the gRPC address agents use for this collector ("": this host's and the port).
+    advertise: str = ""
+    # In a tier: how long a collector's membership (and its nodes' leases) lasts unrenewed.
+    lease_s: float = DEFAULT_LEASE_S
 
 
 class Collector:
@@ -85,14 +95,21 @@ class Collector:
             event_budget=EventBudget(limits.events_per_node_per_second, limits.event_burst_per_node),
             on_suppressed=self.metrics.events_suppressed.inc,
         )
-        self.store = (
-            PostgresStore(config.db_url, self.state, self.metrics)
-            if config.db_url
-            else Store(config.db_path, self.state, self.metrics)
-        )
+        self.tier: Tier | None = None
+        self.ownership: Ownership | None = None
+        self.store: Store
+        if config.db_url:
+            # PostgreSQL: a member of a tier of collectors (of one, or of several).
+            self.tier = tier = Tier(config.db_url, config.collector_id, config.advertise, config.lease_s)
+            self.store = PostgresStore(config.db_url, self.state, self.metrics, tier)
+            self.ownership = Ownership(tier, self.store, self.state)
+            self.state.events.id_floor = lambda: event_id_base(tier.number)
+        else:
+            self.store = Store(config.db_path, self.state, self.metrics)
         self.metrics.store_uncommitted_seconds.set_function(self.store.uncommitted_seconds)
         self.workloads = WorkloadLedger(self.state, Prices(config.prices))
         self.exposition = Exposition(self.state, lambda: self.workloads.render() + self.metrics.render())
+        self.exposition.set_identity(config.collector_id)
         self.dcgm = DcgmExposition(self.state)
         self.followers = EventFollowers()
         self.mqtt = MqttPublisher(config.mqtt, self.state, self.metrics, self.store) if config.mqtt else None
@@ -126,8 +143,6 @@ class Collector:
 
     async def start(self) -> None:
         await self.store.open_async()
-        self.memory.settle()
-        self.state.sinks.start()
         security = self.config.security
         interceptors = []
         if security.tokens is not None:
@@ -136,7 +151,11 @@ class Collector:
             )
         server = grpc.aio.server(options=wire.SERVER_OPTIONS, interceptors=interceptors)
         ingest = IngestServicer(
-            self.state, self.metrics, durable=self.store.durable, policy=self.config.ingest
+            self.state,
+            self.metrics,
+            durable=self.store.durable,
+            policy=self.config.ingest,
+            ownership=self.ownership,
         )
         server.add_generic_rpc_handlers((handler(ingest),))
         query_pb2_grpc.add_QueryServiceServicer_to_server(
@@ -163,6 +182,9 @@ class Collector:
                 self.grpc_port = server.add_secure_port(address, credentials)
         except RuntimeError as exc:
             raise OSError(f"cannot listen for gRPC on {address}: is the port in use?") from exc
+        await self._join_tier()
+        self.memory.settle()
+        self.state.sinks.start()
         await server.start()
         self._grpc = server
         self.http_port = await self._http.start(
@@ -179,6 +201,33 @@ class Collector:
             self.grpc_port,
             self.config.http_host,
             self.http_port,
+        )
+
+    async def _join_tier(self) -> None:
+        """In a tier: become a member (named for the port just bound), serve the orphans, renew."""
+        tier = self.tier
+        if tier is None or self.ownership is None:
+            return
+        host = socket.gethostname()
+        tier.collector_id = tier.collector_id or f"{host}:{self.grpc_port}"
+        tier.address = tier.address or f"{_advertised_host(self.config.grpc_host)}:{self.grpc_port}"
+        try:
+            await asyncio.to_thread(tier.open)
+        except CollectorIdInUse as exc:
+            raise DatabaseRefused(str(exc)) from None
+        except (psycopg.Error, OSError) as exc:
+            raise DatabaseRefused(f"cannot join the tier in {self.store.describe()}: {exc}") from None
+        self.exposition.set_identity(tier.collector_id)
+        self.metrics.tier_nodes.set_function(lambda: len(tier.held()))
+        self.metrics.tier_members.set_function(lambda: len(tier.live_members()))
+        self.metrics.tier_fenced.set_function(lambda: int(tier.fenced))
+        await self.ownership.adopt_orphans()
+        tier.start()
+        log.info(
+            "collector %s is a member of the tier (%d others live), serving %d nodes",
+            tier.collector_id,
+            len(tier.peers),
+            len(self.state),
         )
 
     def _warn_if_open(self) -> None:
@@ -208,6 +257,8 @@ class Collector:
             await self._grpc.stop(self.config.shutdown_grace_s)
         await self._http.stop()
         await self.state.sinks.stop(self.config.shutdown_grace_s)
+        if self.tier is not None:
+            await self.tier.stop()  # what it held is written: the others may take it at once
         self.memory.close()
 
     async def wait(self) -> None:
@@ -293,6 +344,16 @@ def _shard_params(request: Request) -> tuple[int, int]:
     if not 1 <= shards <= MAX_SHARDS or not 0 <= shard < shards:
         raise ValueError(f"need 0 <= shard < shards <= {MAX_SHARDS}")
     return shard, shards
+
+
+def _advertised_host(listen_host: str) -> str:
+    """The host part agents dial: the listen address, or this host's own for a wildcard."""
+    if listen_host not in ("0.0.0.0", "::", ""):
+        return listen_host
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"
 
 
 def _is_loopback(host: str) -> bool:

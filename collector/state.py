@@ -348,6 +348,15 @@ class FleetState:
         self._ids_by_name.pop(node.name, None)
         self.sinks.node_removed(node)
 
+    def release(self, node: NodeRecord) -> None:
+        """Another collector of the tier serves the node now: drop it here, quietly (no event)."""
+        if self._nodes.pop(node.node_id, None) is None:
+            return
+        if self._ids_by_name.get(node.name) == node.node_id:
+            del self._ids_by_name[node.name]
+        self.events.drop(node.node_id)
+        self.sinks.node_removed(node)
+
     # -- persistence -----------------------------------------------------------------------
 
     def restore(self, node: NodeRecord) -> None:

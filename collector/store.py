@@ -24,6 +24,7 @@ import json
 import logging
 import sqlite3
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -314,47 +315,24 @@ class Store(Sink):
         self._db = None
 
     def _restore(self, db: Any) -> None:
-        xids: dict[str, dict[int, dict[int, int]]] = {}
-        for node_id, gpu_index, xid, count in db.execute(
-            "SELECT node_id, gpu_index, xid, count FROM xid_totals"
-        ):
-            xids.setdefault(node_id, {}).setdefault(gpu_index, {})[xid] = count
-        verdicts: dict[str, dict[int, tuple[health.Verdict, dict[int, int]]]] = {}
-        for node_id, gpu_index, code, reasons, action, boot_xids in db.execute(
-            "SELECT node_id, gpu_index, health, reasons, action, xids_this_boot FROM gpu_health"
-        ):
-            verdict = health.Verdict(code, tuple(json.loads(reasons)), action)
-            this_boot = {int(xid): count for xid, count in json.loads(boot_xids).items()}
-            verdicts.setdefault(node_id, {})[gpu_index] = (verdict, this_boot)
-        rows = db.execute(
-            "SELECT node_id, name, interval_s, last_seen_unix_ns, last_sequence, inventory, missing_gpus "
-            "FROM nodes"
+        records = build_records(
+            db.execute(f"SELECT {XID_COLUMNS} FROM xid_totals"),
+            db.execute(f"SELECT {HEALTH_COLUMNS} FROM gpu_health"),
+            db.execute(f"SELECT {NODE_COLUMNS} FROM nodes"),
         )
-        restored = 0
-        for node_id, name, interval_s, last_seen, last_sequence, inventory_blob, missing_blob in rows:
-            inventory = inventory_pb2.NodeInventory.FromString(inventory_blob)
-            node = NodeRecord(
-                node_id, name, inventory, interval_s, last_seen_unix_ns=last_seen, last_sequence=last_sequence
-            )
-            for gpu in inventory.gpus:
-                node.gpus[gpu.index] = GpuRecord(gpu)
-            for gpu in inventory_pb2.NodeInventory.FromString(missing_blob).gpus:
-                node.gpus[gpu.index] = GpuRecord(gpu, missing=True)
-            for gpu_index, totals in xids.get(node_id, {}).items():
-                if gpu_index in node.gpus:
-                    node.gpus[gpu_index].xid_totals = totals
-            for gpu_index, (verdict, this_boot) in verdicts.get(node_id, {}).items():
-                if gpu_index in node.gpus:
-                    node.gpus[gpu_index].verdict = verdict
-                    node.gpus[gpu_index].xids_this_boot = this_boot
-            self._state.restore(node)
-            self._written_inventory[node_id] = node.inventory_version
-            self._written_health[node_id] = node.health_version
-            restored += 1
+        self.adopt(records)
         self._meta = dict(db.execute("SELECT key, value FROM meta"))
         events = db.execute("SELECT event FROM events ORDER BY id")
         self._state.events.restore(events_pb2.Event.FromString(blob) for (blob,) in events)
-        log.info("restored %d nodes and the event log from %s", restored, self.describe())
+        log.info("restored %d nodes and the event log from %s", len(records), self.describe())
+
+    def adopt(self, records: list[NodeRecord]) -> None:
+        """Nodes read back from the database into the fleet (what it holds of them need not be written)."""
+        for node in records:
+            self._state.restore(node)
+            self._written_inventory[node.node_id] = node.inventory_version
+            self._written_health[node.node_id] = node.health_version
+            self._dirty.discard(node.node_id)
 
     def get_meta(self, key: str, default: int = 0) -> int:
         """A small named number kept with the fleet (e.g. how far the MQTT publisher got)."""
@@ -509,6 +487,47 @@ class Store(Sink):
         if self._written_health.get(node_id) != node.health_version:
             batch.verdicts.extend(_health_rows(node))
             self._written_health[node_id] = node.health_version
+
+
+# The columns read back, in the order build_records takes them.
+NODE_COLUMNS = "node_id, name, interval_s, last_seen_unix_ns, last_sequence, inventory, missing_gpus"
+XID_COLUMNS = "node_id, gpu_index, xid, count"
+HEALTH_COLUMNS = "node_id, gpu_index, health, reasons, action, xids_this_boot"
+
+
+def build_records(
+    xid_rows: Iterable[Sequence[Any]],
+    health_rows: Iterable[Sequence[Any]],
+    node_rows: Iterable[Sequence[Any]],
+) -> list[NodeRecord]:
+    """Nodes as the database holds them: inventory, watermark, XID totals, verdicts (any engine)."""
+    xids: dict[str, dict[int, dict[int, int]]] = {}
+    for node_id, gpu_index, xid, count in xid_rows:
+        xids.setdefault(node_id, {}).setdefault(gpu_index, {})[xid] = count
+    verdicts: dict[str, dict[int, tuple[health.Verdict, dict[int, int]]]] = {}
+    for node_id, gpu_index, code, reasons, action, boot_xids in health_rows:
+        verdict = health.Verdict(code, tuple(json.loads(reasons)), action)
+        this_boot = {int(xid): count for xid, count in json.loads(boot_xids).items()}
+        verdicts.setdefault(node_id, {})[gpu_index] = (verdict, this_boot)
+    records = []
+    for node_id, name, interval_s, last_seen, last_sequence, inventory_blob, missing_blob in node_rows:
+        inventory = inventory_pb2.NodeInventory.FromString(inventory_blob)
+        node = NodeRecord(
+            node_id, name, inventory, interval_s, last_seen_unix_ns=last_seen, last_sequence=last_sequence
+        )
+        for gpu in inventory.gpus:
+            node.gpus[gpu.index] = GpuRecord(gpu)
+        for gpu in inventory_pb2.NodeInventory.FromString(missing_blob).gpus:
+            node.gpus[gpu.index] = GpuRecord(gpu, missing=True)
+        for gpu_index, totals in xids.get(node_id, {}).items():
+            if gpu_index in node.gpus:
+                node.gpus[gpu_index].xid_totals = totals
+        for gpu_index, (verdict, this_boot) in verdicts.get(node_id, {}).items():
+            if gpu_index in node.gpus:
+                node.gpus[gpu_index].verdict = verdict
+                node.gpus[gpu_index].xids_this_boot = this_boot
+        records.append(node)
+    return records
 
 
 def _node_row(node: NodeRecord) -> tuple[object, ...]:

@@ -23,12 +23,21 @@ import psycopg
 
 from gpufleet.collector.eventlog import EventMatch
 from gpufleet.collector.selfmetrics import CollectorMetrics
-from gpufleet.collector.state import FleetState
-from gpufleet.collector.store import Batch, Store
+from gpufleet.collector.state import FleetState, NodeRecord
+from gpufleet.collector.store import (
+    HEALTH_COLUMNS,
+    NODE_COLUMNS,
+    XID_COLUMNS,
+    Batch,
+    Store,
+    build_records,
+)
+from gpufleet.collector.tier import CHANNEL, NOTIFY_IDS, Tier
+from gpufleet.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MIGRATIONS: dict[int, str] = {
     1: """
 CREATE TABLE nodes (
@@ -67,6 +76,24 @@ CREATE TABLE meta (
     key TEXT PRIMARY KEY,
     value BIGINT NOT NULL
 );
+""",
+    # The tier (collector/tier.py): members and their leases, one per node.
+    2: """
+CREATE TABLE members (
+    instance TEXT PRIMARY KEY,
+    collector_id TEXT NOT NULL,
+    address TEXT NOT NULL,
+    number INTEGER NOT NULL,
+    started_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+    expires_at TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE leases (
+    node_id TEXT PRIMARY KEY,
+    owner TEXT,
+    epoch BIGINT NOT NULL,
+    wanted_by TEXT
+);
+CREATE INDEX leases_by_owner ON leases (owner);
 """,
 }
 CONNECT_TIMEOUT_S = 5
@@ -119,9 +146,10 @@ class PostgresStore(Store):
 
     engine_errors = (psycopg.Error,)
 
-    def __init__(self, url: str, state: FleetState, metrics: CollectorMetrics) -> None:
+    def __init__(self, url: str, state: FleetState, metrics: CollectorMetrics, tier: Tier) -> None:
         super().__init__(None, state, metrics)
         self.url = url
+        self.tier = tier
 
     def describe(self) -> str:
         return f"PostgreSQL {redacted(self.url)}"
@@ -136,7 +164,7 @@ class PostgresStore(Store):
             found = migrate(db)
             if found < SCHEMA_VERSION:
                 log.info("%s: schema version %d -> %d", self.describe(), found, SCHEMA_VERSION)
-            self._restore(db)
+            self._meta = dict(db.execute("SELECT key, value FROM meta"))
         except DatabaseRefused:
             db.close()
             raise
@@ -146,6 +174,13 @@ class PostgresStore(Store):
         self._db = db
         self._metrics.store_up.set(1)
         self._dirty.clear()
+
+    # The collector's own small numbers are its own in a database the tier shares.
+    def get_meta(self, key: str, default: int = 0) -> int:
+        return super().get_meta(f"{self.tier.collector_id}/{key}", default)
+
+    def set_meta(self, key: str, value: int) -> None:
+        super().set_meta(f"{self.tier.collector_id}/{key}", value)
 
     async def _back_up(self) -> bool:
         """Connect again; once connected, the next batch writes what memory holds."""
@@ -166,7 +201,10 @@ class PostgresStore(Store):
         """A new connection, and the newest event id the database holds."""
         db = psycopg.connect(self.url, connect_timeout=CONNECT_TIMEOUT_S, autocommit=True)
         try:
-            row = db.execute("SELECT coalesce(max(id), 0) FROM events").fetchone()
+            # The newest of this collector's nodes' events (other collectors' ids are theirs).
+            row = db.execute(
+                "SELECT coalesce(max(id), 0) FROM events WHERE node_id = ANY(%s)", (list(self.tier.held()),)
+            ).fetchone()
         except psycopg.Error:
             db.close()
             raise
@@ -193,6 +231,7 @@ class PostgresStore(Store):
     def _write(self, batch: Batch) -> None:
         db: psycopg.Connection[Any] = self._db
         with db.transaction(), db.cursor() as cursor:
+            self._fence(cursor, batch)
             cursor.executemany(
                 "INSERT INTO nodes VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (node_id) DO UPDATE SET "
                 "name = excluded.name, interval_s = excluded.interval_s, "
@@ -236,8 +275,64 @@ class PostgresStore(Store):
                 "INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 list(batch.meta.items()),
             )
-            for table in ("nodes", "xid_totals", "gpu_health"):
+            for table in ("nodes", "xid_totals", "gpu_health", "leases"):
                 cursor.executemany(f"DELETE FROM {table} WHERE node_id = %s", [(n,) for n in batch.forgotten])
+            # Followers on every collector of the tier hear of the events once they are committed.
+            ids = [str(event[0]) for event in batch.events]
+            for start in range(0, len(ids), NOTIFY_IDS):
+                payload = f"{self.tier.instance} {','.join(ids[start : start + NOTIFY_IDS])}"
+                cursor.execute("SELECT pg_notify(%s, %s)", (CHANNEL, payload))
+
+    def _fence(self, cursor: psycopg.Cursor[Any], batch: Batch) -> None:
+        """Keep only what this collector still owns (its leases, checked and held in this transaction)."""
+        nodes = {
+            *batch.nodes,
+            *batch.watermarks,
+            *(n for n, _, _ in batch.xids),
+            *(n for n, _, _ in batch.xid_totals),
+        }
+        nodes.update(event[2] for event in batch.events)
+        nodes.update(str(row[0]) for row in batch.verdicts)
+        if not nodes:
+            return
+        held = self.tier.held()
+        cursor.execute(
+            "SELECT l.node_id, l.epoch FROM leases l JOIN members m ON m.instance = l.owner "
+            "WHERE l.owner = %s AND m.expires_at > now() AND l.node_id = ANY(%s) FOR SHARE OF l",
+            (self.tier.instance, sorted(nodes)),
+        )
+        owned = {node_id for node_id, epoch in cursor.fetchall() if held.get(node_id) == epoch}
+        lost = nodes - owned
+        if not lost:
+            return
+        self.tier.lost(lost)
+        batch.nodes = {n: row for n, row in batch.nodes.items() if n in owned}
+        batch.watermarks = {n: row for n, row in batch.watermarks.items() if n in owned}
+        batch.xids = {key: count for key, count in batch.xids.items() if key[0] in owned}
+        batch.xid_totals = {key: count for key, count in batch.xid_totals.items() if key[0] in owned}
+        batch.events = [event for event in batch.events if event[2] in owned]
+        batch.verdicts = [row for row in batch.verdicts if row[0] in owned]
+
+    def read_nodes(
+        self, db: psycopg.Connection[Any], node_ids: list[str]
+    ) -> tuple[list[NodeRecord], list[events_pb2.Event]]:
+        """Nodes as the database holds them, and their events (oldest first), for their new owner."""
+        where = " WHERE node_id = ANY(%s)"
+        records = build_records(
+            db.execute(f"SELECT {XID_COLUMNS} FROM xid_totals" + where, (node_ids,)),
+            db.execute(f"SELECT {HEALTH_COLUMNS} FROM gpu_health" + where, (node_ids,)),
+            db.execute(f"SELECT {NODE_COLUMNS} FROM nodes" + where, (node_ids,)),
+        )
+        events = [
+            events_pb2.Event.FromString(blob)
+            for (blob,) in db.execute("SELECT event FROM events" + where + " ORDER BY id", (node_ids,))
+        ]
+        return records, events
+
+    def read_events(self, db: psycopg.Connection[Any], ids: list[int]) -> list[events_pb2.Event]:
+        """Events by id (what a peer's NOTIFY named), oldest first."""
+        rows = db.execute("SELECT event FROM events WHERE id = ANY(%s) ORDER BY id", (ids,))
+        return [events_pb2.Event.FromString(blob) for (blob,) in rows]
 
 
 def _gist(exc: psycopg.Error) -> str:

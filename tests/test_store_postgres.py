@@ -96,7 +96,7 @@ def test_verdicts_and_events_survive_kill_9_with_postgresql(
     processes: Processes, postgresql: PostgresServer
 ) -> None:
     grpc_port, http_port = free_port(), free_port()
-    settings = ("--db", postgresql.dsn, *PATIENT)
+    settings = ("--db", postgresql.dsn, "--lease-seconds", "3", *PATIENT)
     collector, target, _ = processes.collector(*settings, grpc_port=grpc_port, http_port=http_port)
     agent = processes.sim_fleet("--nodes", str(NODES), "--interval", "0.5", "--collector", target, *FAULTY)
     wait_until(

@@ -21,7 +21,12 @@ from collections.abc import Callable
 from gpufleet.collector.exposition.aggregates import render_aggregates
 from gpufleet.collector.exposition.catalog import FAMILIES
 from gpufleet.collector.exposition.nodes import _NodeLines
-from gpufleet.collector.exposition.textformat import CONTENT_TYPE, escape_label_value, format_value
+from gpufleet.collector.exposition.textformat import (
+    CONTENT_TYPE,
+    escape_label_value,
+    format_value,
+    with_label,
+)
 from gpufleet.collector.exposition.views import Body, ShardViews, shard_of
 from gpufleet.collector.sinks import BatchedSink
 from gpufleet.collector.state import FleetState
@@ -62,6 +67,7 @@ class Exposition(BatchedSink):
         super().__init__()
         self._dirty = {node.node_id for node in state.nodes()}
         self._totals = totals or FleetTotals()
+        self._identity = b""
         self._aggregates = render_aggregates(self._totals).encode()
         self._views = ShardViews([family.header().encode() for family in FAMILIES], self.MAX_VIEWS)
 
@@ -87,8 +93,17 @@ class Exposition(BatchedSink):
             self._views.changed(node_id, lines, lines.render(node))
             shares_changed |= totals.replace(share, lines.contribution)
         if shares_changed:
-            self._aggregates = render_aggregates(totals).encode()
+            self._render_aggregates()
         return len(dirty)
+
+    def set_identity(self, collector_id: str) -> None:
+        """Label the fleet aggregates and the collector's own metrics with ``collector`` (in a tier,
+        each collector's are its own, summed by recording rules); per-GPU series never carry it."""
+        self._identity = f'collector="{escape_label_value(collector_id)}"'.encode() if collector_id else b""
+        self._render_aggregates()
+
+    def _render_aggregates(self) -> None:
+        self._aggregates = with_label(render_aggregates(self._totals).encode(), self._identity)
 
     def totals(self) -> FleetTotals:
         """The fleet's running totals, current (what the aggregates are rendered from)."""
@@ -98,7 +113,7 @@ class Exposition(BatchedSink):
     def fleet(self) -> bytes:
         """The small view: fleet aggregates and the collector's own metrics."""
         self.refresh()
-        return self._aggregates + self._extra()
+        return self._aggregates + with_label(self._extra(), self._identity)
 
     def nodes(self, shard: int = 0, shards: int = 1) -> Body:
         """Every per-node and per-GPU series, or one shard of them."""

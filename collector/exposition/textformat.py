@@ -28,6 +28,25 @@ def format_value(value: float | int) -> str:
     return repr(value)
 
 
+def with_label(text: bytes, label: bytes) -> bytes:
+    """Every sample line of ``text`` with one more label first (``label``: 'name="value"')."""
+    if not label:
+        return text
+    out = []
+    for line in text.split(b"\n"):
+        if not line or line.startswith(b"#"):
+            out.append(line)
+            continue
+        brace, space = line.find(b"{"), line.find(b" ")
+        if brace == -1 or brace > space:
+            out.append(line[:space] + b"{" + label + b"}" + line[space:])
+        elif line[brace + 1 : brace + 2] == b"}":
+            out.append(line[: brace + 1] + label + line[brace + 1 :])
+        else:
+            out.append(line[: brace + 1] + label + b"," + line[brace + 1 :])
+    return b"\n".join(out)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
