@@ -196,6 +196,17 @@ class ServerSecurity:
             require_client_auth=self.client_ca is not None,
         )
 
+    def peer_credentials(self) -> grpc.ChannelCredentials | None:
+        """How this collector calls the other collectors of its tier: with TLS, presenting its own
+        certificate, and checking theirs against --tls-client-ca (or the system's CAs)."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.client_ca.read_bytes() if self.client_ca else None,
+            private_key=self.tls_key.read_bytes(),
+            certificate_chain=self.tls_cert.read_bytes(),
+        )
+
     def http_ssl_context(self) -> ssl.SSLContext | None:
         """TLS for the HTTP endpoints, with the same certificate as gRPC."""
         if self.tls_cert is None or self.tls_key is None:

@@ -43,11 +43,14 @@ class EventMatch:
     min_severity: int = 0
     since_unix_nano: int = 0
     after_id: int = 0
+    # A node's name or id, as an operator typed it (for a node another collector of a tier serves).
+    node: str = ""
 
     def __call__(self, event: events_pb2.Event) -> bool:
         return (
             event.id > self.after_id
             and (not self.node_id or event.node_id == self.node_id)
+            and (not self.node or self.node in (event.node_id, event.node_name))
             and (not self.kinds or event.kind in self.kinds)
             and event.severity >= self.min_severity
             and event.time_unix_nano > self.since_unix_nano
@@ -164,6 +167,9 @@ class EventFollowers(Sink):
 
     def unfollow(self, follower: Follower) -> None:
         self._followers.remove(follower)
+
+    def __len__(self) -> int:
+        return len(self._followers)
 
     def event(self, event: events_pb2.Event) -> None:
         for follower in self._followers:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import bisect
+import json
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -15,7 +18,7 @@ from gpufleet.collector.eventlog import EventFollowers, EventMatch
 from gpufleet.collector.state import UP, FleetState, GpuRecord, NodeRecord, NodeState
 from gpufleet.collector.totals import FleetTotals
 from gpufleet.collector.workload import GROUPS, UNITS_PER_GPU, Slot, WorkloadLedger, group_workloads
-from gpufleet.v1 import allocation_pb2, events_pb2, query_pb2, query_pb2_grpc
+from gpufleet.v1 import allocation_pb2, events_pb2, query_pb2, query_pb2_grpc, telemetry_pb2
 
 DEFAULT_PAGE_SIZE = 1000
 # Events a follower of StreamEvents may fall behind before it is cut off.
@@ -28,22 +31,52 @@ T = TypeVar("T")
 GpuRow = tuple[NodeRecord, GpuRecord]
 
 
-def _sample_value(field_name: str) -> Callable[[GpuRow], Any]:
-    def key(row: GpuRow) -> Any:
-        sample = row[1].sample
+def _sample_value(field_name: str) -> Callable[[telemetry_pb2.GpuSample | None, int], Any]:
+    def value(sample: telemetry_pb2.GpuSample | None, health_code: int) -> Any:
         return getattr(sample, field_name) if sample is not None and sample.HasField(field_name) else -1
 
-    return key
+    return value
 
 
-GPU_SORT_KEYS: dict[str, Callable[[GpuRow], Any]] = {
-    "node": lambda row: (row[0].name, row[1].inventory.index),
+# What ListGpus sorts by: a value from a GPU's sample and verdict. Rows are ordered by
+# (value, node name, GPU index), so that pages, and pages merged from a tier's collectors, agree.
+GPU_SORT_KEYS: dict[str, Callable[[telemetry_pb2.GpuSample | None, int], Any]] = {
+    "node": lambda sample, health_code: 0,
     "utilization": _sample_value("gpu_utilization_percent"),
     "temperature": _sample_value("gpu_temperature_celsius"),
     "power": _sample_value("power_draw_milliwatts"),
     "memory": _sample_value("memory_used_bytes"),
-    "health": lambda row: health.SEVERITY_ORDER[row[0].gpu_verdict(row[1]).health],
+    "health": lambda sample, health_code: health.SEVERITY_ORDER[cast(Any, health_code)],
 }
+
+
+def row_key(sort: str, row: GpuRow) -> tuple[Any, ...]:
+    node, gpu = row
+    return (GPU_SORT_KEYS[sort](gpu.sample, node.gpu_verdict(gpu).health), node.name, gpu.inventory.index)
+
+
+def view_key(sort: str, view: query_pb2.GpuView) -> tuple[Any, ...]:
+    """The same order as ``row_key``, from a view (what other collectors of a tier answer)."""
+    sample = view.sample if view.HasField("sample") else None
+    return (GPU_SORT_KEYS[sort](sample, view.health), view.node_name, view.inventory.index)
+
+
+def page_token(key: Sequence[Any]) -> str:
+    """An opaque token: the sort key of the last row of a page (the next page starts after it)."""
+    return base64.urlsafe_b64encode(json.dumps(list(key)).encode()).decode()
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(item) for item in value) if isinstance(value, list) else value
+
+
+def token_key(token: str) -> tuple[Any, ...] | None:
+    """The key a page token holds; None for an invalid one."""
+    try:
+        key = _tuples(json.loads(base64.urlsafe_b64decode(token.encode())))
+    except (ValueError, TypeError):
+        return None
+    return key if isinstance(key, tuple) else None
 
 
 def gpu_view(node: NodeRecord, gpu: GpuRecord, slots: Sequence[Slot] = ()) -> query_pb2.GpuView:
@@ -102,16 +135,53 @@ def node_view(node: NodeRecord, with_inventory: bool = False) -> query_pb2.NodeV
     return view
 
 
+def page_size(requested: int) -> int:
+    return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
 async def _page(
-    items: Sequence[T], page_size: int, page_token: str, context: grpc.aio.ServicerContext
+    items: Sequence[T],
+    key: Callable[[T], tuple[Any, ...]],
+    size: int,
+    token: str,
+    context: grpc.aio.ServicerContext,
+    descending: bool = False,
 ) -> tuple[Sequence[T], str]:
-    size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
-    try:
-        start = int(page_token or 0)
-    except ValueError:
-        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid page_token {page_token!r}")
-    end = start + size
-    return items[start:end], (str(end) if end < len(items) else "")
+    """The page of ``items`` (sorted by ``key``) after the row ``token`` names, and the next token."""
+    start = 0
+    if token:
+        after = token_key(token)
+        if after is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"invalid page_token {token!r}")
+        assert after is not None
+        keys = [key(item) for item in items]
+        try:
+            if descending:
+                start = len(keys) - bisect.bisect_left(keys[::-1], after)
+            else:
+                start = bisect.bisect_right(keys, after)
+        except TypeError:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"page_token {token!r} is for another order"
+            )
+    page = items[start : start + size]
+    return page, (page_token(key(page[-1])) if page and start + size < len(items) else "")
+
+
+def node_key(node: NodeRecord | query_pb2.NodeView) -> tuple[str, str]:
+    return node.name, node.node_id
+
+
+async def gpu_order(sort_by: str, context: grpc.aio.ServicerContext) -> tuple[str, bool]:
+    """ListGpus' sort_by as (key, descending), or INVALID_ARGUMENT."""
+    sort_by = sort_by or "node"
+    sort = sort_by.lstrip("-")
+    if sort not in GPU_SORT_KEYS:
+        await context.abort(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"unknown sort_by {sort_by!r}; one of {', '.join(GPU_SORT_KEYS)}",
+        )
+    return sort, sort_by.startswith("-")
 
 
 def _counts(counter: Counter[str]) -> list[query_pb2.Count]:
@@ -149,6 +219,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             gpus_by_cluster=_counts(summary.gpus_by_cluster),
             idle_gpus=summary.idle_gpus,
             power_draw_watts=summary.power_watts,
+            measured_gpus=summary.measured_gpus,
         )
         if summary.mean_utilization_ratio is not None:
             response.mean_gpu_utilization_ratio = summary.mean_utilization_ratio
@@ -164,9 +235,9 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                 if (not request.cluster or n.cluster == request.cluster)
                 and (not request.state or WIRE_NODE_STATES[n.state] == request.state)
             ),
-            key=lambda n: n.name,
+            key=node_key,
         )
-        page, token = await _page(nodes, request.page_size, request.page_token, context)
+        page, token = await _page(nodes, node_key, page_size(request.page_size), request.page_token, context)
         return query_pb2.ListNodesResponse(
             nodes=[node_view(n) for n in page], next_page_token=token, total_size=len(nodes)
         )
@@ -174,16 +245,15 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
     async def ListGpus(  # noqa: N802
         self, request: query_pb2.ListGpusRequest, context: grpc.aio.ServicerContext
     ) -> query_pb2.ListGpusResponse:
-        sort_by = request.sort_by or "node"
-        descending = sort_by.startswith("-")
-        key = GPU_SORT_KEYS.get(sort_by.lstrip("-"))
-        if key is None:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"unknown sort_by {sort_by!r}; one of {', '.join(GPU_SORT_KEYS)}",
-            )
+        sort, descending = await gpu_order(request.sort_by, context)
+
+        def key(row: GpuRow) -> tuple[Any, ...]:
+            return row_key(sort, row)
+
         rows = sorted(self._matching_gpus(request), key=key, reverse=descending)
-        page, token = await _page(rows, request.page_size, request.page_token, context)
+        page, token = await _page(
+            rows, key, page_size(request.page_size), request.page_token, context, descending
+        )
         return query_pb2.ListGpusResponse(
             gpus=[self._gpu_view(n, g) for n, g in page], next_page_token=token, total_size=len(rows)
         )
@@ -283,7 +353,7 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
     async def StreamEvents(  # noqa: N802
         self, request: query_pb2.StreamEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[events_pb2.Event]:
-        match = await self._match(request.filter, context)
+        match = await self._follow_match(request.filter, context)
         queue: asyncio.Queue[events_pb2.Event] = asyncio.Queue(maxsize=FOLLOW_QUEUE)
         fell_behind = False
 
@@ -295,13 +365,14 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                 except asyncio.QueueFull:
                     fell_behind = True
 
-        log = self._state.events
         self._followers.follow(on_event)
         try:
             last_id = 0
+            replayed: set[int] = set()
             if match.after_id or match.since_unix_nano:
-                for event in log.query(match, limit=FOLLOW_QUEUE):
-                    last_id = event.id
+                for event in await self._replay(request.filter, FOLLOW_QUEUE, context):
+                    last_id = max(last_id, event.id)
+                    replayed.add(event.id)
                     yield event
             while True:
                 event = await queue.get()
@@ -310,8 +381,20 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
                         grpc.StatusCode.RESOURCE_EXHAUSTED,
                         f"this follower fell {FOLLOW_QUEUE} events behind; reconnect with after_id={last_id}",
                     )
-                if event.id > last_id:
-                    last_id = event.id
+                if event.id not in replayed:
+                    last_id = max(last_id, event.id)
                     yield event
         finally:
             self._followers.unfollow(on_event)
+
+    async def _follow_match(
+        self, event_filter: query_pb2.EventFilter, context: grpc.aio.ServicerContext
+    ) -> EventMatch:
+        """Which events a follower gets (a tier matches a node it does not serve by name or id)."""
+        return await self._match(event_filter, context)
+
+    async def _replay(
+        self, event_filter: query_pb2.EventFilter, limit: int, context: grpc.aio.ServicerContext
+    ) -> list[events_pb2.Event]:
+        """The events a follower asked for from before it followed (after_id, since), oldest first."""
+        return self._state.events.query(await self._match(event_filter, context), limit)

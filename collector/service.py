@@ -23,6 +23,7 @@ from gpufleet.collector.auth import AuthInterceptor, ServerSecurity
 from gpufleet.collector.dcgm import DcgmExposition
 from gpufleet.collector.eventlog import EventFollowers
 from gpufleet.collector.exposition import CONTENT_TYPE, Exposition
+from gpufleet.collector.fleetwide import FleetwideQueries
 from gpufleet.collector.http import (
     MAX_CONNECTIONS,
     MAX_CONNECTIONS_PER_PEER,
@@ -36,6 +37,7 @@ from gpufleet.collector.ingest import IngestPolicy, IngestServicer, handler
 from gpufleet.collector.memory import LongLivedObjects
 from gpufleet.collector.mqtt import MqttConfig, MqttPublisher
 from gpufleet.collector.ownership import Ownership
+from gpufleet.collector.peers import Peers
 from gpufleet.collector.query import QueryServicer
 from gpufleet.collector.recorder import EventBudget
 from gpufleet.collector.selfmetrics import CollectorMetrics
@@ -97,12 +99,14 @@ class Collector:
         )
         self.tier: Tier | None = None
         self.ownership: Ownership | None = None
+        self.peers: Peers | None = None
         self.store: Store
         if config.db_url:
             # PostgreSQL: a member of a tier of collectors (of one, or of several).
             self.tier = tier = Tier(config.db_url, config.collector_id, config.advertise, config.lease_s)
             self.store = PostgresStore(config.db_url, self.state, self.metrics, tier)
             self.ownership = Ownership(tier, self.store, self.state)
+            self.peers = Peers(tier, config.security.peer_credentials())
             self.state.events.id_floor = lambda: event_id_base(tier.number)
         else:
             self.store = Store(config.db_path, self.state, self.metrics)
@@ -138,6 +142,7 @@ class Collector:
         self._ready = False
         self.memory = LongLivedObjects(self.metrics.gc_pause_seconds)
         self._housekeeping: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()
         self.grpc_port = config.grpc_port
         self.http_port = config.http_port
 
@@ -158,9 +163,14 @@ class Collector:
             ownership=self.ownership,
         )
         server.add_generic_rpc_handlers((handler(ingest),))
-        query_pb2_grpc.add_QueryServiceServicer_to_server(
-            QueryServicer(self.state, self.exposition.totals, self.followers, self.workloads), server
+        queries = (
+            QueryServicer(self.state, self.exposition.totals, self.followers, self.workloads)
+            if self.peers is None
+            else FleetwideQueries(
+                self.state, self.exposition.totals, self.followers, self.workloads, self.peers
+            )
         )
+        query_pb2_grpc.add_QueryServiceServicer_to_server(queries, server)
         admin_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(self.state), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -222,13 +232,30 @@ class Collector:
         self.metrics.tier_members.set_function(lambda: len(tier.live_members()))
         self.metrics.tier_fenced.set_function(lambda: int(tier.fenced))
         await self.ownership.adopt_orphans()
-        tier.start()
+        tier.start(self._peer_events)
         log.info(
             "collector %s is a member of the tier (%d others live), serving %d nodes",
             tier.collector_id,
             len(tier.peers),
             len(self.state),
         )
+
+    def _peer_events(self, ids: list[int]) -> None:
+        """Events another collector of the tier committed: for this one's followers (only)."""
+        if len(self.followers) and self.tier is not None and isinstance(self.store, PostgresStore):
+            task = asyncio.create_task(self._tell_followers(ids))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _tell_followers(self, ids: list[int]) -> None:
+        assert self.tier is not None and isinstance(self.store, PostgresStore)
+        try:
+            events = await asyncio.to_thread(self.tier.load, self.store.read_events, ids)
+        except (psycopg.Error, OSError) as exc:
+            log.warning("cannot read %d events of other collectors for followers: %s", len(ids), exc)
+            return
+        for event in events:
+            self.followers.event(event)
 
     def _warn_if_open(self) -> None:
         """One clear warning when anyone on the network could report as any node or read the fleet."""
@@ -257,6 +284,8 @@ class Collector:
             await self._grpc.stop(self.config.shutdown_grace_s)
         await self._http.stop()
         await self.state.sinks.stop(self.config.shutdown_grace_s)
+        if self.peers is not None:
+            await self.peers.close()
         if self.tier is not None:
             await self.tier.stop()  # what it held is written: the others may take it at once
         self.memory.close()

@@ -26,11 +26,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 from psycopg_pool import ConnectionPool
@@ -38,6 +39,9 @@ from psycopg_pool import ConnectionPool
 from gpufleet.rendezvous import rank
 
 log = logging.getLogger(__name__)
+
+K = TypeVar("K")
+T = TypeVar("T")
 
 # Renewals per lease period: a member renews every lease_s / RENEWALS seconds.
 RENEWALS = 5
@@ -52,6 +56,8 @@ EPOCH_MS = 1_735_689_600_000
 # Orphans adopted per renewal, at most (the rest at the next).
 ADOPT_BATCH = 5000
 POOL_SIZE = 4
+# How long the event listener waits for a notification before it looks whether to stop.
+LISTEN_POLL_S = 1.0
 # How often a collector waiting for its id's old membership to lapse looks again.
 REGISTER_POLL_S = 0.5
 # Event ids in one NOTIFY payload, at most (payloads must stay under 8000 bytes).
@@ -116,6 +122,7 @@ class Tier:
         self._renewed_at = float("-inf")
         self._pool: ConnectionPool[Any] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._listener: threading.Thread | None = None
         self._stopping = False
         self._last_failure = ""
 
@@ -241,15 +248,36 @@ class Tier:
             ).fetchone()
             return False, row[0] if row else "another collector"
 
-    def load(self, reader: Callable[[Any, list[str]], Any], node_ids: list[str]) -> Any:
-        """``reader(db, node_ids)`` on a connection of the pool (in the caller's thread)."""
+    def load(self, reader: Callable[[Any, list[K]], T], keys: list[K]) -> T:
+        """``reader(db, keys)`` on a connection of the pool (in the caller's thread)."""
         with self._connection() as db:
-            return reader(db, node_ids)
+            return reader(db, keys)
 
     # -- renewing ------------------------------------------------------------------------------
 
-    def start(self) -> None:
+    def start(self, on_peer_events: Callable[[list[int]], None] | None = None) -> None:
+        """Renew from now on; ``on_peer_events`` hears the ids of events other members commit."""
         self._task = asyncio.create_task(self._run(), name="tier-renewal")
+        if on_peer_events is not None:
+            loop = asyncio.get_running_loop()
+            self._listener = threading.Thread(
+                target=self._listen, args=(loop, on_peer_events), name="tier-events", daemon=True
+            )
+            self._listener.start()
+
+    def _listen(self, loop: asyncio.AbstractEventLoop, deliver: Callable[[list[int]], None]) -> None:
+        """LISTEN for the events other members commit (a thread; reconnects after losing the store)."""
+        while not self._stopping:
+            try:
+                with psycopg.connect(self.url, autocommit=True, connect_timeout=5) as db:
+                    db.execute(f"LISTEN {CHANNEL}")
+                    while not self._stopping:
+                        for notify in db.notifies(timeout=LISTEN_POLL_S):
+                            instance, _, ids = notify.payload.partition(" ")
+                            if instance != self.instance and ids:
+                                loop.call_soon_threadsafe(deliver, [int(i) for i in ids.split(",")])
+            except (psycopg.Error, OSError, ValueError, RuntimeError):
+                time.sleep(LISTEN_POLL_S)  # the store is away (or the loop closed): again soon
 
     async def _run(self) -> None:
         while not self._stopping:
@@ -407,6 +435,8 @@ class Tier:
     async def stop(self) -> None:
         """Leave the tier: every lease and the membership are freed, so others take over at once."""
         self._stopping = True
+        if self._listener is not None:
+            await asyncio.to_thread(self._listener.join, LISTEN_POLL_S * 3)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -71,6 +71,8 @@ class FleetSummary:
     # Mean over the reachable GPUs that report utilization (None: none does).
     mean_utilization_ratio: float | None
     power_watts: float
+    # How many GPUs the mean is over (to weigh it with other collectors' in a tier).
+    measured_gpus: int = 0
 
     @property
     def gpus(self) -> int:
@@ -140,4 +142,5 @@ class FleetTotals:
             idle_gpus=idle,
             mean_utilization_ratio=utilization / 100 / measured if measured else None,
             power_watts=milliwatts / 1000,
+            measured_gpus=measured,
         )

@@ -81,6 +81,7 @@ def test_the_free_text_settings_are_only_these() -> None:
         "GPUFLEET_JOB_MAPPING_DIR",
         "GPUFLEET_SIM_TRUTH_FILE",
         "GPUFLEET_DB",
+        "GPUFLEET_COLLECTOR_ID",
         "GPUFLEET_MQTT_USERNAME",
         "GPUFLEET_MQTT_TOPIC_PREFIX",
     }

@@ -7,12 +7,16 @@ import subprocess
 import sys
 
 import grpc
+import psycopg
+import pytest
 
 from gpufleet.agent.sources.sim import SimulatedSource
 from gpufleet.collector.eventlog import EventMatch
+from gpufleet.collector.query import view_key
 from gpufleet.collector.service import Collector
 from gpufleet.collector.tier import event_id_base
 from gpufleet.ports import free_port
+from gpufleet.v1 import query_pb2, query_pb2_grpc
 from tests.conftest import ROOT, local_config, metric, until
 from tests.postgres_server import PostgresServer
 from tests.test_ingest import exchange, hello
@@ -175,3 +179,93 @@ def test_a_second_live_collector_with_the_same_id_is_refused_in_one_line(postgre
     finally:
         first.terminate()
         first.wait(timeout=30)
+
+
+class Garbage:
+    """A peer that answers every question with bytes that do not parse."""
+
+    def __init__(self) -> None:
+        self.server = grpc.aio.server()
+        self.server.add_generic_rpc_handlers((self,))
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        async def answer(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            return b"\xff\xff\xff\xff not a protobuf"
+
+        return grpc.unary_unary_rpc_method_handler(answer)
+
+    async def start(self) -> str:
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        return f"127.0.0.1:{port}"
+
+
+async def test_any_collector_answers_for_the_whole_fleet_and_says_who_answered(
+    postgresql: PostgresServer,
+) -> None:
+    tier = [member(postgresql.dsn, name) for name in ("a", "b", "c")]
+    for collector in tier:
+        await collector.start()
+    garbage = Garbage()
+    try:
+        for index in range(9):
+            source = SimulatedSource("H100", 8, node_index=index)
+            answers, _, _ = await exchange(tier[index % 3], hello(index), report_with_xid(1, source))
+            assert answers[-1].report_ack.sequence == 1
+        await until(
+            lambda: all(metric(c, "gpufleet_collector_tier_members") == 3 for c in tier), what="peers"
+        )
+        a, _, c = tier
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{a.grpc_port}") as channel:
+            query = query_pb2_grpc.QueryServiceStub(channel)
+            summary = await query.GetFleetSummary(query_pb2.GetFleetSummaryRequest())
+            assert (summary.nodes, summary.gpus) == (9, 72)
+            assert (summary.coverage.collectors, summary.coverage.answered) == (3, 3)
+            # Pages merged from three collectors: every GPU once, in one order, whatever the page size.
+            seen, token = [], ""
+            while True:
+                page = await query.ListGpus(
+                    query_pb2.ListGpusRequest(sort_by="-temperature", page_size=7, page_token=token)
+                )
+                seen.extend(page.gpus)
+                token = page.next_page_token
+                if not token:
+                    break
+            keys = [view_key("temperature", view) for view in seen]
+            assert len(set(keys)) == 72 and keys == sorted(keys, reverse=True)
+            assert page.total_size == 72
+            # One node, wherever it is served; its events, from the collector that serves it.
+            node = await query.GetNode(query_pb2.GetNodeRequest(node="node-0004"))
+            assert node.node.name == "node-0004" and len(node.gpus) == 8
+            events = await query.ListEvents(
+                query_pb2.ListEventsRequest(filter=query_pb2.EventFilter(kinds=["xid"]))
+            )
+            assert len({e.node_id for e in events.events}) == 9
+            assert len({e.id for e in events.events}) == len(events.events)
+            missing = query.GetNode(query_pb2.GetNodeRequest(node="nowhere"))
+            with pytest.raises(grpc.aio.AioRpcError) as not_found:
+                await missing
+            assert not_found.value.code() == grpc.StatusCode.NOT_FOUND
+            # Following on a: an event logged on c arrives.
+            follow = query.StreamEvents(query_pb2.StreamEventsRequest())
+            await asyncio.sleep(0.5)
+            await exchange(c, hello(20))
+            event = await asyncio.wait_for(follow.read(), timeout=10)
+            assert event.node_name == "node-0020" and event.kind == "node_registered"
+            follow.cancel()
+            # A peer that answers garbage: the answer is partial, and right for the others.
+            address = await garbage.start()
+            with psycopg.connect(postgresql.dsn, autocommit=True) as db:
+                db.execute(
+                    "INSERT INTO members (instance, collector_id, address, number, expires_at) "
+                    "VALUES ('garbage/1', 'garbage', %s, 99, now() + interval '1 hour')",
+                    (address,),
+                )
+            await until(lambda: metric(a, "gpufleet_collector_tier_members") == 4, what="a seeing the peer")
+            summary = await query.GetFleetSummary(query_pb2.GetFleetSummaryRequest())
+            assert (summary.nodes, summary.gpus) == (10, 80)
+            assert list(summary.coverage.missing) == ["garbage"] and summary.coverage.answered == 3
+    finally:
+        await garbage.server.stop(0)
+        for collector in tier:
+            await collector.stop()

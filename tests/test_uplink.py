@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -168,14 +169,21 @@ async def test_failover_to_the_next_collector_address(collector: Collector) -> N
     inventory = inventory_for(source, 0)
     live = f"127.0.0.1:{collector.grpc_port}"
     # A dead address this node ranks first: it is tried first, and the node moves on to the live one.
-    dead = next(
-        address
-        for address in (f"127.0.0.1:{free_port()}" for _ in range(64))
-        if rank(inventory.node_id, [address, live])[0] == address
-    )
-    uplink = Uplink([live, dead], inventory, backoff_base_s=0.05, backoff_cap_s=0.2, rng=random.Random(0))
-    async with running(uplink):
-        uplink.submit(source.sample(with_processes=False))
-        await until(lambda: uplink.last_acked_sequence == 1)
+    # Ports held bound but not listening (connections to them are refused), distinct from each other.
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(32):
+            bound = held.enter_context(socket.socket())
+            bound.bind(("127.0.0.1", 0))
+            ports.append(bound.getsockname()[1])
+        dead = next(
+            address
+            for address in (f"127.0.0.1:{port}" for port in ports)
+            if rank(inventory.node_id, [address, live])[0] == address
+        )
+        uplink = Uplink([live, dead], inventory, backoff_base_s=0.05, backoff_cap_s=0.2, rng=random.Random(0))
+        async with running(uplink):
+            uplink.submit(source.sample(with_processes=False))
+            await until(lambda: uplink.last_acked_sequence == 1)
     assert uplink.stats.reconnects_total >= 1
     assert uplink.current_target == live and uplink.preferred_target == dead

@@ -46,6 +46,18 @@ class FleetClient:
         self._channel = security.channel(target, wire.CLIENT_OPTIONS)
         self._stub = query_pb2_grpc.QueryServiceStub(self._channel)
         self._admin = admin_pb2_grpc.AdminServiceStub(self._channel)
+        # In a tier of collectors: how many there are, and those that did not answer.
+        self.collectors = 1
+        self.missing: set[str] = set()
+
+    def partial(self) -> str:
+        """A warning when collectors of the tier did not answer ("" when every one did)."""
+        if not self.missing:
+            return ""
+        return (
+            f"partial answer: {len(self.missing)} of {self.collectors} collectors did not answer "
+            f"({', '.join(sorted(self.missing))}); the nodes they serve are missing"
+        )
 
     def close(self) -> None:
         self._channel.close()
@@ -59,9 +71,14 @@ class FleetClient:
     def _call(self, method: str, request: Any) -> Any:
         try:
             stub = self._admin if method in ADMIN_METHODS else self._stub
-            return getattr(stub, method)(request, timeout=self._timeout, metadata=self._metadata)
+            answer = getattr(stub, method)(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise _explain(exc, self.target) from exc
+        coverage = getattr(answer, "coverage", None)
+        if coverage is not None and coverage.collectors:
+            self.collectors = coverage.collectors
+            self.missing.update(coverage.missing)
+        return answer
 
     def summary(self) -> query_pb2.GetFleetSummaryResponse:
         request = query_pb2.GetFleetSummaryRequest()

@@ -93,6 +93,11 @@ def cmd_summary(client: FleetClient, args: argparse.Namespace) -> str:
         f"Idle     {s.idle_gpus:>8}   GPUs under {IDLE_UTILIZATION_PERCENT} % utilization{idle_share}",
         f"Util     {utilization:>8}   mean over reachable GPUs",
         f"Power    {s.power_draw_watts / 1000:>8.1f}   kW",
+        *(
+            [f"Tier     {s.coverage.answered:>8}   of {s.coverage.collectors} collectors answered"]
+            if s.coverage.collectors > 1
+            else []
+        ),
         "",
         output.table(
             [{"model": c.key, "gpus": c.count} for c in s.gpus_by_model],

@@ -225,6 +225,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             result = args.run(client, args)
             for line in [result] if isinstance(result, str) else result:
                 print(line, flush=True)
+            if warning := client.partial():
+                print(f"warning: {warning}", file=sys.stderr)
     except CollectorUnavailable as exc:
         fail(str(exc), code=1)
     except (BrokenPipeError, KeyboardInterrupt):

@@ -50,7 +50,7 @@ class GetFleetSummaryRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetFleetSummaryResponse(_message.Message):
-    __slots__ = ("nodes", "gpus", "nodes_by_state", "gpus_by_health", "gpus_by_model", "gpus_by_cluster", "idle_gpus", "mean_gpu_utilization_ratio", "power_draw_watts")
+    __slots__ = ("nodes", "gpus", "nodes_by_state", "gpus_by_health", "gpus_by_model", "gpus_by_cluster", "idle_gpus", "mean_gpu_utilization_ratio", "power_draw_watts", "measured_gpus", "coverage")
     NODES_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
     NODES_BY_STATE_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +60,8 @@ class GetFleetSummaryResponse(_message.Message):
     IDLE_GPUS_FIELD_NUMBER: _ClassVar[int]
     MEAN_GPU_UTILIZATION_RATIO_FIELD_NUMBER: _ClassVar[int]
     POWER_DRAW_WATTS_FIELD_NUMBER: _ClassVar[int]
+    MEASURED_GPUS_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
     nodes: int
     gpus: int
     nodes_by_state: _containers.RepeatedCompositeFieldContainer[Count]
@@ -69,7 +71,19 @@ class GetFleetSummaryResponse(_message.Message):
     idle_gpus: int
     mean_gpu_utilization_ratio: float
     power_draw_watts: float
-    def __init__(self, nodes: _Optional[int] = ..., gpus: _Optional[int] = ..., nodes_by_state: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., gpus_by_health: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., gpus_by_model: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., gpus_by_cluster: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., idle_gpus: _Optional[int] = ..., mean_gpu_utilization_ratio: _Optional[float] = ..., power_draw_watts: _Optional[float] = ...) -> None: ...
+    measured_gpus: int
+    coverage: Coverage
+    def __init__(self, nodes: _Optional[int] = ..., gpus: _Optional[int] = ..., nodes_by_state: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., gpus_by_health: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., gpus_by_model: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., gpus_by_cluster: _Optional[_Iterable[_Union[Count, _Mapping]]] = ..., idle_gpus: _Optional[int] = ..., mean_gpu_utilization_ratio: _Optional[float] = ..., power_draw_watts: _Optional[float] = ..., measured_gpus: _Optional[int] = ..., coverage: _Optional[_Union[Coverage, _Mapping]] = ...) -> None: ...
+
+class Coverage(_message.Message):
+    __slots__ = ("collectors", "answered", "missing")
+    COLLECTORS_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    collectors: int
+    answered: int
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, collectors: _Optional[int] = ..., answered: _Optional[int] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class NodeView(_message.Message):
     __slots__ = ("node_id", "name", "state", "last_seen_unix_nano", "gpu_count", "unhealthy_gpu_count", "inventory", "agent_stats", "last_sequence")
@@ -134,14 +148,16 @@ class ListNodesRequest(_message.Message):
     def __init__(self, cluster: _Optional[str] = ..., state: _Optional[_Union[NodeState, str]] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListNodesResponse(_message.Message):
-    __slots__ = ("nodes", "next_page_token", "total_size")
+    __slots__ = ("nodes", "next_page_token", "total_size", "coverage")
     NODES_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
     nodes: _containers.RepeatedCompositeFieldContainer[NodeView]
     next_page_token: str
     total_size: int
-    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeView, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
+    coverage: Coverage
+    def __init__(self, nodes: _Optional[_Iterable[_Union[NodeView, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ..., coverage: _Optional[_Union[Coverage, _Mapping]] = ...) -> None: ...
 
 class ListGpusRequest(_message.Message):
     __slots__ = ("model", "node", "cluster", "health", "idle_only", "sort_by", "page_size", "page_token", "namespace", "pod", "job", "user")
@@ -172,14 +188,16 @@ class ListGpusRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., node: _Optional[str] = ..., cluster: _Optional[str] = ..., health: _Optional[_Union[GpuHealth, str]] = ..., idle_only: _Optional[bool] = ..., sort_by: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., namespace: _Optional[str] = ..., pod: _Optional[str] = ..., job: _Optional[str] = ..., user: _Optional[str] = ...) -> None: ...
 
 class ListGpusResponse(_message.Message):
-    __slots__ = ("gpus", "next_page_token", "total_size")
+    __slots__ = ("gpus", "next_page_token", "total_size", "coverage")
     GPUS_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
     gpus: _containers.RepeatedCompositeFieldContainer[GpuView]
     next_page_token: str
     total_size: int
-    def __init__(self, gpus: _Optional[_Iterable[_Union[GpuView, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ...) -> None: ...
+    coverage: Coverage
+    def __init__(self, gpus: _Optional[_Iterable[_Union[GpuView, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., total_size: _Optional[int] = ..., coverage: _Optional[_Union[Coverage, _Mapping]] = ...) -> None: ...
 
 class GetNodeRequest(_message.Message):
     __slots__ = ("node",)
@@ -188,12 +206,14 @@ class GetNodeRequest(_message.Message):
     def __init__(self, node: _Optional[str] = ...) -> None: ...
 
 class GetNodeResponse(_message.Message):
-    __slots__ = ("node", "gpus")
+    __slots__ = ("node", "gpus", "coverage")
     NODE_FIELD_NUMBER: _ClassVar[int]
     GPUS_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
     node: NodeView
     gpus: _containers.RepeatedCompositeFieldContainer[GpuView]
-    def __init__(self, node: _Optional[_Union[NodeView, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[GpuView, _Mapping]]] = ...) -> None: ...
+    coverage: Coverage
+    def __init__(self, node: _Optional[_Union[NodeView, _Mapping]] = ..., gpus: _Optional[_Iterable[_Union[GpuView, _Mapping]]] = ..., coverage: _Optional[_Union[Coverage, _Mapping]] = ...) -> None: ...
 
 class EventFilter(_message.Message):
     __slots__ = ("node", "kinds", "min_severity", "since_unix_nano", "after_id")
@@ -218,10 +238,12 @@ class ListEventsRequest(_message.Message):
     def __init__(self, filter: _Optional[_Union[EventFilter, _Mapping]] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class ListEventsResponse(_message.Message):
-    __slots__ = ("events",)
+    __slots__ = ("events", "coverage")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[_events_pb2.Event]
-    def __init__(self, events: _Optional[_Iterable[_Union[_events_pb2.Event, _Mapping]]] = ...) -> None: ...
+    coverage: Coverage
+    def __init__(self, events: _Optional[_Iterable[_Union[_events_pb2.Event, _Mapping]]] = ..., coverage: _Optional[_Union[Coverage, _Mapping]] = ...) -> None: ...
 
 class StreamEventsRequest(_message.Message):
     __slots__ = ("filter",)
@@ -300,9 +322,11 @@ class Price(_message.Message):
     def __init__(self, model: _Optional[str] = ..., per_gpu_hour: _Optional[float] = ...) -> None: ...
 
 class ListWorkloadsResponse(_message.Message):
-    __slots__ = ("workloads", "prices")
+    __slots__ = ("workloads", "prices", "coverage")
     WORKLOADS_FIELD_NUMBER: _ClassVar[int]
     PRICES_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
     workloads: _containers.RepeatedCompositeFieldContainer[WorkloadView]
     prices: _containers.RepeatedCompositeFieldContainer[Price]
-    def __init__(self, workloads: _Optional[_Iterable[_Union[WorkloadView, _Mapping]]] = ..., prices: _Optional[_Iterable[_Union[Price, _Mapping]]] = ...) -> None: ...
+    coverage: Coverage
+    def __init__(self, workloads: _Optional[_Iterable[_Union[WorkloadView, _Mapping]]] = ..., prices: _Optional[_Iterable[_Union[Price, _Mapping]]] = ..., coverage: _Optional[_Union[Coverage, _Mapping]] = ...) -> None: ...
