@@ -43,10 +43,7 @@ class Ownership:
         if self._tier.owns(node_id):
             return None
         claimed, owner = await self._tier.acquire(node_id)
-        if not claimed:
-            return owner
-        await self._adopt([node_id])
-        return None
+        return None if claimed else owner
 
     def owns(self, node_id: str) -> bool:
         return self._tier.owns(node_id)

@@ -35,11 +35,11 @@ from gpufleet.collector.eventlog import MIN_EVENTS_PER_NODE
 from gpufleet.collector.selfmetrics import CollectorMetrics
 from gpufleet.collector.sinks import Sink
 from gpufleet.collector.state import FleetState, GpuRecord, NodeRecord
-from gpufleet.v1 import events_pb2, inventory_pb2
+from gpufleet.v1 import events_pb2, inventory_pb2, telemetry_pb2
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY,
@@ -48,7 +48,8 @@ CREATE TABLE IF NOT EXISTS nodes (
     last_seen_unix_ns INTEGER NOT NULL,
     last_sequence INTEGER NOT NULL,
     inventory BLOB NOT NULL,
-    missing_gpus BLOB NOT NULL
+    missing_gpus BLOB NOT NULL,
+    agent_stats BLOB NOT NULL DEFAULT x''
 );
 CREATE TABLE IF NOT EXISTS xid_totals (
     node_id TEXT NOT NULL,
@@ -217,6 +218,9 @@ def _connect(path: Path) -> sqlite3.Connection:
         if version > SCHEMA_VERSION:
             raise StoreUnavailable(f"{path} was written by a newer collector (schema {version})")
         connection.executescript(SCHEMA)
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(nodes)")}
+        if "agent_stats" not in columns:  # version 2: the agent's counters were not kept
+            connection.execute("ALTER TABLE nodes ADD COLUMN agent_stats BLOB NOT NULL DEFAULT x''")
         connection.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     except BaseException:
         connection.close()
@@ -482,6 +486,7 @@ class Store(Sink):
                 node.interval_s,
                 node.last_seen_unix_ns,
                 node.last_sequence,
+                node.agent_stats.SerializeToString(),
                 node_id,
             )
         if self._written_health.get(node_id) != node.health_version:
@@ -490,7 +495,9 @@ class Store(Sink):
 
 
 # The columns read back, in the order build_records takes them.
-NODE_COLUMNS = "node_id, name, interval_s, last_seen_unix_ns, last_sequence, inventory, missing_gpus"
+NODE_COLUMNS = (
+    "node_id, name, interval_s, last_seen_unix_ns, last_sequence, inventory, missing_gpus, agent_stats"
+)
 XID_COLUMNS = "node_id, gpu_index, xid, count"
 HEALTH_COLUMNS = "node_id, gpu_index, health, reasons, action, xids_this_boot"
 
@@ -510,10 +517,16 @@ def build_records(
         this_boot = {int(xid): count for xid, count in json.loads(boot_xids).items()}
         verdicts.setdefault(node_id, {})[gpu_index] = (verdict, this_boot)
     records = []
-    for node_id, name, interval_s, last_seen, last_sequence, inventory_blob, missing_blob in node_rows:
+    for node_id, name, interval_s, last_seen, last_sequence, inventory_blob, missing_blob, stats in node_rows:
         inventory = inventory_pb2.NodeInventory.FromString(inventory_blob)
         node = NodeRecord(
-            node_id, name, inventory, interval_s, last_seen_unix_ns=last_seen, last_sequence=last_sequence
+            node_id,
+            name,
+            inventory,
+            interval_s,
+            last_seen_unix_ns=last_seen,
+            last_sequence=last_sequence,
+            agent_stats=telemetry_pb2.AgentStats.FromString(stats),
         )
         for gpu in inventory.gpus:
             node.gpus[gpu.index] = GpuRecord(gpu)
@@ -540,6 +553,7 @@ def _node_row(node: NodeRecord) -> tuple[object, ...]:
         node.last_sequence,
         node.inventory.SerializeToString(),
         missing.SerializeToString(),
+        node.agent_stats.SerializeToString(),
     )
 
 
@@ -563,15 +577,16 @@ def _write(db: sqlite3.Connection, batch: Batch) -> None:
     db.execute("BEGIN")
     try:
         db.executemany(
-            "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET "
+            "INSERT INTO nodes VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (node_id) DO UPDATE SET "
             "name=excluded.name, interval_s=excluded.interval_s, "
             "last_seen_unix_ns=excluded.last_seen_unix_ns, last_sequence=excluded.last_sequence, "
             "inventory=excluded.inventory, "
-            "missing_gpus=excluded.missing_gpus",
+            "missing_gpus=excluded.missing_gpus, agent_stats=excluded.agent_stats",
             batch.nodes.values(),
         )
         db.executemany(
-            "UPDATE nodes SET interval_s = ?, last_seen_unix_ns = ?, last_sequence = ? WHERE node_id = ?",
+            "UPDATE nodes SET interval_s = ?, last_seen_unix_ns = ?, last_sequence = ?, agent_stats = ? "
+            "WHERE node_id = ?",
             batch.watermarks.values(),
         )
         db.executemany(

@@ -94,6 +94,8 @@ CREATE TABLE leases (
     wanted_by TEXT
 );
 CREATE INDEX leases_by_owner ON leases (owner);
+-- The agent's own counters (its last report's), for the collector a node moves to.
+ALTER TABLE nodes ADD COLUMN agent_stats BYTEA NOT NULL DEFAULT '';
 """,
 }
 CONNECT_TIMEOUT_S = 5
@@ -233,15 +235,16 @@ class PostgresStore(Store):
         with db.transaction(), db.cursor() as cursor:
             self._fence(cursor, batch)
             cursor.executemany(
-                "INSERT INTO nodes VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT (node_id) DO UPDATE SET "
-                "name = excluded.name, interval_s = excluded.interval_s, "
+                "INSERT INTO nodes VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (node_id) "
+                "DO UPDATE SET name = excluded.name, interval_s = excluded.interval_s, "
                 "last_seen_unix_ns = excluded.last_seen_unix_ns, last_sequence = excluded.last_sequence, "
-                "inventory = excluded.inventory, missing_gpus = excluded.missing_gpus",
+                "inventory = excluded.inventory, missing_gpus = excluded.missing_gpus, "
+                "agent_stats = excluded.agent_stats",
                 list(batch.nodes.values()),
             )
             cursor.executemany(
-                "UPDATE nodes SET interval_s = %s, last_seen_unix_ns = %s, last_sequence = %s "
-                "WHERE node_id = %s",
+                "UPDATE nodes SET interval_s = %s, last_seen_unix_ns = %s, last_sequence = %s, "
+                "agent_stats = %s WHERE node_id = %s",
                 list(batch.watermarks.values()),
             )
             cursor.executemany(

@@ -118,6 +118,8 @@ class Tier:
         self.on_adopt: Callable[[list[str]], Awaitable[None]] = _nothing
         self._held: dict[str, int] = {}
         self._releasing: set[str] = set()
+        # Nodes claimed and being read back from the database, and the future of their reading.
+        self._loading: dict[str, asyncio.Future[None]] = {}
         self._lost: set[str] = set()
         self._renewed_at = float("-inf")
         self._pool: ConnectionPool[Any] | None = None
@@ -206,6 +208,7 @@ class Tier:
         """Whether this member may acknowledge and export the node now."""
         return (
             node_id in self._held
+            and node_id not in self._loading
             and node_id not in self._releasing
             and node_id not in self._lost
             and not self.fenced
@@ -226,27 +229,59 @@ class Tier:
         or (False, "") when this member cannot claim anything (fenced, or the store is away)."""
         if self.owns(node_id):
             return True, ""
+        if node_id in self._loading:
+            await asyncio.shield(self._loading[node_id])
+            if self.owns(node_id):
+                return True, ""
         if self.fenced:
             return False, ""
         try:
-            return await asyncio.to_thread(self._claim_or_ask, node_id)
+            epochs, owner = await asyncio.to_thread(self._claim_or_ask, node_id)
+            if not epochs:
+                return False, owner
+            await self._take(epochs)
         except (psycopg.Error, OSError) as exc:
             log.warning("cannot claim node %s: %s", node_id, " ".join(str(exc).split()))
             return False, ""
+        if node_id in self._loading:  # read back by a renewal that claimed it at the same time
+            await asyncio.shield(self._loading[node_id])
+        return self.owns(node_id), ""
 
-    def _claim_or_ask(self, node_id: str) -> tuple[bool, str]:
+    def _claim_or_ask(self, node_id: str) -> tuple[dict[str, int], str]:
+        """The node's lease claimed ({node_id: epoch}), else ({}, the owner now asked to let go)."""
         with self._connection() as db:
             epochs = dict(db.execute(_CLAIM, {"me": self.instance, "nodes": [node_id]}).fetchall())
             if node_id in epochs:
-                self._lost.discard(node_id)
-                self._held[node_id] = epochs[node_id]
-                return True, ""
+                return epochs, ""
             row = db.execute(
                 "UPDATE leases l SET wanted_by = %s FROM members m WHERE l.node_id = %s "
                 "AND m.instance = l.owner RETURNING m.collector_id",
                 (self.instance, node_id),
             ).fetchone()
-            return False, row[0] if row else "another collector"
+            return {}, row[0] if row else "another collector"
+
+    async def _take(self, epochs: dict[str, int]) -> None:
+        """Claimed leases: held from now on, and served once read back from the database
+        (until then the nodes are loading: nothing of them is taken in or acknowledged)."""
+        new = [n for n in sorted(epochs) if n not in self._held and n not in self._loading]
+        for node_id, epoch in epochs.items():
+            self._lost.discard(node_id)
+            self._held[node_id] = epoch
+        if not new:
+            return
+        loaded: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        for node_id in new:
+            self._loading[node_id] = loaded
+        try:
+            await self.on_adopt(new)
+        except BaseException:
+            for node_id in new:
+                self._held.pop(node_id, None)  # still ours in the database: adopted again next renewal
+            raise
+        finally:
+            for node_id in new:
+                self._loading.pop(node_id, None)
+            loaded.set_result(None)
 
     def load(self, reader: Callable[[Any, list[K]], T], keys: list[K]) -> T:
         """``reader(db, keys)`` on a connection of the pool (in the caller's thread)."""
@@ -334,9 +369,7 @@ class Tier:
             await self.release(wanted)
         if handed:
             # Nodes another collector let go to this one (it asked): served from now on.
-            claimed = await asyncio.to_thread(self._claim_many, sorted(handed))
-            if claimed:
-                await self.on_adopt(claimed)
+            await self._take(await asyncio.to_thread(self._claim_many, sorted(handed)))
         await self.adopt_orphans()
 
     def _renew_in_db(self) -> tuple[bool, list[str], set[str], set[str], list[Member]]:
@@ -407,21 +440,15 @@ class Tier:
         mine = [n for n in orphans if rank(n, members)[0] == self.address and n not in self._held]
         if not mine:
             return
-        claimed = await asyncio.to_thread(self._claim_many, mine)
-        if claimed:
-            await self.on_adopt(claimed)
+        await self._take(await asyncio.to_thread(self._claim_many, mine))
 
     def _orphans(self) -> list[str]:
         with self._connection() as db:
             return [n for (n,) in db.execute(_ORPHANS, (ADOPT_BATCH,))]
 
-    def _claim_many(self, node_ids: list[str]) -> list[str]:
+    def _claim_many(self, node_ids: list[str]) -> dict[str, int]:
         with self._connection() as db:
-            epochs = dict(db.execute(_CLAIM, {"me": self.instance, "nodes": node_ids}).fetchall())
-        for node_id, epoch in epochs.items():
-            self._lost.discard(node_id)
-            self._held[node_id] = epoch
-        return sorted(epochs)
+            return dict(db.execute(_CLAIM, {"me": self.instance, "nodes": node_ids}).fetchall())
 
     def forget(self, node_id: str) -> None:
         """An operator forgot the node: its lease goes with its rows (the store deletes both)."""

@@ -29,6 +29,15 @@ class PrometheusServer:
         result = self.query(expression)
         return float(result[0]["value"][1]) if result else None
 
+    def range(self, expression: str, start: float, end: float, step: float) -> list[float]:
+        """The values of a one-series expression from ``start`` to ``end`` (Unix seconds)."""
+        query = urllib.parse.urlencode({"query": expression, "start": start, "end": end, "step": step})
+        status, body, _ = http_get(f"{self.url}/api/v1/query_range?{query}")
+        answer = json.loads(body)
+        assert status == 200 and answer["status"] == "success", answer
+        result = answer["data"]["result"]
+        return [float(value) for _, value in result[0]["values"]] if result else []
+
 
 @contextmanager
 def prometheus(
@@ -60,6 +69,45 @@ def prometheus(
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: http_get(f"{url}/-/ready", timeout=1)[0] == 200, what="prometheus ready")
+        yield PrometheusServer(url)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextmanager
+def victoria_metrics(tmp_path: Path, scrape_configs: str) -> Iterator[PrometheusServer]:
+    """VictoriaMetrics (Debian package `victoria-metrics`) scraping every second with these jobs.
+
+    It answers PromQL at the same API as Prometheus; queries see the newest samples at once
+    (no latency offset), and a target that stops answering is marked stale at its next scrape.
+    """
+    binary = shutil.which("victoria-metrics")
+    if binary is None:
+        raise AssertionError("victoria-metrics not found: run the tests with `make test`, which installs it")
+    config = tmp_path / "scrape.yml"
+    config.write_text(f"global:\n  scrape_interval: 1s\nscrape_configs:\n{scrape_configs}")
+    port = free_port()
+    log = (tmp_path / "victoria-metrics.log").open("wb")
+    process = subprocess.Popen(
+        [
+            binary,
+            f"-promscrape.config={config}",
+            f"-storageDataPath={tmp_path / 'vm-data'}",
+            f"-httpListenAddr=127.0.0.1:{port}",
+            "-search.latencyOffset=0s",
+            "-search.disableCache",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: http_get(f"{url}/health", timeout=1)[0] == 200, what="victoria-metrics ready")
         yield PrometheusServer(url)
     finally:
         process.terminate()

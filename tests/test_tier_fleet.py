@@ -1,0 +1,156 @@
+"""Three collectors, one PostgreSQL, 1,250 simulated nodes (10,000 GPUs), VictoriaMetrics on top.
+
+kill -9 one collector: the others serve its nodes within two report intervals, every GPU is
+exported exactly once, XID counters equal what the agents sent, every event is logged once, and
+the global sum in VictoriaMetrics never counts a GPU twice. Restart it: its nodes move back.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import psycopg
+
+from gpufleet.cli.client import FleetClient
+from gpufleet.ports import free_port
+from gpufleet.v1 import events_pb2, query_pb2
+from tests.conftest import Processes, http_get, wait_until
+from tests.postgres_server import PostgresServer
+from tests.prometheus_server import victoria_metrics
+from tests.test_delivery import stop
+
+NODES = 1250
+GPUS = NODES * 8
+INTERVAL_S = 5.0
+LEASE_S = 3.0
+# VictoriaMetrics scrapes each collector this often. A lease at least 1.25 times as long means
+# a dead collector's first failed scrape (which drops its series) comes before anyone takes its
+# nodes (at least lease - lease/5 after its last renewal): no GPU is ever counted twice.
+SCRAPE_S = 2.0
+FAULTS = ("--faults", "healthy", "--fault-rate-multiplier", "2e5")
+GPU_INFO = re.compile(rb'^gpufleet_gpu_info\{node="([^"]*)",gpu="(\d+)"', re.M)
+XIDS = re.compile(rb'^gpufleet_gpu_xid_errors_total\{node="([^"]*)",[^}]*\} (\d+)', re.M)
+
+
+def bodies(bases: list[str]) -> list[bytes]:
+    return [http_get(f"{base}/metrics/nodes", timeout=10)[1] for base in bases]
+
+
+def gpus_served(bases: list[str]) -> Counter[tuple[bytes, bytes]]:
+    """How many collectors export each GPU (node, index)."""
+    return Counter(match for body in bodies(bases) for match in GPU_INFO.findall(body))
+
+
+def every_gpu_once(bases: list[str]) -> bool:
+    served = gpus_served(bases)
+    return len(served) == GPUS and set(served.values()) == {1}
+
+
+def xids_per_node(bases: list[str]) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    for body in bodies(bases):
+        for node, count in XIDS.findall(body):
+            counts[node.decode()] += int(count)
+    return counts
+
+
+def test_three_collectors_serve_every_gpu_once_through_a_kill_9_and_a_restart(
+    processes: Processes, postgresql: PostgresServer, tmp_path: Path
+) -> None:
+    ports = [(free_port(), free_port()) for _ in range(3)]
+
+    def start(index: int) -> tuple[object, str, str]:
+        grpc_port, http_port = ports[index]
+        return processes.collector(
+            "--db",
+            postgresql.dsn,
+            "--collector-id",
+            f"c{index}",
+            "--lease-seconds",
+            str(LEASE_S),
+            grpc_port=grpc_port,
+            http_port=http_port,
+        )
+
+    tier = [start(i) for i in range(3)]
+    targets = [target for _, target, _ in tier]
+    bases = [base for _, _, base in tier]
+    agents = processes.sim_fleet(
+        "--nodes",
+        str(NODES),
+        "--interval",
+        str(INTERVAL_S),
+        "--collector",
+        ",".join(targets),
+        "--failback-after",
+        "3",
+        *FAULTS,
+    )
+    wait_until(lambda: every_gpu_once(bases), timeout=120, interval=1, what="every GPU served once")
+    hosts = ", ".join(f"'{base.removeprefix('http://')}'" for base in bases)
+    jobs = "".join(
+        f"  - job_name: gpufleet-{path}\n    scrape_interval: {SCRAPE_S:.0f}s\n"
+        f"    metrics_path: /metrics/{path}\n    static_configs:\n      - targets: [{hosts}]\n"
+        for path in ("fleet", "nodes")
+    )
+    with victoria_metrics(tmp_path, jobs) as vm:
+        wait_until(
+            lambda: vm.scalar("sum(gpufleet_fleet_gpus)") == GPUS, timeout=60, what="VM sees the fleet"
+        )
+        seen_whole = time.time()
+        assert vm.scalar("count(gpufleet_gpu_info)") == GPUS
+        before = xids_per_node(bases)
+        # The collectors' own series carry their names; the per-GPU ones do not.
+        assert len(vm.query("gpufleet_collector_tier_nodes")) == 3
+        assert vm.query('count(gpufleet_gpu_info{collector!=""})') == []
+        # kill -9 the first collector: its nodes are served by the others within two intervals.
+        victim, _, _ = tier[0]
+        killed = time.monotonic()
+        victim.send_signal(signal.SIGKILL)  # type: ignore[attr-defined]
+        victim.wait()  # type: ignore[attr-defined]
+        wait_until(lambda: every_gpu_once(bases[1:]), timeout=60, interval=0.5, what="the others serving all")
+        failover_s = time.monotonic() - killed
+        assert failover_s <= 2 * INTERVAL_S, f"failover took {failover_s:.1f} s"
+        # Counters continue (what the dead one took in but had not acknowledged is sent again).
+        wait_until(
+            lambda: all(xids_per_node(bases[1:])[node] >= count for node, count in before.items()),
+            timeout=INTERVAL_S * 2,
+            interval=0.5,
+            what="XID counters continuing",
+        )
+        time.sleep(2 * INTERVAL_S)
+        # The global sum, second by second: never a GPU counted twice; short of 10,000 only from
+        # the dead collector's first failed scrape to the others' first scrape after the takeover.
+        sums = vm.range("sum(gpufleet_fleet_gpus)", seen_whole, time.time(), step=1)
+        assert max(sums) == GPUS and sums[0] == sums[-1] == GPUS, sums
+        assert sum(value < GPUS for value in sums) <= failover_s + SCRAPE_S + 1, (failover_s, sums)
+        assert vm.scalar("count(gpufleet_gpu_info)") == GPUS
+        # Back: the restarted collector takes its nodes again (after the agents' hold-down).
+        tier[0] = start(0)
+        wait_until(
+            lambda: every_gpu_once(bases) and len(gpus_served(bases[:1])) > GPUS // 5,
+            timeout=90,
+            interval=1,
+            what="nodes back on the restarted collector",
+        )
+    stop(agents)
+    time.sleep(2)
+    with FleetClient(targets[1]) as client:
+        views = {view.name: view for view in client.nodes(query_pb2.ListNodesRequest())}
+        assert client.missing == set() and client.collectors == 3
+    assert len(views) == NODES
+    sent = {name: view.agent_stats.xid_events_total for name, view in views.items()}
+    assert sum(sent.values()) > 0
+    counted = xids_per_node(bases)
+    assert {name: counted.get(name, 0) for name in sent} == sent
+    assert all(view.agent_stats.reports_dropped_total == 0 for view in views.values())
+    # Every event logged once: no two with the same node, kind, GPU and time, ids unique.
+    with psycopg.connect(postgresql.dsn) as db:
+        events = [events_pb2.Event.FromString(blob) for (blob,) in db.execute("SELECT event FROM events")]
+    keys = Counter((e.node_id, e.kind, e.gpu_index, e.time_unix_nano, e.reason) for e in events)
+    assert keys and max(keys.values()) == 1, keys.most_common(3)
+    assert len({e.id for e in events}) == len(events)
