@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import resource
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from gpufleet.collector.state import Liveness
 from gpufleet.collector.store import StoreBusy
 from gpufleet.collector.store_postgres import DatabaseRefused, is_postgres_url
 from gpufleet.collector.tier import DEFAULT_LEASE_S
+from gpufleet.collector.workers import supervise
 from gpufleet.settings import (
     Parser,
     add_flag,
@@ -165,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=advertised_address,
         help="the HOST:PORT agents give for this collector in --collector (default: this host's address "
         "and the gRPC port); nodes nobody serves go to the collector their agents would prefer",
+    )
+    add_flag(
+        tier,
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="run this many collector processes on this host, members of one tier (needs a PostgreSQL "
+        "--db): the same gRPC port, HTTP on --http-listen's port + 0 .. N-1",
     )
     add_flag(
         tier,
@@ -402,6 +412,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args.stale_after_intervals < args.down_after_intervals:
         fail("need --stale-after-intervals < --down-after-intervals")
     (grpc_host, grpc_port), (http_host, http_port) = args.grpc_listen, args.http_listen
+    if args.workers > 1:
+        if not is_postgres_url(args.db):
+            fail("--workers needs a PostgreSQL --db (postgresql://...): the workers share the fleet there")
+        if grpc_port == 0 or http_port == 0:
+            fail("--workers needs fixed ports in --grpc-listen and --http-listen (not 0)")
+        argv = list(sys.argv[1:] if argv is None else argv)
+        raise SystemExit(supervise(argv, args.workers, args.collector_id, (http_host, http_port), grpc_port))
     config = CollectorConfig(
         grpc_host=grpc_host,
         grpc_port=grpc_port,

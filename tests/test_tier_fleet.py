@@ -9,20 +9,23 @@ from __future__ import annotations
 
 import re
 import signal
+import subprocess
 import time
 from collections import Counter
 from pathlib import Path
 
 import psycopg
+import yaml
 
 from gpufleet.cli.client import FleetClient
 from gpufleet.ports import free_port
 from gpufleet.v1 import events_pb2, query_pb2
-from tests.conftest import Processes, http_get, wait_until
+from tests.conftest import ROOT, Processes, http_get, wait_until
 from tests.postgres_server import PostgresServer
 from tests.prometheus_server import victoria_metrics
 from tests.test_delivery import stop
 
+SCRAPE_CONFIG = ROOT / "deploy" / "victoria-metrics" / "scrape.yml"
 NODES = 1250
 GPUS = NODES * 8
 INTERVAL_S = 5.0
@@ -91,18 +94,19 @@ def test_three_collectors_serve_every_gpu_once_through_a_kill_9_and_a_restart(
         *FAULTS,
     )
     wait_until(lambda: every_gpu_once(bases), timeout=120, interval=1, what="every GPU served once")
-    hosts = ", ".join(f"'{base.removeprefix('http://')}'" for base in bases)
-    jobs = "".join(
-        f"  - job_name: gpufleet-{path}\n    scrape_interval: {SCRAPE_S:.0f}s\n"
-        f"    metrics_path: /metrics/{path}\n    static_configs:\n      - targets: [{hosts}]\n"
-        for path in ("fleet", "nodes")
-    )
-    with victoria_metrics(tmp_path, jobs) as vm:
+    # The reference global view of deploy/victoria-metrics, pointed at these three collectors.
+    jobs = yaml.safe_load(SCRAPE_CONFIG.read_text())["scrape_configs"]
+    for job in jobs:
+        job["scrape_interval"] = f"{SCRAPE_S:.0f}s"
+        job["static_configs"] = [{"targets": [base.removeprefix("http://") for base in bases]}]
+    with victoria_metrics(tmp_path, yaml.safe_dump(jobs)) as vm:
         wait_until(
             lambda: vm.scalar("sum(gpufleet_fleet_gpus)") == GPUS, timeout=60, what="VM sees the fleet"
         )
+        wait_until(
+            lambda: vm.scalar("count(gpufleet_gpu_info)") == GPUS, timeout=30, what="VM sees every GPU"
+        )
         seen_whole = time.time()
-        assert vm.scalar("count(gpufleet_gpu_info)") == GPUS
         before = xids_per_node(bases)
         # The collectors' own series carry their names; the per-GPU ones do not.
         assert len(vm.query("gpufleet_collector_tier_nodes")) == 3
@@ -154,3 +158,21 @@ def test_three_collectors_serve_every_gpu_once_through_a_kill_9_and_a_restart(
     keys = Counter((e.node_id, e.kind, e.gpu_index, e.time_unix_nano, e.reason) for e in events)
     assert keys and max(keys.values()) == 1, keys.most_common(3)
     assert len({e.id for e in events}) == len(events)
+
+
+def test_the_global_view_files_are_what_victoria_metrics_and_vmalert_accept() -> None:
+    scrape = subprocess.run(
+        ["victoria-metrics", f"-promscrape.config={SCRAPE_CONFIG}", "-promscrape.config.dryRun"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert scrape.returncode == 0, scrape.stderr
+    rules = ROOT / "deploy" / "prometheus"
+    vmalert = subprocess.run(
+        ["vmalert", "-dryRun", f"-rule={rules / 'recording.yml'}", f"-rule={rules / 'alerts.yml'}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert vmalert.returncode == 0, vmalert.stderr
