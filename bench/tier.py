@@ -14,6 +14,7 @@ Prints a table and a JSON line; `docs/benchmarks.md` ("A tier of collectors") ho
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import signal
@@ -26,6 +27,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import psycopg
 
 from bench.procstat import cpu_seconds, percentile
 from gpufleet.ports import free_port
@@ -127,6 +130,24 @@ class Load:
         _stop(self.process)
 
 
+def _postgres_cpu(server: PostgresServer) -> float:
+    """CPU seconds of the PostgreSQL server and its backends so far."""
+    assert server.process is not None
+    pids = [server.process.pid]
+    with contextlib.suppress(OSError):
+        pids += [
+            int(p)
+            for p in Path(f"/proc/{server.process.pid}/task/{server.process.pid}/children")
+            .read_text()
+            .split()
+        ]
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            total += cpu_seconds(pid)
+    return total
+
+
 def _connected(load: Load, nodes: int) -> None:
     wait_until(lambda: load.status.get("connected") == nodes, timeout=180, what="the load connected")
 
@@ -154,8 +175,15 @@ def _window(process: subprocess.Popen[bytes], load: Load, seconds: float) -> dic
     }
 
 
+def _wal_bytes(server: PostgresServer) -> int:
+    with psycopg.connect(server.admin_dsn) as db:
+        row = db.execute("SELECT wal_bytes FROM pg_stat_wal").fetchone()
+    return int(row[0]) if row else 0
+
+
 def store_cost(workdir: Path, server: PostgresServer, window_s: float) -> dict[str, Any]:
-    """Collector CPU per report, SQLite then PostgreSQL, 10,000 GPUs at a 2 s interval."""
+    """Collector CPU per report, SQLite then PostgreSQL, 10,000 GPUs at a 2 s interval; and the
+    PostgreSQL server's CPU and write-ahead log per report."""
     result: dict[str, Any] = {}
     for name, db in (("sqlite", str(workdir / "bench.db")), ("postgresql", server.database("store_cost"))):
         with collector(workdir, db) as (process, target, _):
@@ -163,7 +191,13 @@ def store_cost(workdir: Path, server: PostgresServer, window_s: float) -> dict[s
             try:
                 _connected(load, NODES)
                 time.sleep(4)
+                wal, postgres_cpu = _wal_bytes(server), _postgres_cpu(server)
                 result[name] = _window(process, load, window_s)
+                if name == "postgresql":
+                    reports = result[name]["reports_per_s"] * window_s
+                    result[name]["wal_bytes_per_report"] = (_wal_bytes(server) - wal) / max(reports, 1)
+                    used = _postgres_cpu(server) - postgres_cpu
+                    result[name]["postgres_cpu_us_per_report"] = used / max(reports, 1) * 1e6
             finally:
                 load.stop()
     result["added_us_per_report"] = (
@@ -262,17 +296,19 @@ def main() -> None:
     report: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="gpufleet-bench-tier-") as scratch:
         workdir = Path(scratch)
-        with postgres(workdir / "postgresql") as server:
+        with postgres(workdir) as server:
             if "store" not in args.skip:
                 print("store: collector CPU per report, SQLite and PostgreSQL ...", flush=True)
                 report["store"] = store_cost(workdir, server, args.window)
+                _print({"store": report["store"]})
             if "failover" not in args.skip:
                 print("failover: kill -9 one of two collectors serving 1,250 nodes ...", flush=True)
                 report["failover"] = failover(workdir, server, args.interval)
+                _print({"failover": report["failover"]})
             if "workers" not in args.skip:
                 print("workers: one host, 1 and 2 workers, the same load ...", flush=True)
-                report["workers"] = workers(workdir, server, args.window, 2500, 0.5)
-    _print(report)
+                report["workers"] = workers(workdir, server, args.window, NODES, 0.5)
+                _print({"workers": report["workers"]})
     print(json.dumps(report), flush=True)
 
 
@@ -284,6 +320,11 @@ def _print(report: dict[str, Any]) -> None:
                 f"{name:<12} {row['cpu_us_per_report']:7.0f} us CPU per report "
                 f"({row['reports_per_s']:.0f} reports/s, {row['cpu_cores']:.2f} cores)"
             )
+        row = store["postgresql"]
+        print(
+            f"PostgreSQL server: {row['postgres_cpu_us_per_report']:.0f} us CPU and "
+            f"{row['wal_bytes_per_report']:.0f} bytes of WAL per report"
+        )
         print(
             f"PostgreSQL adds {store['added_us_per_report']:.0f} us per report "
             f"(target <= {STORE_TARGET_US:.0f}): {'met' if store['met'] else 'NOT met'}"

@@ -108,6 +108,8 @@ class MqttPublisher(Sink):
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._started = False
+        # In a tier, each collector's status is its own topic (set before start).
+        self.collector_id = ""
 
     # -- the queue (on the event loop) ---------------------------------------------------------
 
@@ -163,6 +165,8 @@ class MqttPublisher(Sink):
         )
 
     def _status_topic(self) -> str:
+        if self.collector_id:
+            return f"{self.config.topic_prefix}/collector/{topic_level(self.collector_id)}/status"
         return f"{self.config.topic_prefix}/collector/status"
 
     async def _run(self) -> None:

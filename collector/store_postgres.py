@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import urllib.parse
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
@@ -234,7 +235,8 @@ class PostgresStore(Store):
         db: psycopg.Connection[Any] = self._db
         with db.transaction(), db.cursor() as cursor:
             self._fence(cursor, batch)
-            cursor.executemany(
+            _many(
+                cursor,
                 "INSERT INTO nodes VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT (node_id) "
                 "DO UPDATE SET name = excluded.name, interval_s = excluded.interval_s, "
                 "last_seen_unix_ns = excluded.last_seen_unix_ns, last_sequence = excluded.last_sequence, "
@@ -242,44 +244,54 @@ class PostgresStore(Store):
                 "agent_stats = excluded.agent_stats",
                 list(batch.nodes.values()),
             )
-            cursor.executemany(
-                "UPDATE nodes SET interval_s = %s, last_seen_unix_ns = %s, last_sequence = %s, "
-                "agent_stats = %s WHERE node_id = %s",
-                list(batch.watermarks.values()),
-            )
-            cursor.executemany(
+            if batch.watermarks:
+                # Most batches are only this: one statement for all of them, whatever their number.
+                cursor.execute(
+                    "UPDATE nodes n SET interval_s = v.interval_s, last_seen_unix_ns = v.seen, "
+                    "last_sequence = v.sequence, agent_stats = v.stats FROM unnest("
+                    "%s::float8[], %s::bigint[], %s::bigint[], %s::bytea[], %s::text[]) "
+                    "AS v(interval_s, seen, sequence, stats, node_id) WHERE n.node_id = v.node_id",
+                    [list(column) for column in zip(*batch.watermarks.values(), strict=True)],
+                )
+            _many(
+                cursor,
                 "INSERT INTO xid_totals VALUES (%s, %s, %s, %s) ON CONFLICT (node_id, gpu_index, xid) "
                 "DO UPDATE SET count = xid_totals.count + excluded.count",
                 [(node_id, gpu, xid, count) for (node_id, gpu, xid), count in batch.xids.items()],
             )
-            cursor.executemany(
+            _many(
+                cursor,
                 "INSERT INTO xid_totals VALUES (%s, %s, %s, %s) ON CONFLICT (node_id, gpu_index, xid) "
                 "DO UPDATE SET count = excluded.count",
                 [(node_id, gpu, xid, count) for (node_id, gpu, xid), count in batch.xid_totals.items()],
             )
-            cursor.executemany(
+            _many(
+                cursor,
                 "INSERT INTO events VALUES (%s, %s, %s, %s) ON CONFLICT (id) DO UPDATE SET "
                 "time_unix_ns = excluded.time_unix_ns, node_id = excluded.node_id, event = excluded.event",
                 batch.events,
             )
             # Each node keeps its own newest events, as in memory and in SQLite.
-            cursor.executemany(
+            _many(
+                cursor,
                 "DELETE FROM events WHERE node_id = %s AND id < (SELECT id FROM events WHERE node_id = %s "
                 "ORDER BY id DESC LIMIT 1 OFFSET %s)",
                 [(node_id, node_id, batch.events_per_node - 1) for node_id in {e[2] for e in batch.events}],
             )
-            cursor.executemany(
+            _many(
+                cursor,
                 "INSERT INTO gpu_health VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (node_id, gpu_index) "
                 "DO UPDATE SET health = excluded.health, reasons = excluded.reasons, "
                 "action = excluded.action, xids_this_boot = excluded.xids_this_boot",
                 batch.verdicts,
             )
-            cursor.executemany(
+            _many(
+                cursor,
                 "INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 list(batch.meta.items()),
             )
             for table in ("nodes", "xid_totals", "gpu_health", "leases"):
-                cursor.executemany(f"DELETE FROM {table} WHERE node_id = %s", [(n,) for n in batch.forgotten])
+                _many(cursor, f"DELETE FROM {table} WHERE node_id = %s", [(n,) for n in batch.forgotten])
             # Followers on every collector of the tier hear of the events once they are committed.
             ids = [str(event[0]) for event in batch.events]
             for start in range(0, len(ids), NOTIFY_IDS):
@@ -336,6 +348,12 @@ class PostgresStore(Store):
         """Events by id (what a peer's NOTIFY named), oldest first."""
         rows = db.execute("SELECT event FROM events WHERE id = ANY(%s) ORDER BY id", (ids,))
         return [events_pb2.Event.FromString(blob) for (blob,) in rows]
+
+
+def _many(cursor: psycopg.Cursor[Any], query: str, rows: Sequence[Sequence[Any]]) -> None:
+    """``executemany``, skipping the round trip when there is nothing to write."""
+    if rows:
+        cursor.executemany(query, rows)
 
 
 def _gist(exc: psycopg.Error) -> str:

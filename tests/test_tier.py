@@ -12,12 +12,15 @@ import pytest
 
 from gpufleet.agent.sources.sim import SimulatedSource
 from gpufleet.collector.eventlog import EventMatch
+from gpufleet.collector.mqtt import MqttConfig
 from gpufleet.collector.query import view_key
 from gpufleet.collector.service import Collector
 from gpufleet.collector.tier import event_id_base
 from gpufleet.ports import free_port
+from gpufleet.rendezvous import rank
 from gpufleet.v1 import query_pb2, query_pb2_grpc
 from tests.conftest import ROOT, local_config, metric, until
+from tests.mqtt_broker import Broker, subscribed
 from tests.postgres_server import PostgresServer
 from tests.test_ingest import exchange, hello
 from tests.test_store_postgres import report_with_xid
@@ -118,15 +121,22 @@ async def test_nodes_nobody_serves_go_to_the_collector_their_agents_prefer(
     for index in range(6):
         answers, _, _ = await exchange(first, hello(index))
         assert answers[0].HasField("hello_ack")
-    await first.stop()  # its nodes are nobody's now
     a, b = member(postgresql.dsn, "a"), member(postgresql.dsn, "b")
     await a.start()
     await b.start()
+    await until(lambda: metric(a, "gpufleet_collector_tier_members") == 3, what="a seeing the others")
+    await until(lambda: metric(b, "gpufleet_collector_tier_members") == 3, what="b seeing the others")
+    await first.stop()  # its nodes are nobody's now (their agents are gone too)
     try:
         await until(lambda: len(a.state) + len(b.state) == 6, timeout=LEASE_S * 4, what="every node adopted")
         await asyncio.sleep(LEASE_S)
         assert len(a.state) + len(b.state) == 6
         assert not {n.node_id for n in a.state.nodes()} & {n.node_id for n in b.state.nodes()}
+        # Each went to the collector its agent would rank first among the live ones.
+        addresses = [c.tier.address for c in (a, b)]  # type: ignore[union-attr]
+        for collector in (a, b):
+            for node in collector.state.nodes():
+                assert rank(node.node_id, addresses)[0] == collector.tier.address  # type: ignore[union-attr]
     finally:
         await a.stop()
         await b.stop()
@@ -265,7 +275,97 @@ async def test_any_collector_answers_for_the_whole_fleet_and_says_who_answered(
             summary = await query.GetFleetSummary(query_pb2.GetFleetSummaryRequest())
             assert (summary.nodes, summary.gpus) == (10, 80)
             assert list(summary.coverage.missing) == ["garbage"] and summary.coverage.answered == 3
+            cli = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "gpufleet.cli",
+                "summary",
+                "--collector",
+                f"127.0.0.1:{a.grpc_port}",
+                cwd=ROOT,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            out, err = await asyncio.wait_for(cli.communicate(), timeout=30)
+            assert cli.returncode == 0, err
+            assert b"Tier            3   of 4 collectors answered" in out, out
+            assert err.decode().strip() == (
+                "warning: partial answer: 1 of 4 collectors did not answer (garbage); "
+                "the nodes they serve are missing"
+            )
     finally:
         await garbage.server.stop(0)
         for collector in tier:
             await collector.stop()
+
+
+async def test_a_report_through_a_collector_whose_lease_was_taken_is_neither_written_nor_acknowledged(
+    postgresql: PostgresServer,
+) -> None:
+    source = SimulatedSource("H100", 8, node_index=1)
+    a, b = member(postgresql.dsn, "a"), member(postgresql.dsn, "b")
+    await a.start()
+    await b.start()
+    try:
+        answers, _, _ = await exchange(a, hello(1), report_with_xid(1, source))
+        assert answers[-1].report_ack.sequence == 1
+        node = a.state.find("node-0001")
+        assert node is not None and b.tier is not None
+        # Behind a's back, b becomes the owner (as after a's lease lapsed): a's next write must not land.
+        with psycopg.connect(postgresql.dsn, autocommit=True) as db:
+            db.execute(
+                "UPDATE leases SET owner = %s, epoch = epoch + 1 WHERE node_id = %s",
+                (b.tier.instance, node.node_id),
+            )
+        answers, code, _ = await exchange(a, hello(1), report_with_xid(2, source))
+        assert code == grpc.StatusCode.UNAVAILABLE
+        assert not any(m.HasField("report_ack") and m.report_ack.sequence == 2 for m in answers)
+        with psycopg.connect(postgresql.dsn) as db:
+            written = db.execute(
+                "SELECT n.last_sequence, (SELECT sum(count) FROM xid_totals x WHERE x.node_id = n.node_id) "
+                "FROM nodes n WHERE n.node_id = %s",
+                (node.node_id,),
+            ).fetchone()
+        assert written == (1, 1)
+        await until(lambda: a.state.find("node-0001") is None, what="a dropping the node it lost")
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_over_mqtt_each_event_is_published_once_by_the_collector_serving_its_node(
+    postgresql: PostgresServer, broker: Broker
+) -> None:
+    def publishing(name: str) -> Collector:
+        return Collector(
+            local_config(
+                db_url=postgresql.dsn,
+                collector_id=name,
+                lease_s=LEASE_S,
+                mqtt=MqttConfig(host="127.0.0.1", port=broker.port),
+            )
+        )
+
+    source = SimulatedSource("H100", 8, node_index=1)
+    a, b = publishing("a"), publishing("b")
+    await a.start()
+    await b.start()
+    try:
+        async with subscribed(broker, "gpufleet/v1/events/#") as events:
+            await exchange(a, hello(1), report_with_xid(1, source), report_with_xid(2, source))
+            await events.wait_for(3)  # registered, two XIDs
+            await exchange(b, hello(1))  # asked to come back: a lets the node go
+            await until(lambda: a.state.find("node-0001") is None, what="a letting go")
+            answers, _, _ = await exchange(b, hello(1), report_with_xid(3, source))
+            assert answers[-1].report_ack.sequence == 3
+            await events.wait_for(4)
+            await asyncio.sleep(1)
+        ids = [payload["id"] for _, payload, _ in events.messages]
+        assert len(ids) == len(set(ids)), events.messages
+        assert [payload["kind"] for _, payload, _ in events.messages].count("xid") == 3
+        by_a = metric(a, "gpufleet_collector_mqtt_events_published_total")
+        by_b = metric(b, "gpufleet_collector_mqtt_events_published_total")
+        assert by_a >= 3 and by_b >= 1 and by_a + by_b == len(ids)
+    finally:
+        await a.stop()
+        await b.stop()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from gpufleet.ports import free_port
 from tests.conftest import ROOT, Processes, http_get, wait_until
@@ -52,6 +54,19 @@ def test_two_workers_share_one_grpc_port_and_serve_every_gpu_once(
     assert all(served()), "the kernel gave one worker every connection"
     fleet = http_get(f"{bases[1]}/metrics/fleet")[1]
     assert b'gpufleet_collector_tier_members{collector="host-1"} 2.0' in fleet
+    # A worker that dies is started again; its nodes are served meanwhile by the other.
+    children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
+    second = next(
+        int(pid)
+        for pid in children
+        if f"127.0.0.1:{http_port + 1}".encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    )
+    os.kill(second, signal.SIGKILL)
+    wait_until(lambda: _refused(bases[1]), timeout=10, what="the worker gone")
+    wait_until(
+        lambda: http_get(f"{bases[1]}/readyz", timeout=1)[0] == 200, timeout=60, what="the worker back"
+    )
+    wait_until(every_gpu_once, timeout=60, what="every GPU served once again")
     parent.send_signal(signal.SIGTERM)
     assert parent.wait(timeout=60) == 0
     for base in bases:
