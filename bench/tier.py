@@ -181,16 +181,16 @@ def _wal_bytes(server: PostgresServer) -> int:
     return int(row[0]) if row else 0
 
 
-def store_cost(workdir: Path, server: PostgresServer, window_s: float) -> dict[str, Any]:
+def store_cost(workdir: Path, server: PostgresServer, window_s: float, nodes: int) -> dict[str, Any]:
     """Collector CPU per report, SQLite then PostgreSQL, 10,000 GPUs at a 2 s interval; and the
     PostgreSQL server's CPU and write-ahead log per report."""
     result: dict[str, Any] = {}
     for name, db in (("sqlite", str(workdir / "bench.db")), ("postgresql", server.database("store_cost"))):
         with collector(workdir, db) as (process, target, _):
-            load = Load(workdir, target, NODES, 2.0)
+            load = Load(workdir, target, nodes, 2.0)
             try:
-                _connected(load, NODES)
-                time.sleep(4)
+                _connected(load, nodes)
+                time.sleep(window_s / 5)
                 wal, postgres_cpu = _wal_bytes(server), _postgres_cpu(server)
                 result[name] = _window(process, load, window_s)
                 if name == "postgresql":
@@ -211,7 +211,9 @@ def _served(base: str) -> set[bytes]:
     return set(GPU_INFO.findall(http_get(f"{base}/metrics/nodes", timeout=10)[1]))
 
 
-def failover(workdir: Path, server: PostgresServer, interval_s: float) -> dict[str, Any]:
+def failover(
+    workdir: Path, server: PostgresServer, interval_s: float, nodes: int, lease_s: float
+) -> dict[str, Any]:
     """Per-node time from kill -9 of a collector until the other exports the node."""
     db = server.database("failover")
     with (
@@ -223,7 +225,7 @@ def failover(workdir: Path, server: PostgresServer, interval_s: float) -> dict[s
             "--source",
             "sim",
             "--nodes",
-            str(NODES),
+            str(nodes),
             "--interval",
             str(interval_s),
             "--collector",
@@ -232,7 +234,7 @@ def failover(workdir: Path, server: PostgresServer, interval_s: float) -> dict[s
         )
         try:
             wait_until(
-                lambda: len(_served(base_a) | _served(base_b)) == NODES, timeout=180, what="every node served"
+                lambda: len(_served(base_a) | _served(base_b)) == nodes, timeout=180, what="every node served"
             )
             served_a, served_b = _served(base_a), _served(base_b)
             victim, moving, survivor = (
@@ -275,7 +277,7 @@ def workers(
             load = Load(workdir, target, nodes, interval_s)
             try:
                 _connected(load, nodes)
-                time.sleep(5)
+                time.sleep(window_s / 4)
                 result[f"workers_{count}"] = _window(process, load, window_s)
             finally:
                 load.stop()
@@ -291,6 +293,10 @@ def main() -> None:
     parser.add_argument(
         "--interval", type=float, default=10.0, help="the agents' report interval for failover"
     )
+    parser.add_argument("--nodes", type=int, default=NODES, help="nodes of 8 GPUs (default 1,250)")
+    parser.add_argument(
+        "--lease", type=float, default=10.0, help="the collectors' --lease-seconds for failover"
+    )
     parser.add_argument("--skip", action="append", default=[], choices=("store", "failover", "workers"))
     args = parser.parse_args()
     report: dict[str, Any] = {}
@@ -299,15 +305,15 @@ def main() -> None:
         with postgres(workdir) as server:
             if "store" not in args.skip:
                 print("store: collector CPU per report, SQLite and PostgreSQL ...", flush=True)
-                report["store"] = store_cost(workdir, server, args.window)
+                report["store"] = store_cost(workdir, server, args.window, args.nodes)
                 _print({"store": report["store"]})
             if "failover" not in args.skip:
-                print("failover: kill -9 one of two collectors serving 1,250 nodes ...", flush=True)
-                report["failover"] = failover(workdir, server, args.interval)
+                print(f"failover: kill -9 one of two collectors serving {args.nodes:,} nodes ...", flush=True)
+                report["failover"] = failover(workdir, server, args.interval, args.nodes, args.lease)
                 _print({"failover": report["failover"]})
             if "workers" not in args.skip:
                 print("workers: one host, 1 and 2 workers, the same load ...", flush=True)
-                report["workers"] = workers(workdir, server, args.window, NODES, 0.5)
+                report["workers"] = workers(workdir, server, args.window, args.nodes, 0.5)
                 _print({"workers": report["workers"]})
     print(json.dumps(report), flush=True)
 
