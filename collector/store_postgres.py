@@ -100,6 +100,8 @@ ALTER TABLE nodes ADD COLUMN agent_stats BYTEA NOT NULL DEFAULT '';
 """,
 }
 CONNECT_TIMEOUT_S = 5
+# The advisory lock that migrations hold (any number; the same in every collector).
+MIGRATION_LOCK = 0x6770_7566_6C74  # "gpuflt"
 # Events written back after a reconnection, at most (the newest; the log keeps a share per node).
 EVENTS_CAUGHT_UP = 1_000_000
 # How long apart the writer tries to connect again after losing the database.
@@ -126,8 +128,10 @@ def redacted(url: str) -> str:
 def migrate(db: psycopg.Connection[Any]) -> int:
     """Bring the schema to SCHEMA_VERSION; return the version it had. Refuses a newer one."""
     with db.transaction():
+        # Collectors starting together (a StatefulSet, --workers) migrate one at a time: even
+        # CREATE TABLE IF NOT EXISTS is not safe when two run it at once.
+        db.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK,))
         db.execute("CREATE TABLE IF NOT EXISTS gpufleet_schema (version INTEGER NOT NULL)")
-        db.execute("LOCK TABLE gpufleet_schema IN EXCLUSIVE MODE")  # collectors starting together
         row = db.execute("SELECT version FROM gpufleet_schema").fetchone()
         found = int(row[0]) if row else 0
         if found > SCHEMA_VERSION:
