@@ -143,6 +143,7 @@ class Collector:
         self.memory = LongLivedObjects(self.metrics.gc_pause_seconds)
         self._housekeeping: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
+        self._fenced_said = False
         self.grpc_port = config.grpc_port
         self.http_port = config.http_port
 
@@ -303,6 +304,7 @@ class Collector:
                 self.state.sweep()
                 self.exposition.refresh()
                 self.memory.settle()
+                await self._tell_health()
             except Exception:
                 log.exception("housekeeping failed; retrying in %.0f s", HOUSEKEEPING_INTERVAL_S)
 
@@ -342,12 +344,28 @@ class Collector:
         shard, shards = _shard_params(request)
         return Response(body=self.dcgm.body(shard, shards), content_type=CONTENT_TYPE)
 
+    async def _tell_health(self) -> None:
+        """A fenced member of a tier is not ready and its ingest NOT_SERVING: agents that ask
+        whether to move back to it (their failback check) stay where they are."""
+        fenced = self.tier is not None and self.tier.fenced
+        if fenced != self._fenced_said:
+            self._fenced_said = fenced
+            status = (
+                health_pb2.HealthCheckResponse.NOT_SERVING
+                if fenced
+                else health_pb2.HealthCheckResponse.SERVING
+            )
+            for service in ("", INGEST_SERVICE):
+                await self._health.set(service, status)
+
     async def _healthz(self, request: Request) -> Response:
         return Response(body=b"ok\n")
 
     async def _readyz(self, request: Request) -> Response:
         if not self._ready:
             return Response(503, b"not ready\n")
+        if self.tier is not None and self.tier.fenced:
+            return Response(503, b"not ready: cannot renew this collector's membership of the tier\n")
         if self.store.stalled():
             waited = self.store.uncommitted_seconds()
             return Response(503, f"not ready: the database writer is stalled ({waited:.0f} s)\n".encode())

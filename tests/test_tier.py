@@ -9,6 +9,7 @@ import sys
 import grpc
 import psycopg
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gpufleet.agent.sources.sim import SimulatedSource
 from gpufleet.collector.eventlog import EventMatch
@@ -19,7 +20,7 @@ from gpufleet.collector.tier import event_id_base
 from gpufleet.ports import free_port
 from gpufleet.rendezvous import rank
 from gpufleet.v1 import query_pb2, query_pb2_grpc
-from tests.conftest import ROOT, local_config, metric, until
+from tests.conftest import ROOT, http_get, local_config, metric, until
 from tests.mqtt_broker import Broker, subscribed
 from tests.postgres_server import PostgresServer
 from tests.test_ingest import exchange, hello
@@ -98,6 +99,15 @@ async def test_a_collector_that_loses_the_store_stops_acknowledging_and_exportin
         answers, code, details = await exchange(a, hello(1), report_with_xid(2, source))
         assert code == grpc.StatusCode.UNAVAILABLE and not any(m.HasField("report_ack") for m in answers)
         assert metric(a, "gpufleet_collector_tier_fenced") == 1
+        # Not ready, and not serving ingest: agents asking whether to move back to it stay away.
+        await until(lambda: a._fenced_said, what="a telling its health")
+        status, body, _ = await asyncio.to_thread(http_get, f"http://127.0.0.1:{a.http_port}/readyz")
+        assert status == 503 and b"membership of the tier" in body
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{a.grpc_port}") as channel:
+            check = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service="gpufleet.v1.IngestService")
+            )
+        assert check.status == health_pb2.HealthCheckResponse.NOT_SERVING
         # b serves it: the agent's down node is adopted, then its agent's stream is taken.
         await until(lambda: b.state.find("node-0001") is not None, timeout=LEASE_S * 4, what="b adopting")
         answers, code, details = await exchange(b, hello(1), report_with_xid(2, source))

@@ -52,8 +52,13 @@ def test_two_workers_share_one_grpc_port_and_serve_every_gpu_once(
 
     wait_until(every_gpu_once, timeout=60, what="every GPU served once by the two workers")
     assert all(served()), "the kernel gave one worker every connection"
-    fleet = http_get(f"{bases[1]}/metrics/fleet")[1]
-    assert b'gpufleet_collector_tier_members{collector="host-1"} 2.0' in fleet
+    wait_until(
+        lambda: (
+            b'gpufleet_collector_tier_members{collector="host-1"} 2.0'
+            in http_get(f"{bases[1]}/metrics/fleet")[1]
+        ),
+        what="worker 1 seeing worker 0",
+    )
     # A worker that dies is started again; its nodes are served meanwhile by the other.
     children = Path(f"/proc/{parent.pid}/task/{parent.pid}/children").read_text().split()
     second = next(
