@@ -20,7 +20,7 @@ import os
 import re
 import ssl
 import zlib
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -120,6 +120,8 @@ class Response:
     # Set when the body is already gzip-compressed.
     gzipped: bool = False
     headers: dict[str, str] = field(default_factory=dict)
+    # A body sent as it comes (server-sent events), until it ends; the connection closes after.
+    stream: AsyncIterator[bytes] | None = None
 
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -285,7 +287,7 @@ class HttpServer:
             in_step = drained or request.method in ("GET", "HEAD")
             keep_alive = in_step and request.keep_alive() and not self._closing
             await _write_response(writer, request, response, keep_alive)
-            if not keep_alive:
+            if not keep_alive or response.stream is not None:
                 return
             served += 1
 
@@ -458,9 +460,27 @@ async def _encode(request: Request | None, response: Response) -> tuple[Iterable
     return pieces, sum(len(piece) for piece in pieces), True
 
 
+async def _write_stream(writer: asyncio.StreamWriter, response: Response) -> None:
+    """Headers, then each piece as the stream yields it, until it ends or the client goes."""
+    assert response.stream is not None
+    headers = {"Content-Type": response.content_type, "Cache-Control": "no-cache", **response.headers}
+    headers["Connection"] = "close"
+    head = f"HTTP/1.1 {response.status} {REASONS.get(response.status, '')}\r\n"
+    writer.write((head + "".join(f"{k}: {v}\r\n" for k, v in headers.items())).encode("latin-1") + b"\r\n")
+    try:
+        async for piece in response.stream:
+            writer.write(piece)
+            await writer.drain()
+    finally:
+        await response.stream.aclose()  # type: ignore[attr-defined]
+
+
 async def _write_response(
     writer: asyncio.StreamWriter, request: Request | None, response: Response, keep_alive: bool
 ) -> None:
+    if response.stream is not None and request is not None and request.method == "GET":
+        await _write_stream(writer, response)
+        return
     pieces, length, gzipped = await _encode(request, response)
     headers = {"Content-Type": response.content_type, **response.headers}
     if gzipped:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import socket
 import time
@@ -45,11 +46,20 @@ from gpufleet.collector.state import FleetState, Liveness
 from gpufleet.collector.store import Store
 from gpufleet.collector.store_postgres import DatabaseRefused, PostgresStore
 from gpufleet.collector.tier import DEFAULT_LEASE_S, CollectorIdInUse, Tier, event_id_base
+from gpufleet.collector.webview import ASSETS as WEB_ASSETS
+from gpufleet.collector.webview import FleetMap
 from gpufleet.collector.workload import WorkloadLedger
 from gpufleet.v1 import admin_pb2, admin_pb2_grpc, ingest_pb2, query_pb2, query_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+JSON = "application/json"
+# The page loads nothing from anywhere else, and runs no script but its own.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; style-src 'self'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
 QUERY_SERVICE = query_pb2.DESCRIPTOR.services_by_name["QueryService"].full_name
 # How often nodes are checked for silence, and rendered lines refreshed.
 HOUSEKEEPING_INTERVAL_S = 1.0
@@ -116,17 +126,35 @@ class Collector:
         self.exposition.set_identity(config.collector_id)
         self.dcgm = DcgmExposition(self.state)
         self.followers = EventFollowers()
+        self.fleet_map = FleetMap(self.state, self.exposition.totals)
         self.mqtt = MqttPublisher(config.mqtt, self.state, self.metrics, self.store) if config.mqtt else None
         # Every reader of the fleet's changes, in one place: told in this order, stopped in reverse.
         sinks = self.state.sinks
         sinks.on_error = lambda sink: self.metrics.sink_errors.labels(sink).inc()
-        for sink in (self.store, self.exposition, self.workloads, self.dcgm, self.followers, self.mqtt):
+        sinks_in_order = (
+            self.store,
+            self.exposition,
+            self.workloads,
+            self.dcgm,
+            self.fleet_map,
+            self.followers,
+            self.mqtt,
+        )
+        for sink in sinks_in_order:
             if sink is not None:
                 sinks.add(sink)
         self._grpc: grpc.aio.Server | None = None
         self._http = HttpServer(
             {
-                "/": self._index,
+                "/": self._protected(self._page("index.html")),
+                "/static/map.js": self._protected(self._page("map.js")),
+                "/static/map.css": self._protected(self._page("map.css")),
+                "/static/icon.svg": self._page("icon.svg"),
+                "/favicon.ico": self._page("icon.svg"),
+                "/api/fleet": self._protected(self._api_fleet),
+                "/api/node": self._protected(self._api_node),
+                "/api/stream": self._protected(self._api_stream),
+                "/endpoints": self._index,
                 "/metrics": self._protected(self._metrics_all),
                 "/metrics/fleet": self._protected(self._metrics_fleet),
                 "/metrics/nodes": self._protected(self._metrics_nodes),
@@ -279,6 +307,7 @@ class Collector:
         """Stop accepting, let streams finish within the grace period, then close."""
         self._ready = False
         await self._health.enter_graceful_shutdown()
+        await self.fleet_map.stop(0)  # open pages' streams end: they would hold the HTTP server
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -357,6 +386,38 @@ class Collector:
             )
             for service in ("", INGEST_SERVICE):
                 await self._health.set(service, status)
+
+    # -- the fleet map (collector/webview.py, collector/web/) ---------------------------------
+
+    def _page(self, name: str) -> Handler:
+        kinds = {
+            ".html": "text/html; charset=utf-8",
+            ".js": "text/javascript; charset=utf-8",
+            ".css": "text/css",
+            ".svg": "image/svg+xml",
+        }
+        body = (WEB_ASSETS / name).read_bytes()
+        content_type = kinds[Path(name).suffix]
+
+        async def page(request: Request) -> Response:
+            return Response(body=body, content_type=content_type, headers=dict(PAGE_HEADERS))
+
+        return page
+
+    async def _api_fleet(self, request: Request) -> Response:
+        return Response(body=self.fleet_map.fleet(), content_type=JSON, headers={"Cache-Control": "no-store"})
+
+    async def _api_node(self, request: Request) -> Response:
+        key = request.query.get("id", [""])[0]
+        node = self.fleet_map.node(key)
+        if node is None:
+            return Response(404, f"no node named or with id {key!r}\n".encode())
+        return Response(
+            body=json.dumps(node).encode(), content_type=JSON, headers={"Cache-Control": "no-store"}
+        )
+
+    async def _api_stream(self, request: Request) -> Response:
+        return Response(content_type="text/event-stream", stream=self.fleet_map.follow())
 
     async def _healthz(self, request: Request) -> Response:
         return Response(body=b"ok\n")

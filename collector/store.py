@@ -238,6 +238,9 @@ class Store(Sink):
     name = "store"
     # Errors of the engine itself: logged in one line, where anything else (a bug) shows its traceback.
     engine_errors: tuple[type[BaseException], ...] = (sqlite3.Error,)
+    # Whether a report may be acknowledged while the database is down (served from memory). Not
+    # in a tier: another collector would take the node from the database without it.
+    acknowledge_when_down = True
 
     def __init__(self, path: Path | None, state: FleetState, metrics: CollectorMetrics) -> None:
         self.path = path
@@ -381,6 +384,8 @@ class Store(Sink):
 
         Raises CommitFailed if the commit that held them failed: they must not be acknowledged.
         """
+        if self._db is None and not self.acknowledge_when_down:
+            raise CommitFailed(f"{self.describe()} is not reachable")
         if self._db is None or not (self._dirty or self._pending or self._flushing):
             return
         if self._next_commit is None:

@@ -152,6 +152,7 @@ class PostgresStore(Store):
     """The Store, kept in PostgreSQL."""
 
     engine_errors = (psycopg.Error,)
+    acknowledge_when_down = False
 
     def __init__(self, url: str, state: FleetState, metrics: CollectorMetrics, tier: Tier) -> None:
         super().__init__(None, state, metrics)
