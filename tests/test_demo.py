@@ -141,6 +141,13 @@ def test_demo_shows_the_whole_fleet_within_60_seconds_and_cleans_up(tmp_path: Pa
         assert metrics_url, text
         _, body, _ = http_get(metrics_url.group(1), timeout=30)
         assert body.count(b"\ngpufleet_gpu_info{") == 10_000
+        # The printed map URL serves the page and every GPU's row behind it.
+        map_url = re.search(r"Fleet map\s+(http://127\.0\.0\.1:\d+/)\n", text)
+        assert map_url, text
+        status, page, _ = http_get(map_url.group(1), timeout=30)
+        assert status == 200 and b'<canvas id="map"' in page
+        fleet = json.loads(http_get(map_url.group(1) + "api/fleet", timeout=30)[1])
+        assert sum(len(node["gpus"]) for node in fleet["nodes"]) == 10_000
         children = children_of(demo.pid)
         assert len(children) == 2
         target = re.search(r"gpufleet summary --collector (\S+)", text)

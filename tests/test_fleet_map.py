@@ -7,6 +7,8 @@ error, asks nothing of any other host, and comes back after the collector restar
 
 from __future__ import annotations
 
+import base64
+import json
 import queue
 import shutil
 import threading
@@ -20,7 +22,7 @@ from playwright.sync_api import Browser, Dialog, Page, sync_playwright
 
 from gpufleet.agent.sources.sim import SimulatedSource
 from gpufleet.ports import free_port
-from gpufleet.v1 import ingest_pb2
+from gpufleet.v1 import allocation_pb2, ingest_pb2
 from tests.conftest import ROOT, Processes, http_get, wait_until
 from tests.fleet import inventory_for
 from tests.test_ingest import METHOD
@@ -40,10 +42,22 @@ class Agent:
         inventory.hostname = HOSTILE
         inventory.cluster = "<script>alert(2)</script>"
         self.name = HOSTILE
+        self.uuid = inventory.gpus[5].uuid
         self._queue: queue.Queue[bytes | None] = queue.Queue()
         self._queue.put(
             ingest_pb2.AgentMessage(
-                hello=ingest_pb2.Hello(protocol_version=1, inventory=inventory, report_interval_ms=60_000)
+                hello=ingest_pb2.Hello(
+                    protocol_version=1,
+                    inventory=inventory,
+                    report_interval_ms=60_000,
+                    allocations=allocation_pb2.Allocations(
+                        allocations=[
+                            allocation_pb2.Allocation(
+                                gpu_index=0, source="kubernetes", namespace="ml", pod="train-7"
+                            )
+                        ]
+                    ),
+                )
             ).SerializeToString()
         )
         self.sequence = 0
@@ -55,10 +69,13 @@ class Agent:
         self._reader.start()
 
     def _read(self) -> None:
-        for answer in self._answers:
-            message = ingest_pb2.CollectorMessage.FromString(answer)
-            if message.HasField("report_ack"):
-                self.acked = message.report_ack.sequence
+        try:
+            for answer in self._answers:
+                message = ingest_pb2.CollectorMessage.FromString(answer)
+                if message.HasField("report_ack"):
+                    self.acked = message.report_ack.sequence
+        except grpc.RpcError:
+            pass  # the stream ends when the test closes it
 
     def report(self, xid_on: int | None = None) -> None:
         if xid_on is not None:
@@ -155,9 +172,10 @@ def test_the_map_shows_every_gpu_live_and_safely(
         detail = page.locator("#detail").inner_text()
         assert "unhealthy" in detail and "xid" in detail.lower()
         assert page.evaluate("() => document.querySelectorAll('img, script:not([src])').length") == 0
-        # Search: one node by name.
-        page.fill("#search", "sim-node-00017")
-        assert page.locator("#matches").inner_text() == "1 nodes match"
+        # Search: one node by its name, a GPU's UUID, or the pod that holds a GPU.
+        for query in ("sim-node-00017", agent.uuid, "train-7"):
+            page.fill("#search", query)
+            assert page.locator("#matches").inner_text() == "1 nodes match", query
         page.fill("#search", "")
         SCREENSHOT.parent.mkdir(exist_ok=True)
         page.screenshot(path=str(SCREENSHOT))
@@ -187,3 +205,47 @@ def test_the_map_comes_back_after_the_collector_restarts(processes: Processes, b
     # The only errors are the browser's own notes of the lost connection.
     assert all("ERR_" in e or "Failed to load" in e or "EventSource" in e for e in errors), errors
     page.close()
+
+
+def test_100000_gpus_are_drawn_one_cell_per_node(processes: Processes, browser: Browser) -> None:
+    """Past 40,000 GPUs each node is one cell (its worst health): 12,500 cells for 100,000 GPUs."""
+    _, _, base = processes.collector()
+    gpu = [0, "NVIDIA H100 80GB HBM3", "healthy", 0.5, 0.4, 60, 500, 0.5]
+    nodes = [
+        {
+            "id": f"id-{i}",
+            "name": f"n{i:05d}",
+            "dc": "dc1",
+            "cluster": f"c{i % 10}",
+            "rack": f"r{i // 40}",
+            "state": "up",
+            "gpus": [
+                [g, *gpu[1:2], "unhealthy" if (i, g) == (777, 5) else "healthy", *gpu[3:]] for g in range(8)
+            ],
+            "keys": [],
+        }
+        for i in range(12_500)
+    ]
+    fleet = {"version": 1, "columns": [], "summary": {}, "events": [], "nodes": nodes}
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.route(
+        "**/api/fleet", lambda route: route.fulfill(content_type="application/json", body=json.dumps(fleet))
+    )
+    page.goto(base + "/")
+    page.wait_for_function("() => window.gpufleetMap && window.gpufleetMap.cells === 12500", timeout=20_000)
+    assert page.evaluate("() => window.gpufleetMap.color('n00777', 0)") == UNHEALTHY
+    assert page.evaluate("() => window.gpufleetMap.color('n00778', 0)") != UNHEALTHY
+    assert "one cell per node" in page.locator("#legend").inner_text()
+    page.close()
+
+
+def test_the_map_is_behind_the_metrics_authentication(processes: Processes, tmp_path: Path) -> None:
+    users = tmp_path / "users"
+    users.write_text("ops:secret\n")
+    _, _, base = processes.collector("--metrics-auth", "basic", "--metrics-basic-auth-file", str(users))
+    for path in ("/", "/static/map.js", "/api/fleet", "/api/node?id=x", "/api/stream"):
+        status, _, _ = http_get(base + path)
+        assert status == 401, path
+    auth = {"Authorization": "Basic " + base64.b64encode(b"ops:secret").decode()}
+    status, body, _ = http_get(base + "/api/fleet", headers=auth)
+    assert status == 200 and json.loads(body)["nodes"] == []

@@ -122,6 +122,7 @@ def run_demo(nodes: int, interval: float, grpc_port: int, http_port: int) -> int
         ):
             took = wait_for_fleet(client, nodes, [collector, agents])
             print(f"\nThe whole fleet reported within {took:.1f} s.\n")
+            print(f"  Fleet map           http://127.0.0.1:{http_port}/")
             print(f"  Prometheus metrics  http://127.0.0.1:{http_port}/metrics")
             print(f"  Fleet aggregates    http://127.0.0.1:{http_port}/metrics/fleet")
             print(f"  CLI                 gpufleet summary --collector {target}")
