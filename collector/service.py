@@ -153,6 +153,7 @@ class Collector:
                 "/favicon.ico": self._page("icon.svg"),
                 "/api/fleet": self._protected(self._api_fleet),
                 "/api/node": self._protected(self._api_node),
+                "/api/search": self._protected(self._api_search),
                 "/api/stream": self._protected(self._api_stream),
                 "/endpoints": self._index,
                 "/metrics": self._protected(self._metrics_all),
@@ -414,6 +415,12 @@ class Collector:
             return Response(404, f"no node named or with id {key!r}\n".encode())
         return Response(
             body=json.dumps(node).encode(), content_type=JSON, headers={"Cache-Control": "no-store"}
+        )
+
+    async def _api_search(self, request: Request) -> Response:
+        found = self.fleet_map.search(request.query.get("q", [""])[0])
+        return Response(
+            body=json.dumps(found).encode(), content_type=JSON, headers={"Cache-Control": "no-store"}
         )
 
     async def _api_stream(self, request: Request) -> Response:

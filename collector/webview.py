@@ -75,18 +75,17 @@ def node_row(node: NodeRecord) -> dict[str, Any]:
         "rack": inventory.rack,
         "state": NODE_STATE_NAMES[node.state],
         "gpus": [_gpu_row(node, index) for index in sorted(node.gpus)],
-        # What the search box matches besides the name: UUIDs, serials, holders.
-        "keys": sorted(
-            {g.inventory.uuid for g in node.gpus.values() if g.inventory.uuid}
-            | {g.inventory.serial for g in node.gpus.values() if g.inventory.serial}
-            | {
-                value
-                for a in (node.allocations.allocations if node.allocations else ())
-                for value in (a.namespace, a.pod, a.job, a.user)
-                if value
-            }
-        ),
     }
+
+
+def search_keys(node: NodeRecord) -> set[str]:
+    """What the search box finds a node by: its name and id, GPU UUIDs and serials, holders."""
+    keys = {node.name.lower(), node.node_id.lower()}
+    for gpu in node.gpus.values():
+        keys.update(value.lower() for value in (gpu.inventory.uuid, gpu.inventory.serial) if value)
+    for a in node.allocations.allocations if node.allocations else ():
+        keys.update(value.lower() for value in (a.namespace, a.pod, a.job, a.user) if value)
+    return keys
 
 
 def event_row(event: events_pb2.Event) -> dict[str, Any]:
@@ -212,6 +211,19 @@ class FleetMap(BatchedSink):
             "gpus": gpus,
             "events": [event_row(e) for e in reversed(events)],
         }
+
+    def search(self, query: str, limit: int = 10_000) -> list[str]:
+        """The ids of the nodes with a search key that holds ``query`` (case-insensitive)."""
+        query = query.strip().lower()
+        if not query:
+            return []
+        found = []
+        for node in self._state.nodes():
+            if any(query in key for key in search_keys(node)):
+                found.append(node.node_id)
+                if len(found) >= limit:
+                    break
+        return found
 
     # -- pages following ---------------------------------------------------------------------
 

@@ -175,16 +175,20 @@ function feed() {
   }));
 }
 
-function applyQuery() {
-  const q = search.value.trim().toLowerCase();
-  state.query = q;
-  if (!q) { state.matches = null; document.getElementById("matches").textContent = ""; return; }
-  state.matches = new Set([...state.nodes.values()].filter((n) =>
-    n.name.toLowerCase().includes(q) || n.id.toLowerCase().includes(q) || n.keys.some((k) => k.toLowerCase().includes(q))).map((n) => n.id));
+// The collector finds the nodes (by name, id, GPU UUID or serial, or who holds a GPU).
+let searching = 0;
+async function applyQuery() {
+  const q = search.value.trim();
+  const asked = ++searching;
+  if (!q) { state.matches = null; document.getElementById("matches").textContent = ""; draw(); return; }
+  const answer = await fetch("api/search?q=" + encodeURIComponent(q), { cache: "no-store" });
+  if (!answer.ok || asked !== searching) return;
+  state.matches = new Set(await answer.json());
   document.getElementById("matches").textContent = `${state.matches.size} nodes match`;
+  draw();
 }
 
-function render() { sortOrder(); applyQuery(); layout(); draw(); legend(); tiles(); feed(); }
+function render() { sortOrder(); layout(); draw(); legend(); tiles(); feed(); }
 
 async function load() {
   const answer = await fetch("api/fleet", { cache: "no-store" });
@@ -263,7 +267,7 @@ async function showNode(id) {
 }
 document.getElementById("close").addEventListener("click", () => { document.getElementById("detail").hidden = true; });
 measureSelect.addEventListener("change", () => { draw(); legend(); });
-search.addEventListener("input", () => { applyQuery(); draw(); });
+search.addEventListener("input", () => { applyQuery().catch(() => {}); });
 window.addEventListener("resize", () => { layout(); draw(); });
 
 function follow() {
@@ -280,7 +284,7 @@ function follow() {
     state.summary = tick.summary; state.version = tick.version;
     state.events.push(...tick.events);
     if (state.events.length > 200) state.events.splice(0, state.events.length - 200);
-    if (tick.nodes.length || tick.removed.length) { sortOrder(); applyQuery(); layout(); draw(); }
+    if (tick.nodes.length || tick.removed.length) { sortOrder(); layout(); draw(); }
     tiles(); if (tick.events.length) feed();
   });
   stream.onerror = () => {
