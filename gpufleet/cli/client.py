@@ -100,6 +100,11 @@ class FleetClient:
     def gpus(self, request: query_pb2.ListGpusRequest) -> Iterator[query_pb2.GpuView]:
         return self._pages("ListGpus", request, "gpus")
 
+    def gpus_page(self, request: query_pb2.ListGpusRequest) -> query_pb2.ListGpusResponse:
+        """One page of GPUs: ``request.page_size`` of them after ``request.page_token``."""
+        answer: query_pb2.ListGpusResponse = self._call("ListGpus", request)
+        return answer
+
     def workloads(self, request: query_pb2.ListWorkloadsRequest) -> query_pb2.ListWorkloadsResponse:
         answer: query_pb2.ListWorkloadsResponse = self._call("ListWorkloads", request)
         return answer

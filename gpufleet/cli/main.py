@@ -1,4 +1,4 @@
-"""gpufleet: fleet queries for operators (summary, nodes, GPUs, one node, events) and the demo."""
+"""gpufleet: fleet queries for operators (summary, nodes, GPUs, a node, events), a live view, the demo."""
 
 from __future__ import annotations
 
@@ -30,23 +30,35 @@ from gpufleet.cli.commands import (
 )
 from gpufleet.definitions import IDLE_UTILIZATION_PERCENT
 from gpufleet.security import SecuritySettingsError, add_client_security_flags, client_security
-from gpufleet.settings import Parser, add_flag, fail, host_port, positive_float, price_pair, unknown_variables
+from gpufleet.settings import (
+    Parser,
+    add_flag,
+    fail,
+    host_port,
+    positive_float,
+    positive_int,
+    price_pair,
+    unknown_variables,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="gpufleet", description="Ask a gpufleet collector about the GPU fleet.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {gpufleet.__version__}")
-    common = Parser(add_help=False)
+    connection = Parser(add_help=False)
     add_flag(
-        common,
+        connection,
         "--collector",
         default="127.0.0.1:50051",
         type=host_port,
         help="collector gRPC address HOST:PORT",
     )
+    add_flag(
+        connection, "--timeout", type=positive_float, default=10.0, help="seconds to wait for each answer"
+    )
+    add_client_security_flags(connection)
+    common = Parser(add_help=False, parents=[connection])
     add_flag(common, "--output", "-o", default="table", choices=output.FORMATS, help="output format")
-    add_flag(common, "--timeout", type=positive_float, default=10.0, help="seconds to wait for each answer")
-    add_client_security_flags(common)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("summary", parents=[common], help="the fleet at a glance")
@@ -124,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_events)
 
     p = commands.add_parser(
+        "top", parents=[connection], help="a live view of the fleet in the terminal (q quits)"
+    )
+    add_flag(p, "--refresh", type=positive_float, default=2.0, help="seconds between refreshes")
+    add_flag(p, "--once", action="store_true", help="print one frame as plain text and exit")
+    add_flag(p, "--rows", type=positive_int, default=20, help="with --once: GPUs to print")
+    p.set_defaults(run=cmd_top)
+
+    p = commands.add_parser(
         "history", parents=[common], help="a node's inventory history (GPU and driver changes)"
     )
     p.add_argument("name", help="node name or id")
@@ -184,6 +204,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--http-port", type=int, default=9490, help="collector HTTP port (0: any free port)")
     p.set_defaults(run=None)
     return parser
+
+
+def cmd_top(client: FleetClient, args: argparse.Namespace) -> str | list[str]:
+    """`gpufleet top`, imported when asked for (Textual takes a while to load)."""
+    from gpufleet.cli import top
+
+    return top.cmd_top(client, args)
 
 
 def sort_value_attached(argv: list[str]) -> list[str]:
