@@ -28,6 +28,7 @@ def test_the_collector_registers_every_sink_in_one_place() -> None:
         "exposition",
         "workloads",
         "dcgm-view",
+        "fleet-map",
         "event-followers",
     ]
 
