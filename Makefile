@@ -8,11 +8,12 @@ BIN := $(VENV)/bin
 # Debian packages the tests run for real: Prometheus (and promtool), Mosquitto, the Pushgateway,
 # systemd-analyze (systemd) for the units in deploy/systemd, PostgreSQL (tests/postgres_server.py,
 # which runs it as the package's postgres user through setpriv, from util-linux), VictoriaMetrics
-# (the global view of a tier of collectors), Chromium (the fleet map, in a real browser).
+# (the global view of a tier of collectors), Chromium (the fleet map, in a real browser), tmux
+# (`gpufleet top` in a real terminal).
 SYSTEM_PACKAGES := prometheus mosquitto prometheus-pushgateway systemd postgresql util-linux victoria-metrics \
-	chromium
+	chromium tmux
 SYSTEM_COMMANDS := promtool prometheus mosquitto prometheus-pushgateway systemd-analyze setpriv victoria-metrics \
-	chromium
+	chromium tmux
 # Files that tell a package is there when its commands are off PATH, as PostgreSQL's server's are.
 SYSTEM_FILES := /usr/lib/postgresql/*/bin/initdb /usr/lib/postgresql/*/bin/postgres
 

@@ -6,7 +6,8 @@ A collector under 1,250 nodes reporting every 10 s (bench/load.py), then:
    asking for the page to every cell drawn (median of 3);
 2. the map's updates: bytes per second of one page's server-sent events;
 3. collector CPU with nothing open, then with 10 pages following the stream and 10 `gpufleet
-   top` refreshing (a summary, one page of GPUs and the workloads every 2 s each): the ratio.
+   top` refreshing (what one refresh asks: the summary, one page of GPUs and the workloads by
+   cluster, every 2 s each): the ratio.
 
 Prints a table and a JSON line; docs/benchmarks.md ("Views") holds the numbers.
 """
@@ -62,7 +63,7 @@ def _top(target: str, stop: threading.Event) -> None:
         while not stop.is_set():
             client.summary()
             client._call("ListGpus", query_pb2.ListGpusRequest(sort_by="-temperature", page_size=20))
-            client.workloads(query_pb2.ListWorkloadsRequest())
+            client.workloads(query_pb2.ListWorkloadsRequest(group_by="cluster"))
             stop.wait(TOP_REFRESH_S)
 
 
