@@ -44,7 +44,7 @@ lint: $(BIN)/.installed
 	$(BIN)/mypy .
 
 test: $(BIN)/.installed system-deps lint
-	$(BIN)/python -m pytest -n 2
+	$(BIN)/python -m pytest -n 3
 
 bench: $(BIN)/.installed system-deps
 	$(BIN)/python -m bench

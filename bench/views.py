@@ -7,7 +7,8 @@ A collector under 1,250 nodes reporting every 10 s (bench/load.py), then:
 2. the map's updates: bytes per second of one page's server-sent events;
 3. collector CPU with nothing open, then with 10 pages following the stream and 10 `gpufleet
    top` refreshing (what one refresh asks: the summary, one page of GPUs and the workloads by
-   cluster, every 2 s each): the ratio.
+   cluster, every 2 s each): the ratio;
+4. ingest (reports acknowledged per second, collector CPU) with no page open and with 500.
 
 Prints a table and a JSON line; docs/benchmarks.md ("Views") holds the numbers.
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
+import selectors
 import shutil
 import socket
 import statistics
@@ -36,6 +38,8 @@ NODES = 1250
 PAGES = 10
 TOPS = 10
 TOP_REFRESH_S = 2.0
+# Open pages (event streams) during the ingest measurement.
+MANY = 500
 LOAD_TARGET_S = 1.0
 
 
@@ -56,6 +60,56 @@ def _stream_bytes(base: str, seconds: float, stop: threading.Event | None = None
                 break
             received += len(chunk)
     return received
+
+
+def _streams(base: str, count: int, stop: threading.Event, opened: list[int]) -> None:
+    """``count`` pages' event streams on one thread (select), read and dropped until ``stop``."""
+    host, port = base.removeprefix("http://").split(":")
+    selector = selectors.DefaultSelector()
+    sockets = []
+    for _ in range(count):
+        sock = socket.create_connection((host, int(port)), timeout=5)
+        sock.sendall(b"GET /api/stream HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n")
+        sock.setblocking(False)
+        selector.register(sock, selectors.EVENT_READ)
+        sockets.append(sock)
+    answered: set[socket.socket] = set()
+    while not stop.is_set():
+        for key, _ in selector.select(timeout=0.2):
+            ready = key.fileobj
+            assert isinstance(ready, socket.socket)
+            try:
+                data = ready.recv(262144)
+            except BlockingIOError:
+                continue
+            if data.startswith(b"HTTP/1.1 200"):
+                answered.add(ready)
+            if not data:
+                selector.unregister(ready)
+        opened[:] = [len(answered)]
+    for sock in sockets:
+        sock.close()
+
+
+def _ingest_with_streams(pid: int, base: str, load: Load, count: int, window_s: float) -> dict[str, float]:
+    """Reports acknowledged per second and collector CPU with ``count`` streams open."""
+    stop, opened = threading.Event(), [0]
+    reader = threading.Thread(target=_streams, args=(base, count, stop, opened), daemon=True)
+    if count:
+        reader.start()
+        time.sleep(3)
+    acked, cpu, started = load.acked(), cpu_seconds(pid), time.monotonic()
+    time.sleep(window_s)
+    elapsed = time.monotonic() - started
+    result = {
+        "streams": opened[0],
+        "reports_per_s": (load.acked() - acked) / elapsed,
+        "cpu_cores": (cpu_seconds(pid) - cpu) / elapsed,
+    }
+    stop.set()
+    if count:
+        reader.join(timeout=10)
+    return result
 
 
 def _top(target: str, stop: threading.Event) -> None:
@@ -114,7 +168,9 @@ def measure(window_s: float, nodes: int = NODES) -> dict[str, Any]:
     result: dict[str, Any] = {"gpus": nodes * 8}
     with tempfile.TemporaryDirectory(prefix="gpufleet-bench-views-") as scratch:
         workdir = Path(scratch)
-        with collector(workdir, "none") as (process, target, base):
+        # Room for MANY open pages (the default caps HTTP connections at 256).
+        room = ("--http-max-connections", str(MANY + 64), "--http-max-connections-per-peer", str(MANY + 64))
+        with collector(workdir, "none", *room) as (process, target, base):
             load = Load(workdir, target, nodes, 10.0)
             try:
                 wait_until(
@@ -140,6 +196,8 @@ def measure(window_s: float, nodes: int = NODES) -> dict[str, Any]:
                 result["cpu_idle_cores"] = _cpu(process.pid, window_s)
                 for name, pages, tops in (("pages", PAGES, 0), ("tops", 0, TOPS), ("viewed", PAGES, TOPS)):
                     result[f"cpu_{name}_cores"] = _viewed(process.pid, base, target, pages, tops, window_s)
+                result["ingest_no_streams"] = _ingest_with_streams(process.pid, base, load, 0, window_s)
+                result["ingest_many_streams"] = _ingest_with_streams(process.pid, base, load, MANY, window_s)
             finally:
                 load.stop()
     result["cpu_ratio"] = result["cpu_viewed_cores"] / max(result["cpu_idle_cores"], 1e-9)
@@ -172,6 +230,12 @@ def main() -> None:
         f"{result['cpu_pages_cores']:.3f} with {PAGES} pages, "
         f"{result['cpu_tops_cores']:.3f} with {TOPS} tops, "
         f"{result['cpu_viewed_cores']:.3f} with both: {result['cpu_ratio']:.2f}x"
+    )
+    quiet, busy = result["ingest_no_streams"], result["ingest_many_streams"]
+    print(
+        f"ingest: {quiet['reports_per_s']:.0f} reports/s ({quiet['cpu_cores']:.3f} cores) with no page open, "
+        f"{busy['reports_per_s']:.0f} reports/s ({busy['cpu_cores']:.3f} cores) "
+        f"with {busy['streams']:.0f} streams"
     )
     print(json.dumps(result))
 

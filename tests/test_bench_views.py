@@ -23,4 +23,7 @@ def test_the_views_benchmark_measures_the_map_and_top() -> None:
     assert report["page_load_s"] is not None and report["page_load_s"] > 0
     assert report["stream_bytes_per_s"] > 0
     assert all(report[f"cpu_{name}_cores"] >= 0 for name in ("idle", "pages", "tops", "viewed"))
+    assert (
+        report["ingest_many_streams"]["streams"] == 500 and report["ingest_no_streams"]["reports_per_s"] > 0
+    )
     assert "page load to every cell drawn" in result.stdout
