@@ -32,6 +32,7 @@ import psycopg
 
 from bench.procstat import cpu_seconds, percentile
 from gpufleet.ports import free_port
+from gpufleet.signals import terminate
 from tests.conftest import http_get, wait_until
 from tests.postgres_server import PostgresServer, postgres
 
@@ -54,13 +55,7 @@ def _python(*args: str, log: Path, stdin: bool = False, stdout: bool = False) ->
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    terminate(process, timeout_s=30)
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -92,16 +92,7 @@ class FleetwideQueries(QueryServicer):
         gathered = await self._gather("ListNodes", request, query_pb2.ListNodesResponse, context)
         if gathered is None:
             return mine
-        answers = [mine, *gathered.answers]
-        nodes, token = _merged_page(
-            [a.nodes for a in answers], node_key, page_size(request.page_size), _more(answers)
-        )
-        return query_pb2.ListNodesResponse(
-            nodes=nodes,
-            next_page_token=token,
-            total_size=sum(a.total_size for a in answers),
-            coverage=gathered.coverage,
-        )
+        return _merged(mine, gathered, "nodes", node_key, page_size(request.page_size))
 
     async def ListGpus(  # noqa: N802
         self, request: query_pb2.ListGpusRequest, context: grpc.aio.ServicerContext
@@ -111,19 +102,13 @@ class FleetwideQueries(QueryServicer):
         if gathered is None:
             return mine
         sort, descending = await gpu_order(request.sort_by, context)
-        answers = [mine, *gathered.answers]
-        gpus, token = _merged_page(
-            [a.gpus for a in answers],
+        return _merged(
+            mine,
+            gathered,
+            "gpus",
             lambda view: view_key(sort, view),
             page_size(request.page_size),
-            _more(answers),
             descending,
-        )
-        return query_pb2.ListGpusResponse(
-            gpus=gpus,
-            next_page_token=token,
-            total_size=sum(a.total_size for a in answers),
-            coverage=gathered.coverage,
         )
 
     async def GetNode(  # noqa: N802
@@ -229,22 +214,29 @@ def _without_node(event_filter: query_pb2.EventFilter) -> dict[str, Any]:
     }
 
 
-def _more(answers: Sequence[Any]) -> bool:
-    return any(answer.next_page_token for answer in answers)
+R = TypeVar("R", query_pb2.ListNodesResponse, query_pb2.ListGpusResponse)
 
 
-def _merged_page(
-    pages: Sequence[Sequence[Any]],
+def _merged(
+    mine: R,
+    gathered: Gathered,
+    field: str,
     key: Callable[[Any], tuple[Any, ...]],
     size: int,
-    more: bool,
     descending: bool = False,
-) -> tuple[list[Any], str]:
-    """Each collector's page after the same token, merged: the first ``size`` rows, and the next token."""
-    rows = sorted((row for page in pages for row in page), key=key, reverse=descending)
+) -> R:
+    """Each collector's page after the same token, merged: the first ``size`` rows, the next token."""
+    answers = [mine, *gathered.answers]
+    rows = sorted((row for answer in answers for row in getattr(answer, field)), key=key, reverse=descending)
     page = rows[:size]
-    more = more or len(rows) > size
-    return page, (page_token(key(page[-1])) if page and more else "")
+    more = any(answer.next_page_token for answer in answers) or len(rows) > size
+    merged = type(mine)(
+        next_page_token=page_token(key(page[-1])) if page and more else "",
+        total_size=sum(answer.total_size for answer in answers),
+        coverage=gathered.coverage,
+    )
+    getattr(merged, field).extend(page)
+    return merged
 
 
 def _merged_workload(views: list[query_pb2.WorkloadView]) -> query_pb2.WorkloadView:

@@ -1,10 +1,12 @@
-"""Graceful shutdown for the daemons: the first SIGTERM/SIGINT drains, a second forces."""
+"""Graceful shutdown for the daemons: the first SIGTERM/SIGINT drains, a second forces; and the
+same asked of a child process."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import signal
+import subprocess
 
 log = logging.getLogger(__name__)
 
@@ -26,3 +28,15 @@ def stop_on_signals(stop: asyncio.Event, draining: str) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
+
+
+def terminate(process: subprocess.Popen[bytes], timeout_s: float = 10.0) -> None:
+    """Ask a child to stop (SIGTERM); kill it if it has not within ``timeout_s``."""
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()

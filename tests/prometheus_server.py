@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gpufleet.ports import free_port
+from gpufleet.signals import terminate
 from tests.conftest import http_get, wait_until
 
 
@@ -55,28 +56,26 @@ def prometheus(
         + f"scrape_configs:\n{scrape_configs}"
     )
     port = free_port()
-    log = (tmp_path / "prometheus.log").open("wb")
-    process = subprocess.Popen(
-        [
-            binary,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'data'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: http_get(f"{url}/-/ready", timeout=1)[0] == 200, what="prometheus ready")
-        yield PrometheusServer(url)
-    finally:
-        process.terminate()
+    command = [
+        binary,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={tmp_path / 'data'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    with _running(command, tmp_path / "prometheus.log", f"http://127.0.0.1:{port}", "/-/ready") as server:
+        yield server
+
+
+@contextmanager
+def _running(command: list[str], log_path: Path, url: str, ready: str) -> Iterator[PrometheusServer]:
+    """A time-series server as a child process, ready when ``ready`` answers 200; stopped on exit."""
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            wait_until(lambda: http_get(f"{url}{ready}", timeout=1)[0] == 200, what=f"{command[0]} ready")
+            yield PrometheusServer(url)
+        finally:
+            terminate(process)
 
 
 @contextmanager
@@ -92,27 +91,15 @@ def victoria_metrics(tmp_path: Path, scrape_configs: str) -> Iterator[Prometheus
     config = tmp_path / "scrape.yml"
     config.write_text(f"global:\n  scrape_interval: 1s\nscrape_configs:\n{scrape_configs}")
     port = free_port()
-    log = (tmp_path / "victoria-metrics.log").open("wb")
-    process = subprocess.Popen(
-        [
-            binary,
-            f"-promscrape.config={config}",
-            f"-storageDataPath={tmp_path / 'vm-data'}",
-            f"-httpListenAddr=127.0.0.1:{port}",
-            "-search.latencyOffset=0s",
-            "-search.disableCache",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_until(lambda: http_get(f"{url}/health", timeout=1)[0] == 200, what="victoria-metrics ready")
-        yield PrometheusServer(url)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    command = [
+        binary,
+        f"-promscrape.config={config}",
+        f"-storageDataPath={tmp_path / 'vm-data'}",
+        f"-httpListenAddr=127.0.0.1:{port}",
+        "-search.latencyOffset=0s",
+        "-search.disableCache",
+    ]
+    with _running(
+        command, tmp_path / "victoria-metrics.log", f"http://127.0.0.1:{port}", "/health"
+    ) as server:
+        yield server

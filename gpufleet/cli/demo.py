@@ -19,6 +19,7 @@ from types import FrameType
 from gpufleet.cli.client import CollectorUnavailable, FleetClient
 from gpufleet.cli.commands import cmd_summary
 from gpufleet.ports import free_port
+from gpufleet.signals import terminate
 
 GPUS_PER_NODE = 8
 REGISTRATION_TIMEOUT_S = 120.0
@@ -36,13 +37,7 @@ def child(name: str, args: list[str]) -> Iterator[subprocess.Popen[bytes]]:
         try:
             yield process
         finally:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            terminate(process)
 
 
 def _progress(message: str) -> None:
