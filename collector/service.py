@@ -260,7 +260,7 @@ class Collector:
         self.exposition.set_identity(tier.collector_id)
         if self.mqtt is not None:
             self.mqtt.collector_id = tier.collector_id
-        self.metrics.tier_nodes.set_function(lambda: len(tier.held()))
+        self.metrics.tier_nodes.set_function(lambda: len(tier))
         self.metrics.tier_members.set_function(lambda: len(tier.live_members()))
         self.metrics.tier_fenced.set_function(lambda: int(tier.fenced))
         await self.ownership.adopt_orphans()

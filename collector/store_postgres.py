@@ -211,7 +211,7 @@ class PostgresStore(Store):
         try:
             # The newest of this collector's nodes' events (other collectors' ids are theirs).
             row = db.execute(
-                "SELECT coalesce(max(id), 0) FROM events WHERE node_id = ANY(%s)", (list(self.tier.held()),)
+                "SELECT coalesce(max(id), 0) FROM events WHERE node_id = ANY(%s)", (self.tier.held(),)
             ).fetchone()
         except psycopg.Error:
             db.close()
@@ -315,13 +315,12 @@ class PostgresStore(Store):
         nodes.update(str(row[0]) for row in batch.verdicts)
         if not nodes:
             return
-        held = self.tier.held()
         cursor.execute(
             "SELECT l.node_id, l.epoch FROM leases l JOIN members m ON m.instance = l.owner "
             "WHERE l.owner = %s AND m.expires_at > now() AND l.node_id = ANY(%s) FOR SHARE OF l",
             (self.tier.instance, sorted(nodes)),
         )
-        owned = {node_id for node_id, epoch in cursor.fetchall() if held.get(node_id) == epoch}
+        owned = {node_id for node_id, epoch in cursor.fetchall() if self.tier.epoch(node_id) == epoch}
         lost = nodes - owned
         if not lost:
             return

@@ -214,9 +214,16 @@ class Tier:
             and not self.fenced
         )
 
-    def held(self) -> dict[str, int]:
-        """The nodes held and their lease epochs (a copy, for the store's writer thread)."""
-        return dict(self._held)
+    def held(self) -> list[str]:
+        """The nodes held now (a copy)."""
+        return list(self._held)
+
+    def epoch(self, node_id: str) -> int | None:
+        """The epoch of a node's lease held here (the store's writer checks its writes against it)."""
+        return self._held.get(node_id)
+
+    def __len__(self) -> int:
+        return len(self._held)
 
     def lost(self, node_ids: Iterable[str]) -> None:
         """The store found these leases gone while writing (from its thread): they are dropped."""

@@ -121,6 +121,13 @@ class FleetMap(BatchedSink):
 
     # -- rows ------------------------------------------------------------------------------
 
+    def node_changed(self, node: NodeRecord) -> None:
+        """Rows are rendered ahead only while a page follows; otherwise at the next first load."""
+        if self._pages:
+            super().node_changed(node)
+        else:
+            self._dirty.add(node.node_id)
+
     def refresh(self) -> int:
         if not self._dirty:
             return 0
