@@ -232,7 +232,8 @@ async def test_a_screenshot_at_100x30_for_the_docs(fleet: str) -> None:
         async with app.run_test(size=(100, 30)) as pilot:
             await pilot.press("u")
             await until(lambda: app.shown_query is not None and app.shown_query.sort_by == "-utilization")
-            await pilot.pause()
+            # The rows of that page drawn, not only asked for.
+            await until(lambda: "sim-node-" in app.export_screenshot(), what="the rows on screen")
             SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
             app.save_screenshot(SCREENSHOT.name, str(SCREENSHOT.parent))
     assert "sim-node-" in SCREENSHOT.read_text()
