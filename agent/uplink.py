@@ -240,9 +240,15 @@ class Uplink:
         self._allocations = allocations
         self._allocations_changed = True
 
-    def submit(self, gpus: Sequence[telemetry_pb2.GpuSample], *, carries_events: bool = False) -> None:
-        """Queue a report of ``gpus``; it is sent as soon as the stream allows."""
-        report = ingest_pb2.Report(time_unix_nano=time.time_ns(), gpus=gpus)
+    def submit(
+        self,
+        gpus: Sequence[telemetry_pb2.GpuSample],
+        *,
+        carries_events: bool = False,
+        time_unix_nano: int | None = None,
+    ) -> None:
+        """Queue a report of ``gpus`` (sampled now, or at ``time_unix_nano``); it is sent as soon as it can be."""
+        report = ingest_pb2.Report(time_unix_nano=time_unix_nano or time.time_ns(), gpus=gpus)
         report.agent_stats.CopyFrom(self.stats)
         if self._inventory_changed:
             report.inventory.CopyFrom(self._inventory)

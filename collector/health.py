@@ -1,8 +1,11 @@
-"""A verdict per GPU: healthy, degraded, unhealthy or lost, with reasons and an action.
+"""A verdict per GPU: healthy, at risk, degraded, unhealthy or lost, with reasons and an action.
 
-Every rule cites gpu-fleet-facts.md (section numbers in the comments). A verdict
-is computed from the GPU's latest sample and the XIDs seen since the node booted:
-an XID that needs a reset or reboot keeps its verdict until the node reboots.
+Every rule cites its source in docs/health.md (gpu-fleet-facts.md section numbers in the
+comments here). A verdict is computed from the GPU's latest sample, the XIDs seen since
+the node booted (an XID that needs a reset or reboot keeps its verdict until the node
+reboots) and the GPU's window (``GpuWindow``): what a single reading cannot tell, such as
+a condition that persists for several reports or an error rate over the last hour. A
+fault that comes back after resets and reboots is escalated by ``escalate``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 from gpufleet.v1 import query_pb2, telemetry_pb2
 
 HEALTHY = query_pb2.GPU_HEALTH_HEALTHY
+AT_RISK = query_pb2.GPU_HEALTH_AT_RISK
 DEGRADED = query_pb2.GPU_HEALTH_DEGRADED
 UNHEALTHY = query_pb2.GPU_HEALTH_UNHEALTHY
 LOST = query_pb2.GPU_HEALTH_LOST
@@ -19,13 +23,16 @@ UNREACHABLE = query_pb2.GPU_HEALTH_UNREACHABLE
 
 HEALTH_NAMES = {
     HEALTHY: "healthy",
+    AT_RISK: "at_risk",
     DEGRADED: "degraded",
     UNHEALTHY: "unhealthy",
     LOST: "lost",
     UNREACHABLE: "unreachable",
 }
 # Worse verdicts win when several rules apply.
-SEVERITY_ORDER = {HEALTHY: 0, DEGRADED: 1, UNHEALTHY: 2, UNREACHABLE: 3, LOST: 4}
+SEVERITY_ORDER = {HEALTHY: 0, AT_RISK: 1, DEGRADED: 2, UNHEALTHY: 3, UNREACHABLE: 4, LOST: 5}
+# What an early warning asks for: the GPU still works, so move the work off it without losing any.
+DRAIN_AT_CHECKPOINT = "drain at the next checkpoint"
 
 
 @dataclass(frozen=True)
@@ -50,7 +57,7 @@ XID_RULES: dict[int, XidRule] = {
     64: XidRule("row remap failed", UNHEALTHY, "reset GPU now; repeated: RMA path"),
     74: XidRule("NVLink error", UNHEALTHY, "reset GPU or reboot node"),
     79: XidRule("GPU fell off the bus", UNHEALTHY, "reboot node"),
-    92: XidRule("high single-bit ECC rate", DEGRADED, "watch; run diagnostics"),
+    92: XidRule("high single-bit ECC rate", AT_RISK, f"{DRAIN_AT_CHECKPOINT}; run diagnostics"),
     94: XidRule(
         "contained uncorrectable ECC", DEGRADED, "restart the application; reset GPU when convenient"
     ),
@@ -97,12 +104,145 @@ STRAGGLER_CLOCK_RATIO = 0.85
 BUSY_UTILIZATION_PERCENT = 80
 MIN_BUSY_PEERS = 3
 
+# A condition seen in this many reports in a row is a finding; fewer is noise (a brief NVML
+# read error, a power excursion that trips a slowdown bit for one interval, a collective
+# that waits one interval for a slow peer).
+PERSISTENT_REPORTS = 3
+
+# A hung collective (a NCCL all-reduce waiting on a rank that died): one kernel spins, so
+# NVML reads ~100 % utilization while the SMs (GPM) are nearly idle and NVLink carries
+# nothing. Every rank hangs, so at least two GPUs of the node show it together.
+HUNG_UTILIZATION_PERCENT = 95
+HUNG_SM_ACTIVE_PPM = 50_000  # 5 % of the interval
+HUNG_NVLINK_BYTES_PER_SECOND = 1_000_000_000  # 1 GB/s: a working all-reduce moves far more
+HUNG_MEMORY_COPY_PERCENT = 2  # without GPM: a working kernel moves memory
+HUNG_POWER_OF_LIMIT = 0.45  # without GPM: a spinning kernel draws little
+MIN_HUNG_PEERS = 2
+
+# Error rates over the last hour, in quarter-hour buckets: a rate is sustained when it has
+# errors in at least SUSTAINED_QUARTERS of the last four quarters (one burst is not).
+QUARTER_NS = 15 * 60 * 10**9
+QUARTERS = 4
+SUSTAINED_QUARTERS = 3
+# Corrected (single-bit) ECC errors in an hour that, sustained, come before HBM failures:
+# the rising SBE rate behind XID 92 (facts section 4: rising SBE alone is "watch only").
+CE_AT_RISK_PER_HOUR = 50
+# NVLink CRC errors in an hour that, sustained, mean a bad link rather than the odd retry.
+NVLINK_CRC_PER_HOUR = 100
+
+# The same fault back after two resets or reboots: hardware inspection (gpud's escalation).
+RMA_AFTER_OCCURRENCES = 3
+
+
+class Rate:
+    """A cumulative counter's growth per quarter hour, over the last hour."""
+
+    __slots__ = ("_buckets", "_last", "_quarter")
+
+    def __init__(self) -> None:
+        self._last: int | None = None
+        self._quarter = 0
+        self._buckets = [0] * QUARTERS
+
+    def add(self, value: int, time_unix_nano: int) -> None:
+        quarter = time_unix_nano // QUARTER_NS
+        if quarter > self._quarter:
+            shift = min(quarter - self._quarter, QUARTERS)
+            self._buckets = self._buckets[shift:] + [0] * shift
+            self._quarter = quarter
+        if self._last is not None and value > self._last:
+            self._buckets[-1] += value - self._last
+        self._last = value
+
+    def sustained(self, per_hour: int) -> bool:
+        return (
+            sum(self._buckets) >= per_hour
+            and sum(1 for count in self._buckets if count) >= SUSTAINED_QUARTERS
+        )
+
+    @property
+    def last_hour(self) -> int:
+        return sum(self._buckets)
+
+
+class GpuWindow:
+    """What one GPU's rules remember between reports: streaks of conditions and error rates."""
+
+    __slots__ = (
+        "ce",
+        "hung",
+        "hw_slowdown",
+        "nvlink_crc",
+        "power_brake",
+        "read_errors",
+        "straggler",
+        "thermal",
+    )
+
+    def __init__(self) -> None:
+        self.read_errors = 0
+        self.thermal = 0
+        self.hw_slowdown = 0
+        self.power_brake = 0
+        self.straggler = 0
+        self.hung = 0
+        self.ce = Rate()
+        self.nvlink_crc = Rate()
+
+    def observe(
+        self,
+        sample: telemetry_pb2.GpuSample,
+        time_unix_nano: int,
+        *,
+        power_limit_milliwatts: int,
+        peer_clock_mhz: float | None,
+        hung_peers: int,
+    ) -> None:
+        """Take in one report's sample: ``hung_peers`` GPUs of its node look hung in the same report."""
+        self.read_errors = (
+            self.read_errors + 1 if sample.read_status == telemetry_pb2.GPU_READ_STATUS_ERROR else 0
+        )
+        reasons = sample.clock_event_reasons
+        self.thermal = self.thermal + 1 if reasons & THERMAL_REASONS else 0
+        self.hw_slowdown = self.hw_slowdown + 1 if reasons & HW_SLOWDOWN else 0
+        self.power_brake = self.power_brake + 1 if reasons & POWER_BRAKE else 0
+        self.straggler = self.straggler + 1 if is_straggler(sample, peer_clock_mhz) else 0
+        looks_hung = hung_peers >= MIN_HUNG_PEERS and looks_hung_alone(sample, power_limit_milliwatts)
+        self.hung = self.hung + 1 if looks_hung else 0
+        if sample.HasField("ecc_corrected_aggregate"):
+            self.ce.add(sample.ecc_corrected_aggregate, time_unix_nano)
+        if sample.HasField("nvlink_crc_flit_errors"):
+            self.nvlink_crc.add(sample.nvlink_crc_flit_errors + sample.nvlink_crc_data_errors, time_unix_nano)
+
 
 def _busy(sample: telemetry_pb2.GpuSample) -> bool:
     return (
         sample.read_status == telemetry_pb2.GPU_READ_STATUS_OK
         and sample.gpu_utilization_percent >= BUSY_UTILIZATION_PERCENT
         and sample.HasField("sm_clock_mhz")
+    )
+
+
+def is_straggler(sample: telemetry_pb2.GpuSample, peer_clock_mhz: float | None) -> bool:
+    if not peer_clock_mhz:
+        return False
+    return _busy(sample) and sample.sm_clock_mhz < STRAGGLER_CLOCK_RATIO * peer_clock_mhz
+
+
+def looks_hung_alone(sample: telemetry_pb2.GpuSample, power_limit_milliwatts: int) -> bool:
+    """Utilization near 100 % with nothing done: GPM's SM activity and NVLink where there is GPM."""
+    if sample.read_status != telemetry_pb2.GPU_READ_STATUS_OK:
+        return False
+    if sample.gpu_utilization_percent < HUNG_UTILIZATION_PERCENT:
+        return False
+    if sample.HasField("sm_active_ppm"):
+        nvlink = sample.nvlink_tx_bytes_per_second + sample.nvlink_rx_bytes_per_second
+        return sample.sm_active_ppm < HUNG_SM_ACTIVE_PPM and nvlink < HUNG_NVLINK_BYTES_PER_SECOND
+    # No GPM (Ampere and older): a spinning kernel moves no memory and draws little power.
+    return (
+        sample.memory_copy_utilization_percent <= HUNG_MEMORY_COPY_PERCENT
+        and power_limit_milliwatts > 0
+        and sample.power_draw_milliwatts < HUNG_POWER_OF_LIMIT * power_limit_milliwatts
     )
 
 
@@ -117,17 +257,28 @@ def peer_sm_clock_mhz(samples: list[telemetry_pb2.GpuSample]) -> float | None:
 
 HEALTHY_VERDICT = Verdict(HEALTHY)
 UNREACHABLE_VERDICT = Verdict(UNREACHABLE, ("node stopped reporting",), "check the node and its agent")
+# A window that has seen nothing: a verdict from the sample and XIDs alone.
+NO_WINDOW = GpuWindow()
 
 
 def judge(
-    sample: telemetry_pb2.GpuSample, xids_this_boot: dict[int, int], peer_clock_mhz: float | None = None
+    sample: telemetry_pb2.GpuSample,
+    xids_this_boot: dict[int, int],
+    window: GpuWindow = NO_WINDOW,
+    peer_clock_mhz: float | None = None,
 ) -> Verdict:
-    """The verdict for one GPU from its latest sample, its XID counts since boot and its peers' clocks."""
+    """The verdict for one GPU from its latest sample, its XID counts since boot and its window."""
     if sample.read_status == telemetry_pb2.GPU_READ_STATUS_LOST:
         return Verdict(LOST, ("GPU lost: NVML reports GPU_IS_LOST (fell off the bus)",), "reboot node")
     findings: list[tuple[query_pb2.GpuHealth, str, str]] = []
-    if sample.read_status == telemetry_pb2.GPU_READ_STATUS_ERROR:
-        findings.append((DEGRADED, f"NVML cannot read the GPU: {sample.read_error}", "check the driver"))
+    if window.read_errors >= PERSISTENT_REPORTS:
+        findings.append(
+            (
+                DEGRADED,
+                f"NVML cannot read the GPU ({window.read_errors} reports in a row): {sample.read_error}",
+                "check the driver",
+            )
+        )
     if sample.row_remap_failure:
         findings.append(
             (UNHEALTHY, "row remap failure flag set", "drain node; RMA path after field diagnostics")
@@ -141,23 +292,61 @@ def judge(
             )
         )
     if sample.row_remap_pending:
-        findings.append((DEGRADED, "row remap pending", "reset GPU when drained"))
+        findings.append(
+            (AT_RISK, "row remap pending", f"{DRAIN_AT_CHECKPOINT}, then reset the GPU to apply the remap")
+        )
     if sample.recovery_action in RECOVERY_ACTIONS:
         health, action = RECOVERY_ACTIONS[sample.recovery_action]
         findings.append((health, f"driver asks for recovery action {sample.recovery_action}", action))
-    reasons_mask = sample.clock_event_reasons
-    if reasons_mask & THERMAL_REASONS:
-        findings.append((DEGRADED, "thermal slowdown", "check cooling"))
-    if reasons_mask & HW_SLOWDOWN:
-        findings.append((DEGRADED, "hardware slowdown", "check cooling and power delivery"))
-    if reasons_mask & POWER_BRAKE:
-        findings.append((DEGRADED, "power brake slowdown", "check power delivery"))
-    if peer_clock_mhz and _busy(sample) and sample.sm_clock_mhz < STRAGGLER_CLOCK_RATIO * peer_clock_mhz:
+    if window.thermal >= PERSISTENT_REPORTS:
+        findings.append((DEGRADED, f"thermal slowdown ({window.thermal} reports in a row)", "check cooling"))
+    if window.hw_slowdown >= PERSISTENT_REPORTS:
         findings.append(
             (
                 DEGRADED,
-                f"straggler: SM clock {sample.sm_clock_mhz} MHz, busy peers' median {peer_clock_mhz:.0f} MHz",
+                f"hardware slowdown ({window.hw_slowdown} reports in a row)",
+                "check cooling and power delivery",
+            )
+        )
+    if window.power_brake >= PERSISTENT_REPORTS:
+        findings.append(
+            (
+                DEGRADED,
+                f"power brake slowdown ({window.power_brake} reports in a row)",
+                "check power delivery",
+            )
+        )
+    if window.straggler >= PERSISTENT_REPORTS and peer_clock_mhz:
+        findings.append(
+            (
+                DEGRADED,
+                f"straggler: SM clock {sample.sm_clock_mhz} MHz, busy peers' median {peer_clock_mhz:.0f} MHz,"
+                f" {window.straggler} reports in a row",
                 "check cooling and power; drain if it slows the job",
+            )
+        )
+    if window.hung >= PERSISTENT_REPORTS:
+        findings.append(
+            (
+                DEGRADED,
+                f"hung collective: ~100 % utilization, SMs and NVLink idle, {window.hung} reports in a row",
+                "the job is stuck: dump its stacks and restart it from its checkpoint",
+            )
+        )
+    if window.nvlink_crc.sustained(NVLINK_CRC_PER_HOUR):
+        findings.append(
+            (
+                DEGRADED,
+                f"NVLink CRC errors rising: {window.nvlink_crc.last_hour} in the last hour",
+                "reset GPU; reseat or replace the link if they keep rising",
+            )
+        )
+    if window.ce.sustained(CE_AT_RISK_PER_HOUR):
+        findings.append(
+            (
+                AT_RISK,
+                f"corrected ECC errors rising: {window.ce.last_hour} in the last hour",
+                f"{DRAIN_AT_CHECKPOINT}; run diagnostics",
             )
         )
     for code, count in sorted(xids_this_boot.items()):
@@ -168,3 +357,34 @@ def judge(
         return HEALTHY_VERDICT
     worst = max(findings, key=lambda finding: SEVERITY_ORDER[finding[0]])
     return Verdict(worst[0], tuple(reason for _, reason, _ in findings), worst[2])
+
+
+def is_fault(verdict: Verdict) -> bool:
+    """A verdict that counts as an occurrence of a fault on the GPU (for escalation)."""
+    return verdict.health in (UNHEALTHY, LOST)
+
+
+def rma_reason(verdict: Verdict, occurrences: int) -> str:
+    """Why the GPU is due for RMA, or "" if it is not (yet)."""
+    if any(reason.startswith("row remap failure") for reason in verdict.reasons):
+        return "row remap failure flag set (NVIDIA's RMA rule, after a field diagnostic)"
+    if occurrences >= RMA_AFTER_OCCURRENCES:
+        return f"fault came back after {occurrences - 1} resets or reboots ({occurrences} times in 30 days)"
+    return ""
+
+
+def escalate(verdict: Verdict, occurrences: int) -> Verdict:
+    """A fault verdict on its ``occurrences``-th boot in the window: the action grows with it (gpud)."""
+    if occurrences >= RMA_AFTER_OCCURRENCES:
+        return Verdict(
+            verdict.health,
+            (*verdict.reasons, f"occurrence {occurrences} in 30 days: it returns after resets and reboots"),
+            "drain node; hardware inspection and RMA",
+        )
+    if occurrences == RMA_AFTER_OCCURRENCES - 1:
+        return Verdict(
+            verdict.health,
+            (*verdict.reasons, f"occurrence {occurrences} in 30 days (it came back after a reset or reboot)"),
+            f"{verdict.action}; if it comes back, hardware inspection (RMA)",
+        )
+    return verdict

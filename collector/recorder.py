@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 HEALTH_SEVERITY = {
     health.HEALTHY: INFO,
+    health.AT_RISK: WARNING,
     health.DEGRADED: WARNING,
     health.UNHEALTHY: CRITICAL,
     health.LOST: CRITICAL,
@@ -137,8 +138,14 @@ class EventRecorder:
         )
 
     def health_changed(
-        self, node: NodeRecord, gpu_index: int, before: health.Verdict, after: health.Verdict
+        self,
+        node: NodeRecord,
+        gpu_index: int,
+        before: health.Verdict,
+        after: health.Verdict,
+        time_unix_nano: int | None = None,
     ) -> None:
+        """A GPU's verdict changed, as of the sample that changed it (``time_unix_nano``)."""
         self._emit(
             node,
             kinds.HEALTH_CHANGED,
@@ -146,8 +153,31 @@ class EventRecorder:
             f"GPU {gpu_index} {before.name} -> {after.name}: " + ("; ".join(after.reasons) or "no findings"),
             gpu_index=gpu_index,
             action=after.action,
+            time_unix_nano=time_unix_nano,
             old=before.name,
             new=after.name,
+        )
+
+    def rma_due(
+        self,
+        node: NodeRecord,
+        gpu: inventory_pb2.GpuInventory,
+        reason: str,
+        occurrences: int,
+        time_unix_nano: int,
+    ) -> None:
+        """A GPU meets the RMA criteria (its serial's record says why)."""
+        self._emit(
+            node,
+            kinds.RMA_DUE,
+            CRITICAL,
+            f"GPU {gpu.index} ({gpu.serial}) is due for RMA: {reason}",
+            gpu_index=gpu.index,
+            action="drain node; hardware inspection and RMA",
+            time_unix_nano=time_unix_nano,
+            uuid=gpu.uuid,
+            serial=gpu.serial,
+            occurrences=str(occurrences),
         )
 
     def state_changed(self, node: NodeRecord, before: str, after: str, severity: events_pb2.Severity) -> None:

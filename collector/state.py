@@ -16,6 +16,7 @@ from gpufleet.collector import health
 from gpufleet.collector.admission import TokenBucket
 from gpufleet.collector.eventlog import CRITICAL, INFO, WARNING, EventLog
 from gpufleet.collector.recorder import EventBudget, EventRecorder
+from gpufleet.collector.reliability import Reliability, SerialRecord
 from gpufleet.collector.sinks import Sinks
 from gpufleet.definitions import IDLE_UTILIZATION_PERCENT
 from gpufleet.v1 import allocation_pb2, ingest_pb2, inventory_pb2, telemetry_pb2
@@ -57,6 +58,10 @@ class GpuRecord:
     processes: int | None = None
     # In the node's inventory before, gone from it now: the GPU vanished.
     missing: bool = False
+    # What the health rules remember between reports (streaks, error rates).
+    window: health.GpuWindow = field(default_factory=health.GpuWindow)
+    # The reliability record of the GPU's serial (None while the GPU has no serial).
+    serial_record: SerialRecord | None = None
 
     @property
     def model(self) -> str:
@@ -143,9 +148,12 @@ class FleetState:
         events: EventLog | None = None,
         event_budget: EventBudget | None = None,
         on_suppressed: Callable[[int], None] | None = None,
+        reliability: Reliability | None = None,
     ) -> None:
         self.liveness = liveness or Liveness()
         self.events = events or EventLog()
+        # One record per GPU serial, across nodes and restarts.
+        self.reliability = reliability or Reliability()
         self.recorder = EventRecorder(self.events, event_budget, on_suppressed, clock)
         self._clock = clock
         self._nodes: dict[str, NodeRecord] = {}
@@ -210,6 +218,9 @@ class FleetState:
         node.health_version += 1
         for gpu in node.gpus.values():
             gpu.xids_this_boot.clear()
+            gpu.window = health.GpuWindow()
+            if gpu.serial_record is not None:
+                self.reliability.rebooted(gpu.serial_record)
         if node.inventory.boot_id:
             self.recorder.rebooted(node, boot_id)
 
@@ -252,6 +263,7 @@ class FleetState:
             old = record.inventory
             if old.uuid and (old.uuid, old.serial) != (gpu_inventory.uuid, gpu_inventory.serial):
                 record.xids_this_boot.clear()
+                record.window = health.GpuWindow()
                 record.verdict = health.HEALTHY_VERDICT
                 node.health_version += 1
                 self.recorder.gpu_replaced(node, old, gpu_inventory)
@@ -259,10 +271,22 @@ class FleetState:
                 self.recorder.gpu_added(node, gpu_inventory, again=True)
             record.inventory = gpu_inventory
             record.missing = False
+        self.link_serials(node)
         for index, record in node.gpus.items():
             if index not in present and not record.missing:
                 record.missing = True
                 self.recorder.gpu_removed(node, record.inventory, GONE_VERDICT.action)
+
+    def link_serials(self, node: NodeRecord) -> None:
+        """Each GPU of the node to its serial's reliability record (a new slot is a new install)."""
+        now = time.time_ns()
+        for index, gpu in node.gpus.items():
+            serial = gpu.inventory.serial
+            if not serial or gpu.missing:
+                continue
+            gpu.serial_record = self.reliability.seen(
+                serial, gpu.inventory.uuid, gpu.model, node.node_id, node.inventory.hostname, index, now
+            )
 
     # -- reports -------------------------------------------------------------------------
 
@@ -282,12 +306,31 @@ class FleetState:
                 gpu = node.gpus[sample.index] = GpuRecord(inventory_pb2.GpuInventory(index=sample.index))
             self._apply_sample(node, gpu, sample)
             updated.append(gpu)
-        peer_clock = health.peer_sm_clock_mhz([gpu.sample for gpu in updated if gpu.sample is not None])
+        now_ns = time.time_ns()
+        # The sample's own time (clamped to now at ingest): rates and history follow the GPU's clock,
+        # also for reports resent after an outage.
+        sampled_ns = min(report.time_unix_nano, now_ns) or now_ns
+        samples = [gpu.sample for gpu in updated if gpu.sample is not None]
+        peer_clock = health.peer_sm_clock_mhz(samples)
+        hung_peers = sum(
+            1
+            for gpu in updated
+            if gpu.sample is not None
+            and health.looks_hung_alone(gpu.sample, gpu.inventory.power_limit_enforced_milliwatts)
+        )
         for gpu in updated:
-            self._judge(node, gpu, peer_clock)
+            assert gpu.sample is not None
+            gpu.window.observe(
+                gpu.sample,
+                sampled_ns,
+                power_limit_milliwatts=gpu.inventory.power_limit_enforced_milliwatts,
+                peer_clock_mhz=peer_clock,
+                hung_peers=hung_peers,
+            )
+            self._judge(node, gpu, peer_clock, sampled_ns)
         self.recorder.summarise_suppressed(node)
         node.agent_stats = report.agent_stats
-        node.last_seen_unix_ns = time.time_ns()
+        node.last_seen_unix_ns = now_ns
         self._mark_seen(node)
         self._changed(node)
         return True
@@ -304,15 +347,27 @@ class FleetState:
             gpu.processes = len(sample.processes.processes)
         gpu.sample = sample
 
-    def _judge(self, node: NodeRecord, gpu: GpuRecord, peer_clock_mhz: float | None) -> None:
+    def _judge(self, node: NodeRecord, gpu: GpuRecord, peer_clock_mhz: float | None, sampled_ns: int) -> None:
         assert gpu.sample is not None
         sample = gpu.sample
         before = gpu.verdict
-        gpu.verdict = health.judge(sample, gpu.xids_this_boot, peer_clock_mhz)
-        if gpu.verdict != before:
+        verdict = health.judge(sample, gpu.xids_this_boot, gpu.window, peer_clock_mhz)
+        record = gpu.serial_record
+        if record is not None and health.is_fault(verdict):
+            occurrences = self.reliability.occurrence(
+                record, node.node_id, node.inventory.boot_id, sampled_ns, verdict
+            )
+            verdict = health.escalate(verdict, occurrences)
+            reason = health.rma_reason(verdict, occurrences)
+            if reason and self.reliability.flag_rma(record, sampled_ns, reason):
+                self.recorder.rma_due(node, gpu.inventory, reason, occurrences, sampled_ns)
+        gpu.verdict = verdict
+        if verdict != before:
             node.health_version += 1
-        if gpu.verdict.health != before.health:
-            self.recorder.health_changed(node, sample.index, before, gpu.verdict)
+        if verdict.health != before.health:
+            if record is not None:
+                self.reliability.verdict_changed(record, sampled_ns, before, verdict)
+            self.recorder.health_changed(node, sample.index, before, verdict, sampled_ns)
 
     # -- liveness --------------------------------------------------------------------------
 
@@ -368,4 +423,5 @@ class FleetState:
             node.name = self._unique_name(node.inventory)
         self._nodes[node.node_id] = node
         self._ids_by_name[node.name] = node.node_id
+        self.link_serials(node)
         self._changed(node)

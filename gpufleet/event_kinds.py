@@ -19,12 +19,14 @@ GPU_REPLACED = "gpu_replaced"
 DRIVER_UPGRADED = "driver_upgraded"
 NODE_FORGOTTEN = "node_forgotten"
 EVENTS_SUPPRESSED = "events_suppressed"
+RMA_DUE = "rma_due"
 
 # What a node is made of, over time (`gpufleet history`).
 INVENTORY_KINDS = (NODE_REGISTERED, NODE_REBOOTED, GPU_ADDED, GPU_REMOVED, GPU_REPLACED, DRIVER_UPGRADED)
 ALL_KINDS = (
     XID,
     HEALTH_CHANGED,
+    RMA_DUE,
     NODE_STATE_CHANGED,
     NODE_ID_CONFLICT,
     NODE_FORGOTTEN,

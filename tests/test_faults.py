@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gpufleet.agent.sources.faults import FAULT_KINDS, FaultModel
 from gpufleet.agent.sources.sim import SimulatedSource
+from gpufleet.collector.health import PERSISTENT_REPORTS
 from gpufleet.collector.mqtt import MqttConfig
 from gpufleet.collector.service import Collector
 from tests.conftest import ROOT, http_get, local_config, metric, until
@@ -70,7 +71,8 @@ async def test_fault_kinds_to_verdicts_everywhere(tmp_path: Path) -> None:
                 source = SimulatedSource("H100", 8, seed=0, node_index=index, workload="training")
                 add_node(collector.state, source, index)
                 source.inject(FAULTY_GPU, kind)
-                add_node(collector.state, source, index)
+                # A slowdown counts once it lasts (PERSISTENT_REPORTS reports in a row).
+                add_node(collector.state, source, index, reports=PERSISTENT_REPORTS)
             await until(
                 lambda: metric(collector, "gpufleet_collector_mqtt_events_queued") == 0,
                 timeout=10,

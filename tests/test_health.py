@@ -40,7 +40,8 @@ def test_lost_gpu() -> None:
 
 
 def test_memory_rules() -> None:
-    assert judge(row_remap_pending=True).health == health.DEGRADED
+    pending = judge(row_remap_pending=True)
+    assert pending.health == health.AT_RISK and "next checkpoint" in pending.action
     failure = judge(row_remap_pending=True, row_remap_failure=True)
     assert failure.health == health.UNHEALTHY and "RMA" in failure.action
     assert len(failure.reasons) == 2
@@ -48,9 +49,83 @@ def test_memory_rules() -> None:
     assert judge(ecc_corrected_aggregate=500).health == health.HEALTHY  # rising SBE: watch only
 
 
-def test_thermal_slowdown_degrades() -> None:
-    verdict = judge(clock_event_reasons=0x40)
-    assert verdict.health == health.DEGRADED and "cooling" in verdict.action
+def observed(samples: list[telemetry_pb2.GpuSample], minutes_apart: float = 1.0) -> health.GpuWindow:
+    """A window that has seen these samples, one every ``minutes_apart`` minutes."""
+    window = health.GpuWindow()
+    for i, sample in enumerate(samples):
+        at = int(i * minutes_apart * 60e9) + 10**18
+        window.observe(sample, at, power_limit_milliwatts=700_000, peer_clock_mhz=None, hung_peers=8)
+    return window
+
+
+def test_thermal_slowdown_degrades_once_it_lasts() -> None:
+    hot = telemetry_pb2.GpuSample(read_status=OK, clock_event_reasons=0x40)
+    for seen in range(1, health.PERSISTENT_REPORTS + 1):
+        verdict = health.judge(hot, {}, observed([hot] * seen))
+        assert (verdict.health == health.DEGRADED) == (seen == health.PERSISTENT_REPORTS), seen
+    assert "cooling" in verdict.action
+    # One cool report in between starts the count again.
+    cool = telemetry_pb2.GpuSample(read_status=OK)
+    assert health.judge(hot, {}, observed([hot, hot, cool, hot, hot])) == health.HEALTHY_VERDICT
+
+
+def test_brief_read_errors_are_noise_lasting_ones_degrade() -> None:
+    error = telemetry_pb2.GpuSample(
+        read_status=telemetry_pb2.GPU_READ_STATUS_ERROR, read_error="Unknown Error"
+    )
+    assert health.judge(error, {}, observed([error, error])) == health.HEALTHY_VERDICT
+    assert health.judge(error, {}, observed([error] * 3)).health == health.DEGRADED
+
+
+def hung(**fields: object) -> telemetry_pb2.GpuSample:
+    spin = {"gpu_utilization_percent": 100, "sm_active_ppm": 10_000, "nvlink_tx_bytes_per_second": 1000}
+    return telemetry_pb2.GpuSample(read_status=OK, **{**spin, **fields})  # type: ignore[arg-type]
+
+
+def test_a_hung_collective_needs_several_gpus_and_several_reports() -> None:
+    sample = hung()
+    window = observed([sample] * 3)
+    verdict = health.judge(sample, {}, window)
+    assert verdict.health == health.DEGRADED and "hung collective" in verdict.reasons[0]
+    assert "restart it from its checkpoint" in verdict.action
+    # A busy GPU (SMs active) or one GPU alone is not hung.
+    assert health.judge(sample, {}, observed([hung(sm_active_ppm=800_000)] * 3)) == health.HEALTHY_VERDICT
+    alone = health.GpuWindow()
+    for i in range(5):
+        alone.observe(
+            sample, i * 60 * 10**9, power_limit_milliwatts=700_000, peer_clock_mhz=None, hung_peers=1
+        )
+    assert health.judge(sample, {}, alone) == health.HEALTHY_VERDICT
+
+
+def test_a_sustained_corrected_ecc_rate_is_at_risk_a_burst_is_not() -> None:
+    def counts(values: list[int]) -> list[telemetry_pb2.GpuSample]:
+        return [telemetry_pb2.GpuSample(read_status=OK, ecc_corrected_aggregate=v) for v in values]
+
+    rising = counts([i * 2 for i in range(60)])  # 2 a minute for an hour
+    verdict = health.judge(rising[-1], {}, observed(rising))
+    assert verdict.health == health.AT_RISK and "corrected ECC errors rising" in verdict.reasons[0]
+    assert "drain at the next checkpoint" in verdict.action
+    burst = counts([0] * 30 + [500] * 30)  # one burst of 500
+    assert health.judge(burst[-1], {}, observed(burst)) == health.HEALTHY_VERDICT
+    trickle = counts([i // 20 for i in range(60)])  # 3 an hour
+    assert health.judge(trickle[-1], {}, observed(trickle)) == health.HEALTHY_VERDICT
+
+
+def test_xid_92_is_an_early_warning() -> None:
+    verdict = judge({92: 1})
+    assert verdict.health == health.AT_RISK and "next checkpoint" in verdict.action
+
+
+def test_a_fault_that_keeps_coming_back_escalates_to_rma() -> None:
+    fault = judge({79: 1})
+    assert health.escalate(fault, 1) == fault
+    assert "if it comes back, hardware inspection" in health.escalate(fault, 2).action
+    third = health.escalate(fault, health.RMA_AFTER_OCCURRENCES)
+    assert third.health == health.UNHEALTHY and "RMA" in third.action
+    assert health.rma_reason(third, 3).startswith("fault came back after 2 resets or reboots")
+    assert health.rma_reason(fault, 1) == ""
+    assert "row remap failure" in health.rma_reason(judge(row_remap_failure=True), 1)
 
 
 def test_recovery_action_from_the_driver() -> None:

@@ -44,6 +44,28 @@ class FaultState:
     remap_pending: bool = False
     remap_failure: bool = False
     nvlink_errors: int = 0
+    # What a scenario (scenario.py) does beyond the faults above.
+    ce_volatile: int = 0
+    ce_aggregate: int = 0
+    remapped_correctable: int = 0
+    remap_pending_correctable: bool = False  # a remap after corrected errors: no reset asked for yet
+    clock_factor: float = 1.0  # a sagging SM clock
+    read_errors: int = 0  # the next this many reads fail
+    reasons_once: int = 0  # clock event bits for the next sample only
+
+    def add_corrected(self, count: int) -> None:
+        self.ce_volatile += count
+        self.ce_aggregate += count
+
+    def after_reboot(self) -> FaultState:
+        """What survives a reboot: the lifetime counters and flags; the GPU is back on the bus."""
+        return FaultState(
+            dbe_aggregate=self.dbe_aggregate,
+            remapped_uncorrectable=self.remapped_uncorrectable,
+            remap_failure=self.remap_failure,
+            ce_aggregate=self.ce_aggregate,
+            remapped_correctable=self.remapped_correctable,
+        )
 
     def apply(self, kind: str, rng: random.Random) -> list[int]:
         """Take a fault; return the XIDs it raises."""

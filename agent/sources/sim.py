@@ -13,6 +13,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gpufleet.agent.sources.faults import FAULT_KINDS, FaultModel, FaultState
@@ -230,12 +231,20 @@ class SimulatedGpu:
         with_processes: bool,
     ) -> telemetry_pb2.GpuSample:
         """One sample of the GPU doing ``behaviour``; its process (if it runs one) has ``pid``."""
-        if self.faults.lost:
+        faults = self.faults
+        if faults.lost:
             lost = telemetry_pb2.GpuSample(
                 index=self.index, read_status=telemetry_pb2.GPU_READ_STATUS_LOST, read_error="GPU is lost"
             )
             self._deliver_xids(lost)
             return lost
+        if faults.read_errors:
+            faults.read_errors -= 1
+            failed = telemetry_pb2.GpuSample(
+                index=self.index, read_status=telemetry_pb2.GPU_READ_STATUS_ERROR, read_error="Unknown Error"
+            )
+            self._deliver_xids(failed)
+            return failed
         m = self.model
         b = behaviour
         usable_mib = m.memory_total_mib - m.memory_reserved_mib
@@ -267,6 +276,10 @@ class SimulatedGpu:
             sm_clock = int(sm_clock * rng.uniform(0.5, 0.7))
             reasons |= REASON_HW_THERMAL_SLOWDOWN
             self.throttle_hw_thermal_ns += int(interval_s * 1e9 * rng.uniform(0.6, 1.0))
+        if faults.clock_factor != 1.0 and busy:
+            sm_clock = int(sm_clock * faults.clock_factor)
+        reasons |= faults.reasons_once
+        faults.reasons_once = 0
         self.energy_mj += int(power_w * interval_s * 1000)
         memory_temp = max(temp + rng.uniform(4, 9), m.idle_memory_temperature_c)
         sample = telemetry_pb2.GpuSample(
@@ -294,17 +307,18 @@ class SimulatedGpu:
             pcie_tx_bytes_per_second=int(util * rng.uniform(0.5, 1.5) * 100_000_000),
             pcie_rx_bytes_per_second=int(util * rng.uniform(0.5, 1.5) * 100_000_000),
             pcie_replay_count=m.pcie_replays_baseline + self.pcie_replays,
-            ecc_corrected_volatile=0,
-            ecc_uncorrected_volatile=self.faults.dbe_volatile,
-            ecc_corrected_aggregate=0,
-            ecc_uncorrected_aggregate=self.faults.dbe_aggregate,
-            remapped_rows_correctable=0,
-            remapped_rows_uncorrectable=self.faults.remapped_uncorrectable,
-            row_remap_pending=self.faults.remap_pending,
-            row_remap_failure=self.faults.remap_failure,
-            # A pending remap takes effect only after a GPU reset (facts section 4).
-            recovery_action=1 if self.faults.remap_pending else 0,
-            nvlink_crc_flit_errors=self.faults.nvlink_errors,
+            ecc_corrected_volatile=faults.ce_volatile,
+            ecc_uncorrected_volatile=faults.dbe_volatile,
+            ecc_corrected_aggregate=faults.ce_aggregate,
+            ecc_uncorrected_aggregate=faults.dbe_aggregate,
+            remapped_rows_correctable=faults.remapped_correctable,
+            remapped_rows_uncorrectable=faults.remapped_uncorrectable,
+            row_remap_pending=faults.remap_pending or faults.remap_pending_correctable,
+            row_remap_failure=faults.remap_failure,
+            # A pending remap takes effect only after a GPU reset (facts section 4); after an
+            # uncorrectable error the driver asks for that reset.
+            recovery_action=1 if faults.remap_pending else 0,
+            nvlink_crc_flit_errors=faults.nvlink_errors,
             nvlink_crc_data_errors=0,
             nvlink_replay_errors=0,
             nvlink_recovery_errors=0,
@@ -344,10 +358,9 @@ class SimulatedGpu:
             sample.xid_events.add(code=code, time_unix_nano=at_ns)
         self.pending_xids.clear()
 
-    def fail(self, kind: str, rng: random.Random) -> None:
+    def fail(self, kind: str, rng: random.Random, now_ns: int) -> None:
         """Suffer a fault: its XIDs go out with the next sample, its marks stay."""
-        now = time.time_ns()
-        self.pending_xids.extend((code, now) for code in self.faults.apply(kind, rng))
+        self.pending_xids.extend((code, now_ns) for code in self.faults.apply(kind, rng))
 
 
 def ppm(share: float) -> int:
@@ -372,10 +385,15 @@ class SimulatedSource:
         interval_s: float = 10.0,
         faults: FaultModel | None = None,
         workload: str | None = None,
+        clock: Callable[[], int] = time.time_ns,
     ) -> None:
         if model not in MODELS:
             raise ValueError(f"unknown GPU model {model!r}; choose one of {', '.join(MODELS)}")
         self.interval_s = interval_s
+        # Simulated time (nanoseconds since the epoch): the wall clock unless a driver runs it faster.
+        self.clock = clock
+        # (node id, hostname): who this node is, for a scenario's truth.
+        self.identity = ("", "")
         # Faults draw from their own generator, so telemetry is the same with or without them.
         self.faults = faults or FaultModel()
         self._rng = random.Random(seed * 1_000_003 + node_index)
@@ -414,9 +432,10 @@ class SimulatedSource:
         if self._rng.random() < WORKLOAD_SWITCH_PROBABILITY and self._pinned is None:
             self.workload = self._rng.choices(self._workload_names, self._workload_weights)[0]
         if self.faults.enabled:
+            now = self.clock()
             for gpu in self.gpus:
                 for kind in self.faults.draw(self.interval_s):
-                    gpu.fail(kind, self.faults.rng)
+                    gpu.fail(kind, self.faults.rng, now)
         samples = []
         for gpu in self.gpus:
             behaviour, pid = self._job_on(gpu.index)
@@ -461,12 +480,37 @@ class SimulatedSource:
         """Make one GPU suffer a fault now (see faults.FAULT_KINDS)."""
         if kind not in FAULT_KINDS:
             raise ValueError(f"unknown fault {kind!r}; choose one of {', '.join(FAULT_KINDS)}")
-        self._gpu(gpu_index).fail(kind, self.faults.rng)
+        self._gpu(gpu_index).fail(kind, self.faults.rng, self.clock())
 
-    def _gpu(self, gpu_index: int) -> SimulatedGpu:
+    def gpu_at(self, gpu_index: int) -> SimulatedGpu | None:
         for gpu in self.gpus:
             if gpu.index == gpu_index:
                 return gpu
+        return None
+
+    def gpu_indices(self) -> list[int]:
+        return [gpu.index for gpu in self.gpus]
+
+    def queue_xid(self, gpu: SimulatedGpu, code: int) -> None:
+        """An XID on this GPU now: it goes out with the next sample."""
+        gpu.pending_xids.append((code, self.clock()))
+
+    def rebooted(self) -> None:
+        """The node rebooted: every GPU is back, with only its lifetime counters and flags kept."""
+        for gpu in self.gpus:
+            gpu.faults = gpu.faults.after_reboot()
+            gpu.pending_xids.clear()
+
+    def swap_gpu(self, gpu_index: int, other: SimulatedSource, other_index: int) -> None:
+        """A technician swapped this slot's GPU with one of another node: same serials, new slots."""
+        mine, theirs = self._gpu(gpu_index), other._gpu(other_index)
+        self.gpus[self.gpus.index(mine)], other.gpus[other.gpus.index(theirs)] = theirs, mine
+        mine.index, theirs.index = other_index, gpu_index
+
+    def _gpu(self, gpu_index: int) -> SimulatedGpu:
+        gpu = self.gpu_at(gpu_index)
+        if gpu is not None:
+            return gpu
         indices = ", ".join(str(gpu.index) for gpu in self.gpus) or "none"
         raise ValueError(f"no simulated GPU {gpu_index} on this node (its GPUs: {indices})")
 
@@ -486,7 +530,7 @@ class SimulatedSource:
 
     def inject_xid(self, gpu_index: int, code: int) -> None:
         """Queue an XID for the next sample of one GPU."""
-        self._gpu(gpu_index).pending_xids.append((code, time.time_ns()))
+        self.queue_xid(self._gpu(gpu_index), code)
 
     def close(self) -> None:
         pass

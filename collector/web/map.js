@@ -4,7 +4,7 @@
 "use strict";
 
 const HEALTH_COLOURS = {
-  healthy: "#2e9e4f", degraded: "#e0a526", unhealthy: "#d83c3c", lost: "#9b4dca", unreachable: "#5d636b",
+  healthy: "#2e9e4f", at_risk: "#7fb2e5", degraded: "#e0a526", unhealthy: "#d83c3c", lost: "#9b4dca", unreachable: "#5d636b",
 };
 const NO_VALUE = "#30343a";
 // Measures: the column of a GPU's row, and the range its colour spans.
@@ -52,7 +52,7 @@ function colourOf(row, measure) {
 }
 
 function worst(rows) {
-  const order = ["healthy", "degraded", "unhealthy", "unreachable", "lost"];
+  const order = ["healthy", "at_risk", "degraded", "unhealthy", "unreachable", "lost"];
   return rows.reduce((a, r) => (order.indexOf(r[2]) > order.indexOf(a[2]) ? r : a), rows[0]);
 }
 

@@ -12,12 +12,12 @@ from typing import Any
 from gpufleet import event_kinds as kinds
 from gpufleet.allocations import Prices
 from gpufleet.cli import output
-from gpufleet.cli.client import GIB, FleetClient, gpu_row, node_row
+from gpufleet.cli.client import GIB, FleetClient, gpu_row, node_row, record_detail, record_row
 from gpufleet.definitions import IDLE_SM_ACTIVE_RATIO, IDLE_UTILIZATION_PERCENT
 from gpufleet.event_kinds import event_row
 from gpufleet.v1 import events_pb2, query_pb2
 
-HEALTH_CHOICES = ("healthy", "degraded", "unhealthy", "lost", "unreachable")
+HEALTH_CHOICES = ("healthy", "at_risk", "degraded", "unhealthy", "lost", "unreachable")
 NODE_STATE_CHOICES = ("up", "stale", "down")
 SORT_CHOICES = ("node", "utilization", "temperature", "power", "memory", "health")
 
@@ -172,6 +172,104 @@ def cmd_node(client: FleetClient, args: argparse.Namespace) -> str:
         if r["reasons"]
     ]
     return "\n".join(header + [body] + (["", *problems] if problems else []))
+
+
+RMA_COLUMNS = [
+    ("serial", "SERIAL"),
+    ("uuid", "UUID"),
+    ("node", "NODE"),
+    ("gpu", "GPU"),
+    ("since", "SINCE"),
+    ("occurrences", "OCCURRENCES"),
+    ("rma_reason", "REASON"),
+]
+
+
+def _when(unix_seconds: float | None) -> str:
+    """A time as the event log shows it (UTC, to the second), or "-"."""
+    if not unix_seconds:
+        return "-"
+    return datetime.fromtimestamp(unix_seconds, timezone.utc).isoformat(timespec="seconds")
+
+
+def cmd_rma(client: FleetClient, args: argparse.Namespace) -> str:
+    """The GPUs due for RMA, with the evidence: since when, how many fault occurrences, and why."""
+    rows = [record_row(r) for r in client.rma()]
+    if args.output != "table":
+        return output.render(rows, RMA_COLUMNS, args.output)
+    if not rows:
+        return "no GPU is due for RMA"
+    for row in rows:
+        row["since"] = _when(row["rma_since_unix"])
+        row["node"] = row["node"] or "(not installed here)"
+    return output.render(rows, RMA_COLUMNS, "table")
+
+
+def cmd_gpu(client: FleetClient, args: argparse.Namespace) -> str:
+    """One GPU's reliability record: where it is, whether it is due for RMA, its installs and faults."""
+    record = client.gpu_record(args.key)
+    detail = record_detail(record)
+    if args.output == "json":
+        return json.dumps(detail, indent=2)
+    if args.output == "csv":
+        return output.render([record_row(record)], RMA_COLUMNS, "csv")
+    if detail["node"]:
+        now = f"node {detail['node']} GPU {detail['gpu']}: {detail['health']}"
+        if detail["reasons"]:
+            now += f": {'; '.join(detail['reasons'])} -> {detail['action']}"
+    else:
+        now = "not installed on a node the collector serves"
+    rma = (
+        f"due since {_when(detail['rma_since_unix'])}: {detail['rma_reason']}"
+        if detail["rma_due"]
+        else "not due"
+    )
+    hostnames = {i["node_id"]: i["hostname"] for i in detail["installs"]}
+    installs = [
+        {**i, "first": _when(i["first_seen_unix"]), "last": _when(i["last_seen_unix"])}
+        for i in detail["installs"]
+    ]
+    occurrences = [
+        {**o, "time": _when(o["time_unix"]), "node": hostnames.get(o["node_id"], o["node_id"])}
+        for o in detail["occurrences"]
+    ]
+    verdicts = [{**v, "time": _when(v["time_unix"])} for v in detail["verdict_changes"]]
+    lines = [
+        f"GPU      {record.serial}  ({record.model or '-'})",
+        f"UUID     {record.uuid or '-'}",
+        f"Now      {now}",
+        f"RMA      {rma}",
+        f"Reboots  {record.reboots} (of the nodes it was in, since first seen)",
+        "",
+        f"Installs ({len(installs)})",
+        output.table(
+            installs,
+            [
+                ("hostname", "NODE"),
+                ("gpu", "GPU"),
+                ("first", "FIRST SEEN"),
+                ("last", "LAST SEEN"),
+                ("node_id", "NODE ID"),
+            ],
+        ),
+        "",
+        f"Fault occurrences ({len(occurrences)}, one per boot)",
+        output.table(
+            occurrences,
+            [
+                ("time", "TIME"),
+                ("node", "NODE"),
+                ("boot_id", "BOOT"),
+                ("health", "HEALTH"),
+                ("reason", "REASON"),
+                ("action", "ACTION"),
+            ],
+        ),
+        "",
+        f"Verdict history ({len(verdicts)})",
+        output.table(verdicts, [("time", "TIME"), ("old", "OLD"), ("new", "NEW"), ("reason", "REASON")]),
+    ]
+    return "\n".join(lines)
 
 
 EVENT_COLUMNS = [

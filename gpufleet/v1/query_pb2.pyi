@@ -26,6 +26,7 @@ class GpuHealth(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     GPU_HEALTH_UNHEALTHY: _ClassVar[GpuHealth]
     GPU_HEALTH_LOST: _ClassVar[GpuHealth]
     GPU_HEALTH_UNREACHABLE: _ClassVar[GpuHealth]
+    GPU_HEALTH_AT_RISK: _ClassVar[GpuHealth]
 NODE_STATE_UNSPECIFIED: NodeState
 NODE_STATE_UP: NodeState
 NODE_STATE_STALE: NodeState
@@ -36,6 +37,7 @@ GPU_HEALTH_DEGRADED: GpuHealth
 GPU_HEALTH_UNHEALTHY: GpuHealth
 GPU_HEALTH_LOST: GpuHealth
 GPU_HEALTH_UNREACHABLE: GpuHealth
+GPU_HEALTH_AT_RISK: GpuHealth
 
 class Count(_message.Message):
     __slots__ = ("key", "count")
@@ -330,3 +332,107 @@ class ListWorkloadsResponse(_message.Message):
     prices: _containers.RepeatedCompositeFieldContainer[Price]
     coverage: Coverage
     def __init__(self, workloads: _Optional[_Iterable[_Union[WorkloadView, _Mapping]]] = ..., prices: _Optional[_Iterable[_Union[Price, _Mapping]]] = ..., coverage: _Optional[_Union[Coverage, _Mapping]] = ...) -> None: ...
+
+class GetGpuRecordRequest(_message.Message):
+    __slots__ = ("key",)
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    def __init__(self, key: _Optional[str] = ...) -> None: ...
+
+class GpuInstall(_message.Message):
+    __slots__ = ("node_id", "hostname", "gpu_index", "first_seen_unix_nano", "last_seen_unix_nano")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEEN_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    hostname: str
+    gpu_index: int
+    first_seen_unix_nano: int
+    last_seen_unix_nano: int
+    def __init__(self, node_id: _Optional[str] = ..., hostname: _Optional[str] = ..., gpu_index: _Optional[int] = ..., first_seen_unix_nano: _Optional[int] = ..., last_seen_unix_nano: _Optional[int] = ...) -> None: ...
+
+class FaultOccurrence(_message.Message):
+    __slots__ = ("time_unix_nano", "node_id", "boot_id", "health", "reason", "action")
+    TIME_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    BOOT_ID_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    time_unix_nano: int
+    node_id: str
+    boot_id: str
+    health: str
+    reason: str
+    action: str
+    def __init__(self, time_unix_nano: _Optional[int] = ..., node_id: _Optional[str] = ..., boot_id: _Optional[str] = ..., health: _Optional[str] = ..., reason: _Optional[str] = ..., action: _Optional[str] = ...) -> None: ...
+
+class VerdictChange(_message.Message):
+    __slots__ = ("time_unix_nano", "old_health", "new_health", "reason")
+    TIME_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    OLD_HEALTH_FIELD_NUMBER: _ClassVar[int]
+    NEW_HEALTH_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    time_unix_nano: int
+    old_health: str
+    new_health: str
+    reason: str
+    def __init__(self, time_unix_nano: _Optional[int] = ..., old_health: _Optional[str] = ..., new_health: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class GpuRecord(_message.Message):
+    __slots__ = ("serial", "uuid", "model", "node_id", "node_name", "gpu_index", "health", "reasons", "action", "installs", "occurrences", "verdict_changes", "reboots", "rma_due", "rma_reason", "rma_since_unix_nano")
+    SERIAL_FIELD_NUMBER: _ClassVar[int]
+    UUID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    NODE_NAME_FIELD_NUMBER: _ClassVar[int]
+    GPU_INDEX_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    REASONS_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    INSTALLS_FIELD_NUMBER: _ClassVar[int]
+    OCCURRENCES_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    REBOOTS_FIELD_NUMBER: _ClassVar[int]
+    RMA_DUE_FIELD_NUMBER: _ClassVar[int]
+    RMA_REASON_FIELD_NUMBER: _ClassVar[int]
+    RMA_SINCE_UNIX_NANO_FIELD_NUMBER: _ClassVar[int]
+    serial: str
+    uuid: str
+    model: str
+    node_id: str
+    node_name: str
+    gpu_index: int
+    health: GpuHealth
+    reasons: _containers.RepeatedScalarFieldContainer[str]
+    action: str
+    installs: _containers.RepeatedCompositeFieldContainer[GpuInstall]
+    occurrences: _containers.RepeatedCompositeFieldContainer[FaultOccurrence]
+    verdict_changes: _containers.RepeatedCompositeFieldContainer[VerdictChange]
+    reboots: int
+    rma_due: bool
+    rma_reason: str
+    rma_since_unix_nano: int
+    def __init__(self, serial: _Optional[str] = ..., uuid: _Optional[str] = ..., model: _Optional[str] = ..., node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., gpu_index: _Optional[int] = ..., health: _Optional[_Union[GpuHealth, str]] = ..., reasons: _Optional[_Iterable[str]] = ..., action: _Optional[str] = ..., installs: _Optional[_Iterable[_Union[GpuInstall, _Mapping]]] = ..., occurrences: _Optional[_Iterable[_Union[FaultOccurrence, _Mapping]]] = ..., verdict_changes: _Optional[_Iterable[_Union[VerdictChange, _Mapping]]] = ..., reboots: _Optional[int] = ..., rma_due: _Optional[bool] = ..., rma_reason: _Optional[str] = ..., rma_since_unix_nano: _Optional[int] = ...) -> None: ...
+
+class GetGpuRecordResponse(_message.Message):
+    __slots__ = ("record", "coverage")
+    RECORD_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
+    record: GpuRecord
+    coverage: Coverage
+    def __init__(self, record: _Optional[_Union[GpuRecord, _Mapping]] = ..., coverage: _Optional[_Union[Coverage, _Mapping]] = ...) -> None: ...
+
+class ListRmaRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListRmaResponse(_message.Message):
+    __slots__ = ("records", "coverage")
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    COVERAGE_FIELD_NUMBER: _ClassVar[int]
+    records: _containers.RepeatedCompositeFieldContainer[GpuRecord]
+    coverage: Coverage
+    def __init__(self, records: _Optional[_Iterable[_Union[GpuRecord, _Mapping]]] = ..., coverage: _Optional[_Union[Coverage, _Mapping]] = ...) -> None: ...

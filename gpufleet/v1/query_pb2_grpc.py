@@ -71,6 +71,16 @@ class QueryServiceStub:
                 request_serializer=gpufleet_dot_v1_dot_query__pb2.ListWorkloadsRequest.SerializeToString,
                 response_deserializer=gpufleet_dot_v1_dot_query__pb2.ListWorkloadsResponse.FromString,
                 _registered_method=True)
+        self.GetGpuRecord = channel.unary_unary(
+                '/gpufleet.v1.QueryService/GetGpuRecord',
+                request_serializer=gpufleet_dot_v1_dot_query__pb2.GetGpuRecordRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_v1_dot_query__pb2.GetGpuRecordResponse.FromString,
+                _registered_method=True)
+        self.ListRma = channel.unary_unary(
+                '/gpufleet.v1.QueryService/ListRma',
+                request_serializer=gpufleet_dot_v1_dot_query__pb2.ListRmaRequest.SerializeToString,
+                response_deserializer=gpufleet_dot_v1_dot_query__pb2.ListRmaResponse.FromString,
+                _registered_method=True)
 
 
 class QueryServiceServicer:
@@ -123,6 +133,20 @@ class QueryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetGpuRecord(self, request, context):
+        """One GPU's reliability record, by serial or UUID (docs/reliability.md); NOT_FOUND if unknown.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRma(self, request, context):
+        """The GPUs due for RMA, the longest due first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_QueryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +184,16 @@ def add_QueryServiceServicer_to_server(servicer, server):
                     servicer.ListWorkloads,
                     request_deserializer=gpufleet_dot_v1_dot_query__pb2.ListWorkloadsRequest.FromString,
                     response_serializer=gpufleet_dot_v1_dot_query__pb2.ListWorkloadsResponse.SerializeToString,
+            ),
+            'GetGpuRecord': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetGpuRecord,
+                    request_deserializer=gpufleet_dot_v1_dot_query__pb2.GetGpuRecordRequest.FromString,
+                    response_serializer=gpufleet_dot_v1_dot_query__pb2.GetGpuRecordResponse.SerializeToString,
+            ),
+            'ListRma': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRma,
+                    request_deserializer=gpufleet_dot_v1_dot_query__pb2.ListRmaRequest.FromString,
+                    response_serializer=gpufleet_dot_v1_dot_query__pb2.ListRmaResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +386,60 @@ class QueryService:
             '/gpufleet.v1.QueryService/ListWorkloads',
             gpufleet_dot_v1_dot_query__pb2.ListWorkloadsRequest.SerializeToString,
             gpufleet_dot_v1_dot_query__pb2.ListWorkloadsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetGpuRecord(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.QueryService/GetGpuRecord',
+            gpufleet_dot_v1_dot_query__pb2.GetGpuRecordRequest.SerializeToString,
+            gpufleet_dot_v1_dot_query__pb2.GetGpuRecordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRma(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/gpufleet.v1.QueryService/ListRma',
+            gpufleet_dot_v1_dot_query__pb2.ListRmaRequest.SerializeToString,
+            gpufleet_dot_v1_dot_query__pb2.ListRmaResponse.FromString,
             options,
             channel_credentials,
             insecure,
