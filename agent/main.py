@@ -10,7 +10,8 @@ import json
 import logging
 import re
 import resource
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import gpufleet
@@ -22,7 +23,9 @@ from gpufleet.agent.node import Delivery, NodeAgent, NodeIdentity, Schedule, nod
 from gpufleet.agent.sources.base import GpuSource, SourceUnavailable
 from gpufleet.agent.sources.faults import PRESETS, FaultModel
 from gpufleet.agent.sources.models import MODELS
+from gpufleet.agent.sources.scenario import REALISTIC, agent_players
 from gpufleet.agent.sources.scheduler import KINDS, SimNode, SimScheduler
+from gpufleet.agent.sources.sim import SimulatedSource
 from gpufleet.agent.uplink import FAILBACK_AFTER_S
 from gpufleet.plausible import drop_implausible
 from gpufleet.security import SecuritySettingsError, add_client_security_flags, client_security
@@ -177,8 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
         sim,
         "--faults",
         default="none",
-        choices=sorted(PRESETS),
-        help="fault rates: healthy (a large training run's), bad-cluster, none",
+        choices=sorted((*PRESETS, REALISTIC)),
+        help="fault rates: healthy (a large training run's), bad-cluster, none; realistic adds noise, "
+        "precursors and weak signatures (docs/health-score.md)",
     )
     add_flag(
         sim,
@@ -301,11 +305,12 @@ def host_identity(args: argparse.Namespace, labels: dict[str, str]) -> NodeIdent
     )
 
 
-def open_source(args: argparse.Namespace, index: int) -> GpuSource:
+def open_source(
+    args: argparse.Namespace, index: int, scenario: Callable[[SimulatedSource], None] | None = None
+) -> GpuSource:
     if args.source == "sim":
-        from gpufleet.agent.sources.sim import SimulatedSource
-
-        faults = FaultModel(args.faults, args.fault_rate_multiplier, seed=args.seed * 1_000_003 + index + 1)
+        preset = "none" if args.faults == REALISTIC else args.faults
+        faults = FaultModel(preset, args.fault_rate_multiplier, seed=args.seed * 1_000_003 + index + 1)
         return SimulatedSource(
             args.model,
             args.gpus_per_node,
@@ -313,6 +318,7 @@ def open_source(args: argparse.Namespace, index: int) -> GpuSource:
             node_index=index,
             interval_s=args.interval,
             faults=faults,
+            scenario=scenario,
         )
     from gpufleet.agent.sources.nvml import NvmlSource
 
@@ -406,12 +412,25 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.nodes < 1 or (args.nodes > 1 and args.source != "sim"):
         fail("--nodes > 1 needs --source sim (a real host is one node)")
     try:
+        count = 1 if args.once else args.nodes
+        players: list[Callable[[SimulatedSource], None] | None] = [None] * count
+        if args.source == "sim" and args.faults == REALISTIC:
+            players = list(
+                agent_players(
+                    count,
+                    args.gpus_per_node,
+                    seed=args.seed,
+                    multiplier=args.fault_rate_multiplier,
+                    interval_s=args.interval,
+                    now_ns=time.time_ns(),
+                )
+            )
         nodes = [
             (
                 sim_identity(args, index, labels) if args.source == "sim" else host_identity(args, labels),
-                open_source(args, index),
+                open_source(args, index, players[index - args.node_offset]),
             )
-            for index in range(args.node_offset, args.node_offset + (1 if args.once else args.nodes))
+            for index in range(args.node_offset, args.node_offset + count)
         ]
         scheduler = sim_scheduler(args, nodes)
         if args.once:

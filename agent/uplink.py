@@ -247,7 +247,7 @@ class Uplink:
         carries_events: bool = False,
         time_unix_nano: int | None = None,
     ) -> None:
-        """Queue a report of ``gpus`` (sampled now, or at ``time_unix_nano``); it is sent as soon as it can be."""
+        """Queue a report of ``gpus`` (sampled now, or at ``time_unix_nano``), to send when it can."""
         report = ingest_pb2.Report(time_unix_nano=time_unix_nano or time.time_ns(), gpus=gpus)
         report.agent_stats.CopyFrom(self.stats)
         if self._inventory_changed:

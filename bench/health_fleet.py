@@ -2,8 +2,9 @@
 
 Time is simulated and runs as fast as the collector takes reports in: every node reports
 once per round, each report stamped with the round's simulated time, and the next round
-starts when the collector has acknowledged them all. Reboots, GPU swaps and agent restarts
-happen as the scenario asks (a new boot id; the agent's stream opened again).
+starts while no node has more than IN_FLIGHT_ROUNDS reports unacknowledged. Reboots, GPU
+swaps and agent restarts happen as the scenario asks (a new boot id; the agent's stream
+opened again), once the node's reports are all acknowledged.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ CLUSTERS = 4
 NS = 1_000_000_000
 # A round the collector has not acknowledged within this long is a failure of the run.
 ROUND_TIMEOUT_S = 120.0
+# Rounds each node may have sent and not had acknowledged: enough to hide the collector's
+# group commit, few enough that simulated time never runs far ahead of the verdicts.
+IN_FLIGHT_ROUNDS = 4
 
 
 class FleetStalled(Exception):
@@ -137,6 +141,8 @@ class ScoredFleet:
                 reboot.add(action.node)
             elif action.what == "restart":
                 restart.add(action.node)
+        if reboot or restart:
+            await self._acknowledged([self.nodes[i] for i in reboot | restart], 0)
         for index in reboot:
             node = self.nodes[index]
             await self._disconnect(node)
@@ -146,11 +152,12 @@ class ScoredFleet:
         for index in restart - reboot:
             await self._disconnect(self.nodes[index])
 
-    async def _acknowledged(self) -> None:
+    async def _acknowledged(self, nodes: list[SimNode], in_flight: int) -> None:
+        """Until no node of ``nodes`` has more than ``in_flight`` reports unacknowledged."""
         deadline = time.monotonic() + ROUND_TIMEOUT_S
-        waiting = [n for n in self.nodes if n.uplink is not None]
+        waiting = [n for n in nodes if n.uplink is not None]
         while waiting:
-            waiting = [n for n in waiting if n.uplink is not None and n.uplink.buffered]
+            waiting = [n for n in waiting if n.uplink is not None and n.uplink.buffered > in_flight]
             if not waiting:
                 return
             if time.monotonic() > deadline:
@@ -167,7 +174,8 @@ class ScoredFleet:
                 self.now_ns = self.start_ns + int(round_index * self.interval_s * NS)
                 actions: list[Action] = []
                 for node in self.nodes:
-                    actions.extend(self.scenario.advance(node.index, self.now_ns, node.source))
+                    if not node.silent_reports:  # a rebooting node's episodes wait until it is back
+                        actions.extend(self.scenario.advance(node.index, self.now_ns, node.source))
                 await self._carry_out(actions)
                 for node in self.nodes:
                     if node.silent_reports:
@@ -179,8 +187,9 @@ class ScoredFleet:
                     samples = node.source.sample(with_processes=False)
                     node.uplink.submit(samples, time_unix_nano=self.now_ns)
                     self.reports += 1
-                await self._acknowledged()
+                await self._acknowledged(self.nodes, IN_FLIGHT_ROUNDS - 1)
                 progress(round_index + 1)
+            await self._acknowledged(self.nodes, 0)
         finally:
             for node in self.nodes:
                 await self._disconnect(node)

@@ -135,7 +135,10 @@ def wait_for(what: str, predicate: Callable[[], bool], timeout: float, interval:
 class Collector:
     """A gpufleet-collector process and the ways to look at it."""
 
-    def __init__(self, children: Children, name: str) -> None:
+    def __init__(
+        self, children: Children, name: str, db: str | None = None, extra: tuple[str, ...] = ()
+    ) -> None:
+        """``db``: the collector's --db (default: a SQLite file in the work directory); ``extra`` flags."""
         self.grpc_port, self.http_port = free_port(), free_port()
         self.target = f"127.0.0.1:{self.grpc_port}"
         self.process = children.start(
@@ -147,11 +150,12 @@ class Collector:
                 "--http-listen",
                 f"127.0.0.1:{self.http_port}",
                 "--db",
-                str(children.workdir / f"{name}.db"),
+                db or str(children.workdir / f"{name}.db"),
                 "--log-level",
                 "warning",
                 # The whole simulated fleet comes from this one address.
                 *ONE_PEER_FLEET,
+                *extra,
             ),
         )
         self.log = children.workdir / f"{name}.log"

@@ -5,6 +5,9 @@ peer (`peers.py`); the answers are merged here, as if one collector held the fle
 means weighed by what they are over, rows merged in the same order and paged by the same key
 (a page token names the last row, so the next page starts after it on every collector). Each
 answer says how many collectors answered (`coverage`); one that misses any is partial.
+
+A GPU's reliability record is kept by every collector that served a node it was in: the copy of
+the collector whose node it is installed in now is the current one, and wins over the others.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ from gpufleet.collector.query import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
     QueryServicer,
+    gpu_key,
     gpu_order,
+    no_gpu,
     node_key,
     page_size,
     page_token,
@@ -134,6 +139,46 @@ class FleetwideQueries(QueryServicer):
         await context.abort(grpc.StatusCode.NOT_FOUND, f"no node named or with id {request.node!r}")
         raise AssertionError("not reached")
 
+    async def GetGpuRecord(  # noqa: N802
+        self, request: query_pb2.GetGpuRecordRequest, context: grpc.aio.ServicerContext
+    ) -> query_pb2.GetGpuRecordResponse:
+        if member_scoped(context):
+            return await super().GetGpuRecord(request, context)
+        mine = self._gpu_record(await gpu_key(request, context))
+        if mine is not None and mine.node_id:
+            coverage = query_pb2.Coverage(collectors=1 + len(self._peers_now()), answered=1)
+            return query_pb2.GetGpuRecordResponse(record=mine, coverage=coverage)
+        gathered = await self._gather("GetGpuRecord", request, query_pb2.GetGpuRecordResponse, context)
+        assert gathered is not None
+        found = [answer.record for answer in gathered.answers]
+        if mine is not None:
+            found.insert(0, mine)
+        if found:
+            return query_pb2.GetGpuRecordResponse(record=_current(found), coverage=gathered.coverage)
+        if gathered.coverage.missing:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"{no_gpu(request.key)}; not answering: {', '.join(gathered.coverage.missing)}",
+            )
+        await context.abort(grpc.StatusCode.NOT_FOUND, no_gpu(request.key))
+        raise AssertionError("not reached")
+
+    async def ListRma(  # noqa: N802
+        self, request: query_pb2.ListRmaRequest, context: grpc.aio.ServicerContext
+    ) -> query_pb2.ListRmaResponse:
+        mine = await super().ListRma(request, context)
+        gathered = await self._gather("ListRma", request, query_pb2.ListRmaResponse, context)
+        if gathered is None:
+            return mine
+        copies: dict[str, list[query_pb2.GpuRecord]] = {}
+        for answer in (mine, *gathered.answers):
+            for record in answer.records:
+                copies.setdefault(record.serial, []).append(record)
+        records = sorted(
+            (_current(c) for c in copies.values()), key=lambda r: (r.rma_since_unix_nano, r.serial)
+        )
+        return query_pb2.ListRmaResponse(records=records, coverage=gathered.coverage)
+
     def _peers_now(self) -> Sequence[object]:
         return self._peers.members()
 
@@ -203,6 +248,11 @@ class FleetwideQueries(QueryServicer):
             merged.workloads.append(_merged_workload(views))
         merged.workloads.sort(key=lambda view: tuple(getattr(view, k) for k in WORKLOAD_KEY))
         return merged
+
+
+def _current(copies: list[query_pb2.GpuRecord]) -> query_pb2.GpuRecord:
+    """Of one GPU's records from several collectors, the one installed on a node it serves, else the first."""
+    return next((record for record in copies if record.node_id), copies[0])
 
 
 def _without_node(event_filter: query_pb2.EventFilter) -> dict[str, Any]:

@@ -104,6 +104,9 @@ STRAGGLER_CLOCK_RATIO = 0.85
 BUSY_UTILIZATION_PERCENT = 80
 MIN_BUSY_PEERS = 3
 
+# A straggler's clock reads a little differently each report (the job's own clock changes), so
+# near the threshold it is one in PERSISTENT_REPORTS of the last STRAGGLER_REPORTS reports.
+STRAGGLER_REPORTS = 4
 # A condition seen in this many reports in a row is a finding; fewer is noise (a brief NVML
 # read error, a power excursion that trips a slowdown bit for one interval, a collective
 # that waits one interval for a slow peer).
@@ -206,7 +209,9 @@ class GpuWindow:
         self.thermal = self.thermal + 1 if reasons & THERMAL_REASONS else 0
         self.hw_slowdown = self.hw_slowdown + 1 if reasons & HW_SLOWDOWN else 0
         self.power_brake = self.power_brake + 1 if reasons & POWER_BRAKE else 0
-        self.straggler = self.straggler + 1 if is_straggler(sample, peer_clock_mhz) else 0
+        # The last STRAGGLER_REPORTS reports, one bit each (1: slow).
+        recent = (self.straggler << 1 | is_straggler(sample, peer_clock_mhz)) & ((1 << STRAGGLER_REPORTS) - 1)
+        self.straggler = recent
         looks_hung = hung_peers >= MIN_HUNG_PEERS and looks_hung_alone(sample, power_limit_milliwatts)
         self.hung = self.hung + 1 if looks_hung else 0
         if sample.HasField("ecc_corrected_aggregate"):
@@ -316,13 +321,14 @@ def judge(
                 "check power delivery",
             )
         )
-    if window.straggler >= PERSISTENT_REPORTS and peer_clock_mhz:
+    slow_reports = window.straggler.bit_count()
+    if slow_reports >= PERSISTENT_REPORTS and window.straggler & 1 and peer_clock_mhz:
         findings.append(
             (
                 DEGRADED,
                 f"straggler: SM clock {sample.sm_clock_mhz} MHz, busy peers' median {peer_clock_mhz:.0f} MHz,"
-                f" {window.straggler} reports in a row",
-                "check cooling and power; drain if it slows the job",
+                f" {slow_reports} of the last {STRAGGLER_REPORTS} reports",
+                "drain the GPU if it slows the job; check cooling and power",
             )
         )
     if window.hung >= PERSISTENT_REPORTS:
@@ -385,6 +391,6 @@ def escalate(verdict: Verdict, occurrences: int) -> Verdict:
         return Verdict(
             verdict.health,
             (*verdict.reasons, f"occurrence {occurrences} in 30 days (it came back after a reset or reboot)"),
-            f"{verdict.action}; if it comes back, hardware inspection (RMA)",
+            f"{verdict.action}; if it happens a third time, replace the GPU",
         )
     return verdict

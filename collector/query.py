@@ -1,4 +1,5 @@
-"""QueryService: the fleet summary, nodes, GPUs (filtered, sorted, paged) and one node."""
+"""QueryService: the fleet summary, nodes, GPUs (filtered, sorted, paged), one node, and the GPUs'
+reliability records (one by serial or UUID, and those due for RMA)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import grpc
 
 from gpufleet.collector import health
 from gpufleet.collector.eventlog import EventFollowers, EventMatch
+from gpufleet.collector.reliability import SerialRecord
 from gpufleet.collector.state import UP, FleetState, GpuRecord, NodeRecord, NodeState
 from gpufleet.collector.totals import FleetTotals
 from gpufleet.collector.workload import GROUPS, UNITS_PER_GPU, Slot, WorkloadLedger, group_workloads
@@ -135,6 +137,55 @@ def node_view(node: NodeRecord, with_inventory: bool = False) -> query_pb2.NodeV
     return view
 
 
+def gpu_record_view(state: FleetState, record: SerialRecord) -> query_pb2.GpuRecord:
+    """A GPU's reliability record, and where it is installed now if on a node of ``state``."""
+    view = query_pb2.GpuRecord(
+        serial=record.serial,
+        uuid=record.uuid,
+        model=record.model,
+        reboots=record.reboots,
+        rma_due=record.rma_due,
+        rma_reason=record.rma_reason,
+        rma_since_unix_nano=record.rma_since_unix_nano,
+        installs=[
+            query_pb2.GpuInstall(
+                node_id=i.node_id,
+                hostname=i.hostname,
+                gpu_index=i.gpu_index,
+                first_seen_unix_nano=i.first_seen_unix_nano,
+                last_seen_unix_nano=i.last_seen_unix_nano,
+            )
+            for i in record.installs
+        ],
+        occurrences=[
+            query_pb2.FaultOccurrence(
+                time_unix_nano=o.time_unix_nano,
+                node_id=o.node_id,
+                boot_id=o.boot_id,
+                health=o.health,
+                reason=o.reason,
+                action=o.action,
+            )
+            for o in record.occurrences
+        ],
+        verdict_changes=[
+            query_pb2.VerdictChange(
+                time_unix_nano=v.time_unix_nano, old_health=v.old, new_health=v.new, reason=v.reason
+            )
+            for v in record.verdicts
+        ],
+    )
+    installed = record.installed
+    node = state.get(installed.node_id) if installed is not None else None
+    gpu = node.gpus.get(installed.gpu_index) if node is not None and installed is not None else None
+    if node is not None and gpu is not None and gpu.inventory.serial == record.serial and not gpu.missing:
+        verdict = node.gpu_verdict(gpu)
+        view.node_id, view.node_name, view.gpu_index = node.node_id, node.name, gpu.inventory.index
+        view.health, view.action = verdict.health, verdict.action
+        view.reasons.extend(verdict.reasons)
+    return view
+
+
 def page_size(requested: int) -> int:
     return min(requested or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
 
@@ -182,6 +233,20 @@ async def gpu_order(sort_by: str, context: grpc.aio.ServicerContext) -> tuple[st
             f"unknown sort_by {sort_by!r}; one of {', '.join(GPU_SORT_KEYS)}",
         )
     return sort, sort_by.startswith("-")
+
+
+async def gpu_key(request: query_pb2.GetGpuRecordRequest, context: grpc.aio.ServicerContext) -> str:
+    """GetGpuRecord's key, or INVALID_ARGUMENT when it is empty."""
+    if not request.key.strip():
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "key is empty: give a GPU serial or UUID")
+    return request.key.strip()
+
+
+def no_gpu(key: str) -> str:
+    return (
+        f"no GPU with serial or UUID {key!r}: a GPU is known once a node reports it in its inventory "
+        "(`gpufleet gpus -o json` lists the UUIDs)"
+    )
 
 
 def _counts(counter: Counter[str]) -> list[query_pb2.Count]:
@@ -294,6 +359,24 @@ class QueryServicer(query_pb2_grpc.QueryServiceServicer):
             node=node_view(node, with_inventory=True),
             gpus=[self._gpu_view(node, node.gpus[i]) for i in sorted(node.gpus)],
         )
+
+    def _gpu_record(self, key: str) -> query_pb2.GpuRecord | None:
+        record = self._state.reliability.find(key)
+        return None if record is None else gpu_record_view(self._state, record)
+
+    async def GetGpuRecord(  # noqa: N802
+        self, request: query_pb2.GetGpuRecordRequest, context: grpc.aio.ServicerContext
+    ) -> query_pb2.GetGpuRecordResponse:
+        view = self._gpu_record(await gpu_key(request, context))
+        if view is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, no_gpu(request.key))
+        return query_pb2.GetGpuRecordResponse(record=view)
+
+    async def ListRma(  # noqa: N802
+        self, request: query_pb2.ListRmaRequest, context: grpc.aio.ServicerContext
+    ) -> query_pb2.ListRmaResponse:
+        due = self._state.reliability.due_for_rma()
+        return query_pb2.ListRmaResponse(records=[gpu_record_view(self._state, r) for r in due])
 
     async def ListWorkloads(  # noqa: N802
         self, request: query_pb2.ListWorkloadsRequest, context: grpc.aio.ServicerContext

@@ -1,4 +1,5 @@
-"""Persistence: the fleet's inventory, per-node watermarks, XID totals and the event log.
+"""Persistence: the fleet's inventory, per-node watermarks, XID totals, verdicts, the GPUs'
+reliability records and the event log.
 
 An embedded SQLite database in WAL mode. Changes are committed in small groups
 (group commit): the ingest path acknowledges a report only once the batch that
@@ -32,6 +33,7 @@ from typing import Any
 from gpufleet import event_kinds as kinds
 from gpufleet.collector import health
 from gpufleet.collector.eventlog import MIN_EVENTS_PER_NODE
+from gpufleet.collector.reliability import SerialRecord
 from gpufleet.collector.selfmetrics import CollectorMetrics
 from gpufleet.collector.sinks import Sink
 from gpufleet.collector.state import FleetState, GpuRecord, NodeRecord
@@ -39,7 +41,7 @@ from gpufleet.v1 import events_pb2, inventory_pb2, telemetry_pb2
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY,
@@ -78,6 +80,12 @@ CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS gpu_reliability (
+    serial TEXT PRIMARY KEY,
+    uuid TEXT NOT NULL,
+    record TEXT NOT NULL,
+    updated_unix_nano INTEGER NOT NULL
+);
 """
 # How long a batch waits for more changes before it is committed.
 COMMIT_DELAY_S = 0.01
@@ -115,6 +123,8 @@ class Batch:
     events_per_node: int = MIN_EVENTS_PER_NODE
     # XID counts as totals to set, not increments to add (after a reconnection: what was missed).
     xid_totals: dict[tuple[str, int, int], int] = field(default_factory=dict)
+    # serial -> (the node it is installed in, its gpu_reliability row): records that changed.
+    reliability: dict[str, tuple[str, tuple[object, ...]]] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(
@@ -126,6 +136,7 @@ class Batch:
             or self.forgotten
             or self.verdicts
             or self.xid_totals
+            or self.reliability
         )
 
 
@@ -251,6 +262,8 @@ class Store(Sink):
         self._pending = Batch()
         self._written_inventory: dict[str, int] = {}
         self._written_health: dict[str, int] = {}
+        # serial -> the version of its reliability record the database holds.
+        self._written_reliability: dict[str, int] = {}
         self._pending_since: float | None = None
         self._meta: dict[str, int] = {}
         self._wake = asyncio.Event()
@@ -327,6 +340,11 @@ class Store(Sink):
             db.execute(f"SELECT {HEALTH_COLUMNS} FROM gpu_health"),
             db.execute(f"SELECT {NODE_COLUMNS} FROM nodes"),
         )
+        # Every record, also of GPUs on no node now (taken out, perhaps for RMA).
+        serials = serial_records(db.execute("SELECT record FROM gpu_reliability"))
+        for record in serials.values():
+            self._restore_serial(record)
+        attach_serial_records(records, serials)
         self.adopt(records)
         self._meta = dict(db.execute("SELECT key, value FROM meta"))
         events = db.execute("SELECT event FROM events ORDER BY id")
@@ -334,12 +352,24 @@ class Store(Sink):
         log.info("restored %d nodes and the event log from %s", len(records), self.describe())
 
     def adopt(self, records: list[NodeRecord]) -> None:
-        """Nodes read back from the database into the fleet (what it holds of them need not be written)."""
+        """Nodes read back from the database into the fleet (what it holds of them need not be written),
+        with the reliability records of their GPUs' serials (``attach_serial_records``)."""
         for node in records:
+            for gpu in node.gpus.values():
+                if gpu.serial_record is not None:
+                    self._restore_serial(gpu.serial_record)
             self._state.restore(node)
             self._written_inventory[node.node_id] = node.inventory_version
             self._written_health[node.node_id] = node.health_version
             self._dirty.discard(node.node_id)
+
+    def _restore_serial(self, record: SerialRecord) -> None:
+        """A reliability record as the database holds it, unless memory holds changes not yet written."""
+        known = self._state.reliability.find(record.serial)
+        if known is not None and known.version != self._written_reliability.get(known.serial):
+            return
+        self._state.reliability.restore(record)
+        self._written_reliability[record.serial] = record.version
 
     def get_meta(self, key: str, default: int = 0) -> int:
         """A small named number kept with the fleet (e.g. how far the MQTT publisher got)."""
@@ -497,6 +527,18 @@ class Store(Sink):
         if self._written_health.get(node_id) != node.health_version:
             batch.verdicts.extend(_health_rows(node))
             self._written_health[node_id] = node.health_version
+        for gpu in node.gpus.values():
+            record = gpu.serial_record
+            # Written by the node the GPU is in: a slot it left (missing) no longer speaks for it.
+            if (
+                record is None
+                or gpu.missing
+                or self._written_reliability.get(record.serial) == record.version
+            ):
+                continue
+            row = (record.serial, record.uuid, record.to_json(), time.time_ns())
+            batch.reliability[record.serial] = (node_id, row)
+            self._written_reliability[record.serial] = record.version
 
 
 # The columns read back, in the order build_records takes them.
@@ -546,6 +588,19 @@ def build_records(
                 node.gpus[gpu_index].xids_this_boot = this_boot
         records.append(node)
     return records
+
+
+def serial_records(rows: Iterable[Sequence[Any]]) -> dict[str, SerialRecord]:
+    """Reliability records from gpu_reliability's ``record`` column, by serial (any engine)."""
+    records = (SerialRecord.from_json(text) for (text,) in rows)
+    return {record.serial: record for record in records}
+
+
+def attach_serial_records(records: list[NodeRecord], serials: dict[str, SerialRecord]) -> None:
+    """Each GPU of the nodes read back to its serial's record, for ``Store.adopt`` to restore first."""
+    for node in records:
+        for gpu in node.gpus.values():
+            gpu.serial_record = serials.get(gpu.inventory.serial) if gpu.inventory.serial else None
 
 
 def _node_row(node: NodeRecord) -> tuple[object, ...]:
@@ -608,6 +663,11 @@ def _write(db: sqlite3.Connection, batch: Batch) -> None:
         )
         db.executemany("INSERT OR REPLACE INTO gpu_health VALUES (?, ?, ?, ?, ?, ?)", batch.verdicts)
         db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", batch.meta.items())
+        db.executemany(
+            "INSERT OR REPLACE INTO gpu_reliability VALUES (?, ?, ?, ?)",
+            (row for _, row in batch.reliability.values()),
+        )
+        # A forgotten node's GPUs keep their records: a serial outlives its node.
         for table in ("nodes", "xid_totals", "gpu_health"):
             db.executemany(f"DELETE FROM {table} WHERE node_id = ?", ((n,) for n in batch.forgotten))
         db.execute("COMMIT")

@@ -9,7 +9,11 @@ exit 2 (an operator who points a collector at PostgreSQL wants the shared state,
 kept only in memory). A connection lost while running takes the store down as with SQLite (the
 batch is not acknowledged, the agents resend it, and the collector runs from memory), but the
 writer then connects again, RECONNECT_S apart: once back, it writes the whole fleet as memory
-holds it (nodes, verdicts, XID totals) and the events logged meanwhile.
+holds it (nodes, verdicts, XID totals, reliability records) and the events logged meanwhile.
+
+The GPUs' reliability records (`gpu_reliability`) are keyed by serial and shared by the tier: a
+collector reads those of a node's GPUs back when it takes the node, and writes a record while
+the GPU is installed in a node it holds (under that node's lease).
 """
 
 from __future__ import annotations
@@ -31,14 +35,16 @@ from gpufleet.collector.store import (
     XID_COLUMNS,
     Batch,
     Store,
+    attach_serial_records,
     build_records,
+    serial_records,
 )
 from gpufleet.collector.tier import CHANNEL, NOTIFY_IDS, Tier
 from gpufleet.v1 import events_pb2
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 MIGRATIONS: dict[int, str] = {
     1: """
 CREATE TABLE nodes (
@@ -97,6 +103,15 @@ CREATE TABLE leases (
 CREATE INDEX leases_by_owner ON leases (owner);
 -- The agent's own counters (its last report's), for the collector a node moves to.
 ALTER TABLE nodes ADD COLUMN agent_stats BYTEA NOT NULL DEFAULT '';
+""",
+    # One reliability record per GPU serial (collector/reliability.py), across nodes and collectors.
+    3: """
+CREATE TABLE gpu_reliability (
+    serial TEXT PRIMARY KEY,
+    uuid TEXT NOT NULL,
+    record TEXT NOT NULL,
+    updated_unix_nano BIGINT NOT NULL
+);
 """,
 }
 CONNECT_TIMEOUT_S = 5
@@ -222,6 +237,7 @@ class PostgresStore(Store):
         """Have the next batch write every node, the XID totals and the events the database missed."""
         self._written_inventory.clear()
         self._written_health.clear()
+        self._written_reliability.clear()
         batch = self._pending
         for node in self._state.nodes():
             self._dirty.add(node.node_id)
@@ -295,6 +311,13 @@ class PostgresStore(Store):
                 "INSERT INTO meta VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
                 list(batch.meta.items()),
             )
+            _many(
+                cursor,
+                "INSERT INTO gpu_reliability VALUES (%s, %s, %s, %s) ON CONFLICT (serial) DO UPDATE SET "
+                "uuid = excluded.uuid, record = excluded.record, "
+                "updated_unix_nano = excluded.updated_unix_nano",
+                [row for _, row in batch.reliability.values()],
+            )
             for table in ("nodes", "xid_totals", "gpu_health", "leases"):
                 _many(cursor, f"DELETE FROM {table} WHERE node_id = %s", [(n,) for n in batch.forgotten])
             # Followers on every collector of the tier hear of the events once they are committed.
@@ -313,6 +336,7 @@ class PostgresStore(Store):
         }
         nodes.update(event[2] for event in batch.events)
         nodes.update(str(row[0]) for row in batch.verdicts)
+        nodes.update(node_id for node_id, _ in batch.reliability.values())
         if not nodes:
             return
         cursor.execute(
@@ -331,17 +355,23 @@ class PostgresStore(Store):
         batch.xid_totals = {key: count for key, count in batch.xid_totals.items() if key[0] in owned}
         batch.events = [event for event in batch.events if event[2] in owned]
         batch.verdicts = [row for row in batch.verdicts if row[0] in owned]
+        batch.reliability = {s: entry for s, entry in batch.reliability.items() if entry[0] in owned}
 
     def read_nodes(
         self, db: psycopg.Connection[Any], node_ids: list[str]
     ) -> tuple[list[NodeRecord], list[events_pb2.Event]]:
-        """Nodes as the database holds them, and their events (oldest first), for their new owner."""
+        """Nodes as the database holds them, with their GPUs' reliability records, and their events
+        (oldest first), for their new owner."""
         where = " WHERE node_id = ANY(%s)"
         records = build_records(
             db.execute(f"SELECT {XID_COLUMNS} FROM xid_totals" + where, (node_ids,)),
             db.execute(f"SELECT {HEALTH_COLUMNS} FROM gpu_health" + where, (node_ids,)),
             db.execute(f"SELECT {NODE_COLUMNS} FROM nodes" + where, (node_ids,)),
         )
+        serials = sorted({g.inventory.serial for n in records for g in n.gpus.values() if g.inventory.serial})
+        if serials:
+            rows = db.execute("SELECT record FROM gpu_reliability WHERE serial = ANY(%s)", (serials,))
+            attach_serial_records(records, serial_records(rows))
         events = [
             events_pb2.Event.FromString(blob)
             for (blob,) in db.execute("SELECT event FROM events" + where + " ORDER BY id", (node_ids,))

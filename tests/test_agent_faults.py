@@ -37,7 +37,13 @@ class RecordingUplink(Uplink):
         self.reports: list[tuple[list[telemetry_pb2.GpuSample], telemetry_pb2.AgentStats]] = []
         self.inventories: list[inventory_pb2.NodeInventory] = []
 
-    def submit(self, gpus: Sequence[telemetry_pb2.GpuSample], *, carries_events: bool = False) -> None:
+    def submit(
+        self,
+        gpus: Sequence[telemetry_pb2.GpuSample],
+        *,
+        carries_events: bool = False,
+        time_unix_nano: int | None = None,
+    ) -> None:
         stats = telemetry_pb2.AgentStats()
         stats.CopyFrom(self.stats)
         self.reports.append((list(gpus), stats))

@@ -137,6 +137,10 @@ def test_demo_shows_the_whole_fleet_within_60_seconds_and_cleans_up(tmp_path: Pa
         assert ready_after < 60, text
         assert re.search(r"Nodes\s+1250\s+1250 up", text), text
         assert re.search(r"GPUs\s+10000", text), text
+        # Not a fleet where everything is green: the realistic scenario has faults and precursors.
+        gpus_line = next(line for line in output if line.startswith("GPUs"))
+        assert re.search(r"\d+ unhealthy", gpus_line) or re.search(r"\d+ lost", gpus_line), gpus_line
+        assert re.search(r"\d+ at_risk", gpus_line), gpus_line
         metrics_url = re.search(r"(http://127\.0\.0\.1:\d+/metrics)\n", text)
         assert metrics_url, text
         _, body, _ = http_get(metrics_url.group(1), timeout=30)

@@ -120,7 +120,7 @@ def test_xid_92_is_an_early_warning() -> None:
 def test_a_fault_that_keeps_coming_back_escalates_to_rma() -> None:
     fault = judge({79: 1})
     assert health.escalate(fault, 1) == fault
-    assert "if it comes back, hardware inspection" in health.escalate(fault, 2).action
+    assert "if it happens a third time, replace the GPU" in health.escalate(fault, 2).action
     third = health.escalate(fault, health.RMA_AFTER_OCCURRENCES)
     assert third.health == health.UNHEALTHY and "RMA" in third.action
     assert health.rma_reason(third, 3).startswith("fault came back after 2 resets or reboots")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import IO, TYPE_CHECKING, Any
 
@@ -143,7 +144,9 @@ REBOOT_SILENT_REPORTS = 2
 HUNG_S = (600, 1800)  # until the NCCL watchdog (10-30 min) kills the job
 SAG_RAMP_S = (1800, 2 * HOUR_S)  # the clock falls by SAG_DEPTH over this
 SAG_DEPTH = (0.3, 0.45)
-SAG_EXPERT_SHARE = 0.15  # an expert calls it a straggler once it runs 15 % slow
+# An expert calls it a straggler once it runs 15 % slower than its peers, and busy peers run about
+# a percent under their maximum clock: 16 % under its own.
+SAG_EXPERT_SHARE = 0.16
 SLOW_FAULT_S = (6 * HOUR_S, 24 * HOUR_S)  # clock sag, thermal: until the GPU is swapped
 CRC_S = (2 * HOUR_S, 12 * HOUR_S)
 CRC_BURST = (20, 200)  # CRC errors per burst, a burst every few reports
@@ -223,8 +226,15 @@ class FleetScenario:
         self._retired: set[int] = set()
         self._next_physical = nodes * gpus_per_node
         self._next_id = 1
+        self._touched: set[int] = set()
+        # A failure's episode id -> the precursor that leads to it.
+        self._precursor_of: dict[int, Episode] = {}
 
     # -- drawing ------------------------------------------------------------------------------
+
+    @property
+    def drawn_until_ns(self) -> int:
+        return self._drawn_until_ns
 
     def _episode(self, kind: str, node: int, gpu: int | None, start_ns: int, end_ns: int | None) -> Episode:
         category, health, action, action_class = EXPERT.get(kind, ("noise", "healthy", "none", "none"))
@@ -233,6 +243,7 @@ class FleetScenario:
         )
         self._next_id += 1
         self._pending[node].append(episode)
+        self._touched.add(node)
         return episode
 
     def _count(self, per_thousand_days: float, units: int, span_s: float, *, noise: bool = False) -> int:
@@ -264,8 +275,9 @@ class FleetScenario:
         for kind, rate in NODE_NOISE_RATES.items():
             for _ in range(self._count(rate, self.nodes, span_s, noise=True)):
                 self._draw(kind, rng.randrange(self.nodes), None, when())
-        for pending in self._pending:
-            pending.sort(key=lambda e: e.start_ns)
+        for node in self._touched:
+            self._pending[node].sort(key=lambda e: e.start_ns)
+        self._touched.clear()
         self._drawn_until_ns = until_ns
 
     def _draw(self, kind: str, node: int, gpu: int | None, at: int) -> None:
@@ -279,7 +291,9 @@ class FleetScenario:
                 start = max(at - int(lead_s * NS), self.start_ns)
                 precursor = self._episode(PRECURSOR_OF[kind], node, gpu, start, at)
                 precursor.fails_at_ns = at
-                precursor.params["lead_s"] = (at - start) / NS
+                failure = self._episode(kind, node, gpu, at, at + int(rng.uniform(*REPAIR_DELAY_S) * NS))
+                self._precursor_of[failure.id] = precursor
+                return
             self._episode(kind, node, gpu, at, at + int(rng.uniform(*REPAIR_DELAY_S) * NS))
             return
         if kind == "hung_collective":
@@ -290,7 +304,7 @@ class FleetScenario:
         if kind == "clock_sag":
             ramp_s, depth = rng.uniform(*SAG_RAMP_S), rng.uniform(*SAG_DEPTH)
             episode = self._episode(kind, node, gpu, at, at + int(rng.uniform(*SLOW_FAULT_S) * NS))
-            # The truth starts once it runs 15 % slow; the sag itself began before.
+            # The truth starts once it runs 15 % slower than its peers; the sag itself began before.
             episode.params.update(
                 onset_ns=at - ramp_s * SAG_EXPERT_SHARE / depth * NS, ramp_s=ramp_s, depth=depth
             )
@@ -314,6 +328,7 @@ class FleetScenario:
         pending = self._pending[node]
         while pending and pending[0].start_ns <= now_ns:
             episode = pending.pop(0)
+            self._on_time(episode, now_ns)
             if self._start(episode, source, actions):
                 self._running[node].append(episode)
                 self.episodes.append(episode)
@@ -326,6 +341,18 @@ class FleetScenario:
                 still.append(episode)
         self._running[node] = still
         return actions
+
+    def _on_time(self, episode: Episode, now_ns: int) -> None:
+        """An episode due while its node was down (rebooting) happens now, when the node is back."""
+        late = now_ns - episode.start_ns
+        if late <= self.interval_s * NS or episode.category == "precursor":
+            return
+        episode.start_ns += late
+        if episode.end_ns is not None:
+            episode.end_ns += late
+        precursor = self._precursor_of.get(episode.id)
+        if precursor is not None:
+            precursor.end_ns = precursor.fails_at_ns = episode.start_ns
 
     def _start(self, episode: Episode, source: SimulatedSource, actions: list[Action]) -> bool:
         """Begin an episode; False if it cannot happen (its GPU is gone)."""
@@ -345,10 +372,10 @@ class FleetScenario:
         rng = self.rng
         if kind in ("hung_collective", "data_stall"):
             assert index is not None
-            source.set_workload(index, "stuck" if kind == "hung_collective" else "idle")
+            source.override_behaviour(index, "stuck" if kind == "hung_collective" else "idle")
         elif kind == "collective_wait":
             for other in source.gpu_indices():
-                source.set_workload(other, "stuck")
+                source.override_behaviour(other, "stuck")
         elif kind == "thermal":
             assert gpu is not None
             gpu.faults.thermal = True
@@ -424,10 +451,10 @@ class FleetScenario:
         kind, index = episode.kind, episode.gpu_index
         gpu = None if index is None else source.gpu_at(index)
         if kind in ("hung_collective", "data_stall") and index is not None:
-            source.set_workload(index, "training")
+            source.override_behaviour(index, None)
         elif kind == "collective_wait":
             for other in source.gpu_indices():
-                source.set_workload(other, "training")
+                source.override_behaviour(other, None)
         elif kind == "clock_sag" and gpu is not None:
             gpu.faults.clock_factor = 1.0
         elif kind == "thermal" and gpu is not None:
@@ -490,6 +517,46 @@ class FleetScenario:
                 out.write(json.dumps(episode.truth()) + "\n")
                 written += 1
         return written
+
+
+# The agent's --faults preset that plays a FleetScenario.
+REALISTIC = "realistic"
+# The realistic preset of a running agent (no driver): drawn this far ahead, starting this far back
+# (so that a fleet starts with a few faults and precursors under way, as a real one would).
+# Ahead by the longest lead time, so that every precursor of a coming failure is under way; in
+# steps of an hour.
+DRAW_AHEAD_S = LEAD_RANGE_S[1]
+DRAW_STEP_S = HOUR_S
+HISTORY_S = HOUR_S
+
+
+def agent_players(
+    nodes: int, gpus_per_node: int, *, seed: int, multiplier: float, interval_s: float, now_ns: int
+) -> list[Callable[[SimulatedSource], None]]:
+    """One scenario hook per simulated node of an agent process (``SimulatedSource(scenario=...)``).
+
+    The agent plays the faults, noise and precursors as they come. Repairs, reboots and GPU
+    swaps need a driver that can reboot nodes (bench/health_fleet.py); here a fault stays.
+    """
+    scenario = FleetScenario(
+        nodes,
+        gpus_per_node,
+        seed=seed,
+        multiplier=multiplier,
+        interval_s=interval_s,
+        start_ns=now_ns - HISTORY_S * NS,
+    )
+
+    def player(index: int) -> Callable[[SimulatedSource], None]:
+        def play(source: SimulatedSource) -> None:
+            now = source.clock()
+            if scenario.drawn_until_ns < now + (DRAW_AHEAD_S - DRAW_STEP_S) * NS:
+                scenario.draw_until(now + DRAW_AHEAD_S * NS)
+            scenario.advance(index, now, source)
+
+        return play
+
+    return [player(index) for index in range(nodes)]
 
 
 @dataclass(frozen=True)

@@ -398,6 +398,9 @@ class SimScheduler:
                 placement = node.held[gpu]
                 job = placement.job
                 kubernetes = job.kind == "kubernetes"
+                readable = node.sim.source.has_processes(gpu)
+                if not kubernetes and not readable:
+                    continue  # a lost GPU lists no processes: no attribution by process can see it
                 rows.append(
                     {
                         "node": node.sim.hostname,
@@ -416,7 +419,9 @@ class SimScheduler:
                         "workload": job.name,
                         "job_gpus": job.gpu_count,
                         "pid": placement.pids[placement.gpus.index(gpu)],
-                        "behaviour": job.behaviour,
+                        # What its samples show now (a fault scenario may hang or stall the job, or
+                        # the GPU be lost).
+                        "behaviour": node.sim.source.behaviour_of(gpu) if readable else "unreadable",
                         "since": round(job.started + self._unix_offset, 3),
                     }
                 )

@@ -386,6 +386,7 @@ class SimulatedSource:
         faults: FaultModel | None = None,
         workload: str | None = None,
         clock: Callable[[], int] = time.time_ns,
+        scenario: Callable[[SimulatedSource], None] | None = None,
     ) -> None:
         if model not in MODELS:
             raise ValueError(f"unknown GPU model {model!r}; choose one of {', '.join(MODELS)}")
@@ -394,6 +395,8 @@ class SimulatedSource:
         self.clock = clock
         # (node id, hostname): who this node is, for a scenario's truth.
         self.identity = ("", "")
+        # Called before each sample: a scenario (scenario.py) plays what happens to the node.
+        self.scenario = scenario
         # Faults draw from their own generator, so telemetry is the same with or without them.
         self.faults = faults or FaultModel()
         self._rng = random.Random(seed * 1_000_003 + node_index)
@@ -419,6 +422,8 @@ class SimulatedSource:
         self._gpm_rng = random.Random(f"gpm:{seed}:{node_index}")
         # GPU index -> (behaviour, pid of its process) where a scheduler says who holds the GPU.
         self._held: dict[int, tuple[str, int | None]] = {}
+        # GPU index -> behaviour that a scenario imposes on whatever runs there (a hang, a stall).
+        self._overrides: dict[int, str] = {}
 
     def inventory(self) -> inventory_pb2.NodeInventory:
         return inventory_pb2.NodeInventory(
@@ -431,6 +436,8 @@ class SimulatedSource:
     def sample(self, *, with_processes: bool) -> list[telemetry_pb2.GpuSample]:
         if self._rng.random() < WORKLOAD_SWITCH_PROBABILITY and self._pinned is None:
             self.workload = self._rng.choices(self._workload_names, self._workload_weights)[0]
+        if self.scenario is not None:
+            self.scenario(self)
         if self.faults.enabled:
             now = self.clock()
             for gpu in self.gpus:
@@ -449,12 +456,25 @@ class SimulatedSource:
     def _job_on(self, gpu_index: int) -> tuple[str, int | None]:
         """What runs on a GPU, and the pid of its process."""
         held = self._held.get(gpu_index)
-        if held is not None:
-            return held
-        # No scheduler drives this GPU: the node-wide job runs on it (or, "idle", none does).
-        if self.workload == "idle":
-            return "free", None
-        return self.workload, NODE_JOB_PID_BASE + gpu_index
+        if held is None:
+            # No scheduler drives this GPU: the node-wide job runs on it (or, "idle", none does).
+            pid = NODE_JOB_PID_BASE + gpu_index
+            held = ("free", None) if self.workload == "idle" else (self.workload, pid)
+        override = self._overrides.get(gpu_index)
+        return held if override is None or held[1] is None else (override, held[1])
+
+    def has_processes(self, gpu_index: int) -> bool:
+        """Whether the GPU's samples list its processes (a lost GPU, or one failing to read, does not)."""
+        gpu = self.gpu_at(gpu_index)
+        return gpu is not None and not gpu.faults.lost and not gpu.faults.read_errors
+
+    def override_behaviour(self, gpu_index: int, behaviour: str | None) -> None:
+        """The job on this GPU behaves so for now (a hang, a data stall); None: as it did before."""
+        self._gpu(gpu_index)
+        if behaviour is None:
+            self._overrides.pop(gpu_index, None)
+        else:
+            self._overrides[gpu_index] = behaviour
 
     def behaviour_of(self, gpu_index: int) -> str:
         """The behaviour (BEHAVIOURS) of a GPU's samples now: "free" where nobody holds it."""

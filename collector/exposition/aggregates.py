@@ -7,6 +7,7 @@ from gpufleet.collector.exposition.catalog import (
     FLEET_IDLE,
     FLEET_NODES,
     FLEET_POWER,
+    FLEET_RMA_DUE,
     FLEET_UTILIZATION,
 )
 from gpufleet.collector.exposition.textformat import escape_label_value, format_value
@@ -37,6 +38,9 @@ def render_aggregates(totals: FleetTotals) -> str:
     for (cluster,), _ in totals.rows("power_n"):
         watts = totals.get("power", cluster) / 1000
         out.append(_line(FLEET_POWER.name, f'cluster="{escape_label_value(cluster)}"', watts))
+    out.append(FLEET_RMA_DUE.header())
+    for (cluster, model), count in totals.rows("rma"):
+        out.append(_line(FLEET_RMA_DUE.name, _cluster_model(cluster, model), count))
     return "".join(out)
 
 

@@ -63,6 +63,11 @@ GPU_UP = _family(
     "1 if the GPU reported in its node's latest report, 0 if lost or its node stopped reporting.",
 )
 GPU_HEALTH = _family("gpufleet_gpu_health", "gauge", "1 for the GPU's current health state.")
+GPU_RMA_DUE = _family(
+    "gpufleet_gpu_rma_due",
+    "gauge",
+    "1 for a GPU whose reliability record says it is due for RMA (absent for the others).",
+)
 GPU_XIDS = _family("gpufleet_gpu_xid_errors_total", "counter", "XID errors seen on the GPU, per XID code.")
 GPU_MEMORY_TOTAL = _family("gpufleet_gpu_memory_total_bytes", "gauge", "Framebuffer size.")
 GPU_POWER_LIMIT = _family("gpufleet_gpu_power_limit_watts", "gauge", "Enforced power limit.")
@@ -321,6 +326,13 @@ FLEET_IDLE = _named(
 )
 FLEET_POWER = _named(
     Family("gpufleet_fleet_power_watts", "gauge", "Power drawn by reachable GPUs, by cluster.")
+)
+FLEET_RMA_DUE = _named(
+    Family(
+        "gpufleet_fleet_gpus_rma_due",
+        "gauge",
+        "GPUs due for RMA in the nodes' inventories, by cluster and model.",
+    )
 )
 
 # -- workloads (collector/workload.py): GPU counts in GPU-equivalents (a MIG instance is its slices / 7) --

@@ -21,6 +21,7 @@ from gpufleet.collector.exposition.catalog import (
     GPU_MEMORY_TOTAL,
     GPU_POWER_LIMIT,
     GPU_PROCESSES,
+    GPU_RMA_DUE,
     GPU_UP,
     GPU_XIDS,
     LABELLED_GAUGES,
@@ -142,8 +143,8 @@ class _NodeLines:
     """One node's rendered lines, one bytes chunk per family, and its share of the aggregates.
 
     A report changes values only: they are formatted by one %-operation on the
-    template of the node's shape. Inventory, liveness, health and XID lines are
-    rendered again only when they change. (Slots and tuples: at 100,000 GPUs,
+    template of the node's shape. Inventory, liveness, health, RMA and XID lines
+    are rendered again only when they change. (Slots and tuples: at 100,000 GPUs,
     fewer objects for Python's garbage collector to walk.)
     """
 
@@ -155,6 +156,7 @@ class _NodeLines:
         "_label_bytes",
         "_mig_key",
         "_name",
+        "_rma_key",
         "_state_key",
         "_up_key",
         "_xid_key",
@@ -176,6 +178,7 @@ class _NodeLines:
         self._inventory_key: tuple[object, ...] = ()
         self._state_key: int | None = None
         self._health_key: tuple[int, ...] | None = None
+        self._rma_key: tuple[int, ...] | None = None
         self._up_key: tuple[bool, ...] | None = None
         self._xid_key: tuple[object, ...] = ()
         self._allocation_key: tuple[int, int, int] | None = None
@@ -214,8 +217,12 @@ class _NodeLines:
         mig_samples: list[tuple[int, telemetry_pb2.GpuSample]] = []
         verdicts = []
         oks = []
+        due = []
         by_model: dict[str, ModelShare] = {}
         for gpu in gpus:
+            record = gpu.serial_record
+            if record is not None and record.rma_due and not gpu.missing:
+                due.append(gpu)
             health_now = node.gpu_verdict(gpu).health
             verdicts.append(health_now)
             model = gpu.model
@@ -249,6 +256,12 @@ class _NodeLines:
                 for gpu, now in zip(gpus, health_key, strict=True)
                 for known, name in health.HEALTH_NAMES.items()
             )
+        rma_key = tuple(gpu.inventory.index for gpu in due)
+        if rma_key != self._rma_key:
+            self._rma_key = rma_key
+            new[GPU_RMA_DUE] = self._lines(
+                (FAMILIES[GPU_RMA_DUE].name, f',gpu="{index}"', 1) for index in rma_key
+            )
         up_key = tuple(oks)
         if up_key != self._up_key:
             self._up_key = up_key
@@ -267,6 +280,9 @@ class _NodeLines:
             self._render_mig_samples(mig_samples, new)
         self._fill(_template(tuple(shape)), values, new)
         self.contribution = contribution(node.inventory.cluster, NODE_STATE_NAMES[state], by_model)
+        for gpu in due:  # ("rma", cluster, model) -> GPUs due for RMA (gpufleet_fleet_gpus_rma_due)
+            key = ("rma", node.inventory.cluster, gpu.model)
+            self.contribution[key] = self.contribution.get(key, 0) + 1
         self.chunks = tuple(new)
         return [family for family in range(NODE_FAMILY_COUNT) if new[family] != old[family]]
 

@@ -119,6 +119,16 @@ class FleetClient:
         answer: query_pb2.GetNodeResponse = self._call("GetNode", query_pb2.GetNodeRequest(node=name))
         return answer
 
+    def gpu_record(self, key: str) -> query_pb2.GpuRecord:
+        """A GPU's reliability record by serial or UUID."""
+        answer = self._call("GetGpuRecord", query_pb2.GetGpuRecordRequest(key=key))
+        record: query_pb2.GpuRecord = answer.record
+        return record
+
+    def rma(self) -> list[query_pb2.GpuRecord]:
+        """The GPUs due for RMA, the longest due first."""
+        return list(self._call("ListRma", query_pb2.ListRmaRequest()).records)
+
     def events(self, event_filter: query_pb2.EventFilter, limit: int = 1000) -> list[events_pb2.Event]:
         answer = self._call("ListEvents", query_pb2.ListEventsRequest(filter=event_filter, limit=limit))
         return list(answer.events)
@@ -202,4 +212,62 @@ def node_row(view: query_pb2.NodeView) -> dict[str, Any]:
         "unhealthy_gpus": view.unhealthy_gpu_count,
         "driver_version": inv.driver_version,
         "last_seen_unix": view.last_seen_unix_nano / 1e9,
+    }
+
+
+def record_row(record: query_pb2.GpuRecord) -> dict[str, Any]:
+    """A GPU's reliability record as a flat row (the CLI's JSON and CSV): its lists as counts."""
+    return {
+        "serial": record.serial,
+        "uuid": record.uuid,
+        "model": record.model,
+        "node": record.node_name,
+        "node_id": record.node_id,
+        "gpu": record.gpu_index if record.HasField("gpu_index") else None,
+        "health": health_name(record.health) if record.node_id else None,
+        "reasons": list(record.reasons),
+        "action": record.action,
+        "rma_due": record.rma_due,
+        "rma_reason": record.rma_reason,
+        "rma_since_unix": record.rma_since_unix_nano / 1e9 or None,
+        "occurrences": len(record.occurrences),
+        "installs": len(record.installs),
+        "reboots": record.reboots,
+    }
+
+
+def record_detail(record: query_pb2.GpuRecord) -> dict[str, Any]:
+    """The whole record (`gpufleet gpu -o json`): the row, with its installs, occurrences and verdicts."""
+    return {
+        **record_row(record),
+        "installs": [
+            {
+                "node_id": i.node_id,
+                "hostname": i.hostname,
+                "gpu": i.gpu_index,
+                "first_seen_unix": i.first_seen_unix_nano / 1e9,
+                "last_seen_unix": i.last_seen_unix_nano / 1e9,
+            }
+            for i in record.installs
+        ],
+        "occurrences": [
+            {
+                "time_unix": o.time_unix_nano / 1e9,
+                "node_id": o.node_id,
+                "boot_id": o.boot_id,
+                "health": o.health,
+                "reason": o.reason,
+                "action": o.action,
+            }
+            for o in record.occurrences
+        ],
+        "verdict_changes": [
+            {
+                "time_unix": v.time_unix_nano / 1e9,
+                "old": v.old_health,
+                "new": v.new_health,
+                "reason": v.reason,
+            }
+            for v in record.verdict_changes
+        ],
     }

@@ -205,6 +205,24 @@ def cmd_rma(client: FleetClient, args: argparse.Namespace) -> str:
     return output.render(rows, RMA_COLUMNS, "table")
 
 
+INSTALL_COLUMNS = [
+    ("hostname", "NODE"),
+    ("gpu", "GPU"),
+    ("first", "FIRST SEEN"),
+    ("last", "LAST SEEN"),
+    ("node_id", "NODE ID"),
+]
+OCCURRENCE_COLUMNS = [
+    ("time", "TIME"),
+    ("node", "NODE"),
+    ("boot_id", "BOOT"),
+    ("health", "HEALTH"),
+    ("reason", "REASON"),
+    ("action", "ACTION"),
+]
+VERDICT_COLUMNS = [("time", "TIME"), ("old", "OLD"), ("new", "NEW"), ("reason", "REASON")]
+
+
 def cmd_gpu(client: FleetClient, args: argparse.Namespace) -> str:
     """One GPU's reliability record: where it is, whether it is due for RMA, its installs and faults."""
     record = client.gpu_record(args.key)
@@ -221,9 +239,21 @@ def cmd_gpu(client: FleetClient, args: argparse.Namespace) -> str:
         now = "not installed on a node the collector serves"
     rma = (
         f"due since {_when(detail['rma_since_unix'])}: {detail['rma_reason']}"
-        if detail["rma_due"]
+        if record.rma_due
         else "not due"
     )
+    header = [
+        f"GPU      {record.serial}  ({record.model or '-'})",
+        f"UUID     {record.uuid or '-'}",
+        f"Now      {now}",
+        f"RMA      {rma}",
+        f"Reboots  {record.reboots} (of the nodes it was in, since first seen)",
+    ]
+    return "\n".join(header + _record_tables(detail))
+
+
+def _record_tables(detail: dict[str, Any]) -> list[str]:
+    """A record's installs, fault occurrences and verdict changes, as tables (times in UTC)."""
     hostnames = {i["node_id"]: i["hostname"] for i in detail["installs"]}
     installs = [
         {**i, "first": _when(i["first_seen_unix"]), "last": _when(i["last_seen_unix"])}
@@ -234,42 +264,17 @@ def cmd_gpu(client: FleetClient, args: argparse.Namespace) -> str:
         for o in detail["occurrences"]
     ]
     verdicts = [{**v, "time": _when(v["time_unix"])} for v in detail["verdict_changes"]]
-    lines = [
-        f"GPU      {record.serial}  ({record.model or '-'})",
-        f"UUID     {record.uuid or '-'}",
-        f"Now      {now}",
-        f"RMA      {rma}",
-        f"Reboots  {record.reboots} (of the nodes it was in, since first seen)",
+    return [
         "",
         f"Installs ({len(installs)})",
-        output.table(
-            installs,
-            [
-                ("hostname", "NODE"),
-                ("gpu", "GPU"),
-                ("first", "FIRST SEEN"),
-                ("last", "LAST SEEN"),
-                ("node_id", "NODE ID"),
-            ],
-        ),
+        output.table(installs, INSTALL_COLUMNS),
         "",
         f"Fault occurrences ({len(occurrences)}, one per boot)",
-        output.table(
-            occurrences,
-            [
-                ("time", "TIME"),
-                ("node", "NODE"),
-                ("boot_id", "BOOT"),
-                ("health", "HEALTH"),
-                ("reason", "REASON"),
-                ("action", "ACTION"),
-            ],
-        ),
+        output.table(occurrences, OCCURRENCE_COLUMNS),
         "",
         f"Verdict history ({len(verdicts)})",
-        output.table(verdicts, [("time", "TIME"), ("old", "OLD"), ("new", "NEW"), ("reason", "REASON")]),
+        output.table(verdicts, VERDICT_COLUMNS),
     ]
-    return "\n".join(lines)
 
 
 EVENT_COLUMNS = [

@@ -1,4 +1,5 @@
-"""gpufleet: fleet queries for operators (summary, nodes, GPUs, a node, events), a live view, the demo."""
+"""gpufleet: fleet queries for operators (summary, nodes, GPUs, a node, a GPU's record, RMA, events),
+a live view, the demo."""
 
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ from gpufleet.cli.commands import (
     SORT_CHOICES,
     cmd_events,
     cmd_forget,
+    cmd_gpu,
     cmd_gpus,
     cmd_history,
     cmd_idle,
     cmd_jobs,
     cmd_node,
     cmd_nodes,
+    cmd_rma,
     cmd_summary,
     parse_duration,
     parse_since,
@@ -123,6 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("node", parents=[common], help="one node in detail")
     p.add_argument("name", help="node name or id")
     p.set_defaults(run=cmd_node)
+
+    p = commands.add_parser(
+        "gpu", parents=[common], help="one GPU's reliability record: installs, faults, verdicts, RMA"
+    )
+    p.add_argument("key", metavar="SERIAL|UUID", help="the GPU's serial or UUID")
+    p.set_defaults(run=cmd_gpu)
+
+    p = commands.add_parser("rma", parents=[common], help="GPUs due for RMA, with the evidence")
+    p.set_defaults(run=cmd_rma)
 
     p = commands.add_parser(
         "events", parents=[common], help="the fleet's event log (--follow: as it happens)"
