@@ -11,7 +11,7 @@ import logging
 import re
 import resource
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import gpufleet
@@ -305,9 +305,7 @@ def host_identity(args: argparse.Namespace, labels: dict[str, str]) -> NodeIdent
     )
 
 
-def open_source(
-    args: argparse.Namespace, index: int, scenario: Callable[[SimulatedSource], None] | None = None
-) -> GpuSource:
+def open_source(args: argparse.Namespace, index: int) -> GpuSource:
     if args.source == "sim":
         preset = "none" if args.faults == REALISTIC else args.faults
         faults = FaultModel(preset, args.fault_rate_multiplier, seed=args.seed * 1_000_003 + index + 1)
@@ -318,11 +316,25 @@ def open_source(
             node_index=index,
             interval_s=args.interval,
             faults=faults,
-            scenario=scenario,
         )
     from gpufleet.agent.sources.nvml import NvmlSource
 
     return NvmlSource()
+
+
+def play_scenario(args: argparse.Namespace, sources: list[GpuSource]) -> None:
+    """--faults realistic: the simulated nodes of this process play one fleet scenario."""
+    players = agent_players(
+        len(sources),
+        args.gpus_per_node,
+        seed=args.seed,
+        multiplier=args.fault_rate_multiplier,
+        interval_s=args.interval,
+        now_ns=time.time_ns(),
+    )
+    for source, player in zip(sources, players, strict=True):
+        if isinstance(source, SimulatedSource):
+            source.scenario = player
 
 
 def print_once(source: GpuSource, node: NodeIdentity, attribution: Attribution | None = None) -> None:
@@ -413,25 +425,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail("--nodes > 1 needs --source sim (a real host is one node)")
     try:
         count = 1 if args.once else args.nodes
-        players: list[Callable[[SimulatedSource], None] | None] = [None] * count
-        if args.source == "sim" and args.faults == REALISTIC:
-            players = list(
-                agent_players(
-                    count,
-                    args.gpus_per_node,
-                    seed=args.seed,
-                    multiplier=args.fault_rate_multiplier,
-                    interval_s=args.interval,
-                    now_ns=time.time_ns(),
-                )
-            )
         nodes = [
             (
                 sim_identity(args, index, labels) if args.source == "sim" else host_identity(args, labels),
-                open_source(args, index, players[index - args.node_offset]),
+                open_source(args, index),
             )
             for index in range(args.node_offset, args.node_offset + count)
         ]
+        if args.source == "sim" and args.faults == REALISTIC:
+            play_scenario(args, [source for _, source in nodes])
         scheduler = sim_scheduler(args, nodes)
         if args.once:
             node, source = nodes[0]

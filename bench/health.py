@@ -167,9 +167,47 @@ def say(message: str) -> None:
     print(message, flush=True)
 
 
+INTRO = """# The health model, scored
+
+How well gpufleet's verdicts (docs/health.md) match what really happened to a simulated fleet
+that fails like a real one: hard faults, faults with weak signatures, precursors, repeat
+offenders and noise (docs/health.md, "A fleet that fails like a real one";
+`agent/sources/scenario.py` names every assumption). Written by `python -m bench.health` (about
+15 minutes for the run below on 2 cores); a small version (64 GPUs, 48 simulated hours) runs in
+the test suite and must meet every goal (`tests/test_bench_health.py`).
+
+How it is measured:
+
+- A real `gpufleet-collector` process with its SQLite database, fed by simulated nodes that
+  report through the agent's own uplink (real gRPC, acknowledged). Simulated time runs as fast
+  as the collector takes reports in; each report stands for a simulated minute and is stamped
+  with its simulated time. Repairs (a reboot 30 minutes to 3 hours after a hard fault),
+  replacements of GPUs due for RMA and moves of repeat offenders happen as the scenario says.
+- Time is compressed: the faults (and their lookalikes) of `--days` happen in `--hours`.
+  Background noise runs at its own rate, since compressed it would coincide far more often than
+  it does; its false verdicts are counted per simulated GPU-day as well as per equivalent one.
+- The verdict timeline is the collector's own `health_changed` and `rma_due` events, followed
+  live over its query API and timed by the samples that changed them. The scorer
+  (`bench/health_score.py`) does not import the health rules; it reads only the events and the
+  ground truth the scenario wrote.
+- Latencies are in report intervals. The scored fleet reports once a simulated minute; agents
+  report every 10 s by default, so a rule that needs 3 reports answers in 30 s there.
+
+"""
+
+
+def missed_section(goals: list[dict[str, Any]]) -> str:
+    missed = [goal for goal in goals if not goal["met"]]
+    if not missed:
+        return "\n## Goals missed\n\nNone in this run.\n"
+    lines = ["", "## Goals missed", ""]
+    lines += [f"- **{goal['name']}**: {goal['shortfall']}" for goal in missed]
+    return "\n".join(lines) + "\n"
+
+
 def write_document(path: Path, result: dict[str, Any]) -> None:
     body = health_score.markdown(result["score"], result["goals"], result["header"])
-    path.write_text(body, encoding="utf-8")
+    path.write_text(INTRO + body.rstrip("\n") + "\n" + missed_section(result["goals"]), encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:

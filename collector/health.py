@@ -344,7 +344,7 @@ def judge(
             (
                 DEGRADED,
                 f"NVLink CRC errors rising: {window.nvlink_crc.last_hour} in the last hour",
-                "reset GPU; reseat or replace the link if they keep rising",
+                "inspect or reseat the NVLink; reset the GPU if the errors keep rising",
             )
         )
     if window.ce.sustained(CE_AT_RISK_PER_HOUR):

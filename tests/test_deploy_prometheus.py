@@ -326,6 +326,8 @@ def test_each_alert_picks_the_faults_it_is_about(fleet: PrometheusServer) -> Non
     assert by_gpu["GpufleetRowRemapFailure"] == {(FAULTY, "5")}
     assert by_gpu["GpufleetThermalThrottling"] == {(FAULTY, "6")}
     assert by_gpu["GpufleetGpuUnhealthy"] == {(FAULTY, "2"), (FAULTY, "5")}
+    assert by_gpu["GpufleetGpuAtRisk"] == {(FAULTY, "4")}  # the pending remap: an early warning
+    assert by_gpu["GpufleetGpuDueForRma"] == {(FAULTY, "5")}  # the failed remap: NVIDIA's RMA rule
     assert alert_targets(results["GpufleetNodeDown"], "node") == {(GONE,)}
     assert alert_targets(results["GpufleetIdleCapacityHigh"], "cluster") >= {("faults",)}
     assert alert_targets(results["GpufleetCollectorDown"], "job") == {("gpufleet-unreachable",)}

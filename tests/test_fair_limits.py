@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import grpc
@@ -53,9 +54,11 @@ async def test_one_node_cannot_erase_the_fleet_s_event_history(tmp_path: Path) -
     before = {f"node-{i:04d}": history(collector, f"node-{i:04d}") for i in range(3)}
     assert all(before.values())
     storm = ingest_pb2.AgentMessage.FromString(hello(9, gpus=STORM_GPUS))
+    started_at = time.monotonic()
     answers, code, details = await exchange(
         collector, storm.SerializeToString(), *(storm_report(s) for s in range(1, STORM_REPORTS + 1))
     )
+    storm_s = time.monotonic() - started_at
     assert code == grpc.StatusCode.OK, details
     assert answers[-1].report_ack.sequence == STORM_REPORTS
     # Every other node keeps its history; the storm is counted in full, logged within its budget.
@@ -65,7 +68,10 @@ async def test_one_node_cannot_erase_the_fleet_s_event_history(tmp_path: Path) -
     assert stormy is not None
     assert sum(gpu.xid_totals.get(79, 0) for gpu in stormy.gpus.values()) == STORM_REPORTS * 64 * 256
     logged = history(collector, "node-0009")
-    assert logged.count(kinds.XID) <= Limits().event_burst_per_node + 10
+    # The burst, and what the budget refilled while the storm lasted (longer on a loaded machine).
+    budget = Limits()
+    refilled = budget.events_per_node_per_second * storm_s
+    assert logged.count(kinds.XID) <= budget.event_burst_per_node + refilled + 1
     assert kinds.EVENTS_SUPPRESSED in logged
     suppressed = collector.metrics.registry.get_sample_value("gpufleet_collector_events_suppressed_total")
     assert suppressed is not None and suppressed > 200_000

@@ -222,11 +222,14 @@ def test_hung_collective_across_gpus_and_a_false_degraded_verdict() -> None:
     assert noise["examples"][0]["gpu"] == 7 and noise["examples"][0]["noise"] == ["app_xid"]
 
 
-def test_a_weak_fault_seen_after_five_intervals_is_missed() -> None:
+def test_a_weak_fault_seen_after_five_intervals_is_late_and_misses_its_goal() -> None:
     log = Log()
     log.health(160, "degraded", 0)
-    weak = scored([episode(1, "weak", "clock_sag", 100)], log)["weak"]["kinds"]["clock_sag"]
-    assert weak["detected"] == 0 and weak["latency_p99_intervals"] is None
+    score = scored([episode(1, "weak", "clock_sag", 100)], log)
+    weak = score["weak"]["kinds"]["clock_sag"]
+    assert weak["detected"] == 1 and weak["on_time"] == 0 and weak["latency_p99_intervals"] > 5
+    (goal,) = [g for g in goals(score) if g["name"] == "Weak faults: clock_sag"]
+    assert not goal["met"]
 
 
 def test_noise_counts_onsets_and_rates_per_gpu_days() -> None:
