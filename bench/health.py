@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import platform
 import sys
 import tempfile
@@ -239,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--truth", type=Path, help="also keep the ground truth (JSON lines) here")
     parser.add_argument("--events", type=Path, help="also keep the verdict events (JSON lines) here")
     args = parser.parse_args(argv)
+    # The simulated agents reconnect on purpose (reboots, restarts); only their errors are news.
+    logging.getLogger("gpufleet.agent").setLevel(logging.ERROR)
     if args.gpus < GPUS_PER_NODE or args.hours <= 0 or args.days <= 0 or args.interval_s <= 0:
         parser.error("--gpus must be at least 8; --days, --hours and --interval-s must be positive")
     result = run(args)
