@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import pytest
 
+from gpufleet import wire
+from gpufleet.agent.sources.sim import SimulatedSource
 from gpufleet.collector import health
-from gpufleet.v1 import telemetry_pb2
+from gpufleet.collector.eventlog import EventMatch
+from gpufleet.collector.state import FleetState
+from gpufleet.v1 import ingest_pb2, telemetry_pb2
+from tests.fleet import inventory_for
 
 OK = telemetry_pb2.GPU_READ_STATUS_OK
 
@@ -131,3 +136,20 @@ def test_a_fault_that_keeps_coming_back_escalates_to_rma() -> None:
 def test_recovery_action_from_the_driver() -> None:
     assert judge(recovery_action=2).action == "reboot node"
     assert judge(recovery_action=0).health == health.HEALTHY
+
+
+def test_verdicts_and_rates_follow_the_samples_own_time() -> None:
+    """A report resent after an outage is judged, and its verdict logged, as of when it was sampled."""
+    state = FleetState()
+    source = SimulatedSource("H100", 8, node_index=1)
+    node = state.hello(
+        ingest_pb2.Hello(protocol_version=wire.PROTOCOL_VERSION, inventory=inventory_for(source, 1))
+    )
+    sampled = 1_700_000_000 * 10**9  # long before now
+    source.inject(2, "gsp")
+    report = ingest_pb2.Report(sequence=1, time_unix_nano=sampled, gpus=source.sample(with_processes=False))
+    state.apply_report(node, report)
+    (changed,) = state.events.query(EventMatch(kinds=frozenset({"health_changed"})), limit=10)
+    assert changed.time_unix_nano == sampled and changed.gpu_index == 2
+    record = node.gpus[2].serial_record
+    assert record is not None and record.occurrences[0].time_unix_nano == sampled
