@@ -30,8 +30,8 @@ import grpc
 
 import gpufleet
 from bench import health_score
-from bench.health_fleet import GPUS_PER_NODE, ScoredFleet
-from bench.processes import ROOT, Children, Collector
+from bench.health_fleet import GPUS_PER_NODE, FleetStalled, ScoredFleet
+from bench.processes import ROOT, Children, Collector, Failure
 from gpufleet import event_kinds
 from gpufleet.v1 import query_pb2
 
@@ -244,7 +244,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("gpufleet.agent").setLevel(logging.ERROR)
     if args.gpus < GPUS_PER_NODE or args.hours <= 0 or args.days <= 0 or args.interval_s <= 0:
         parser.error("--gpus must be at least 8; --days, --hours and --interval-s must be positive")
-    result = run(args)
+    try:
+        result = run(args)
+    except (Failure, FleetStalled) as exc:
+        print(f"python -m bench.health: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("python -m bench.health: interrupted", file=sys.stderr)
+        return 130
     for goal in result["goals"]:
         mark = "met   " if goal["met"] else "MISSED"
         say(f"{mark} {goal['name']}: {goal['measured']} (target {goal['target']})")
