@@ -258,6 +258,7 @@ class IngestServicer:
             )
         if self._ownership is not None:
             await self._acquire(inventory.node_id, context)
+            await self._ownership.read_serials([gpu.serial for gpu in inventory.gpus])
         if self._state.get(inventory.node_id) is None:
             await self._admit_new_node(context)
         if hello.HasField("allocations") and (cut := bound_allocations(hello.allocations, self._limits)):

@@ -48,6 +48,14 @@ class Ownership:
     def owns(self, node_id: str) -> bool:
         return self._tier.owns(node_id)
 
+    async def read_serials(self, serials: list[str]) -> None:
+        """The tier's records of GPU serials new to this collector (a GPU moved in from a node
+        another collector serves), read back before the node's inventory links them."""
+        unknown = sorted({s for s in serials if s and self._state.reliability.find(s) is None})
+        if unknown:
+            records = await asyncio.to_thread(self._tier.load, self._store.read_serials, unknown)
+            self._store.restore_serials(records)
+
     def attach(self, node_id: str, task: asyncio.Task[object] | None) -> None:
         """A stream of the node's agent (ended when the node goes)."""
         if task is not None:

@@ -363,6 +363,11 @@ class Store(Sink):
             self._written_health[node.node_id] = node.health_version
             self._dirty.discard(node.node_id)
 
+    def restore_serials(self, records: Iterable[SerialRecord]) -> None:
+        """Reliability records read from the database (by another collector's hand) into memory."""
+        for record in records:
+            self._restore_serial(record)
+
     def _restore_serial(self, record: SerialRecord) -> None:
         """A reliability record as the database holds it, unless memory holds changes not yet written."""
         known = self._state.reliability.find(record.serial)

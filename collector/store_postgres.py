@@ -27,6 +27,7 @@ from typing import Any
 import psycopg
 
 from gpufleet.collector.eventlog import EventMatch
+from gpufleet.collector.reliability import SerialRecord
 from gpufleet.collector.selfmetrics import CollectorMetrics
 from gpufleet.collector.state import FleetState, NodeRecord
 from gpufleet.collector.store import (
@@ -377,6 +378,11 @@ class PostgresStore(Store):
             for (blob,) in db.execute("SELECT event FROM events" + where + " ORDER BY id", (node_ids,))
         ]
         return records, events
+
+    def read_serials(self, db: psycopg.Connection[Any], serials: list[str]) -> list[SerialRecord]:
+        """The reliability records of these serials the tier holds (a GPU moved in from elsewhere)."""
+        rows = db.execute("SELECT record FROM gpu_reliability WHERE serial = ANY(%s)", (serials,))
+        return list(serial_records(rows).values())
 
     def read_events(self, db: psycopg.Connection[Any], ids: list[int]) -> list[events_pb2.Event]:
         """Events by id (what a peer's NOTIFY named), oldest first."""

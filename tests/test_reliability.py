@@ -400,6 +400,36 @@ async def test_any_collector_of_a_tier_answers_with_the_current_record(postgresq
         await b.stop()
 
 
+async def test_a_gpu_moved_to_a_node_another_collector_serves_keeps_its_record(
+    postgresql: PostgresServer,
+) -> None:
+    old_home, new_home = SimulatedSource("H100", 8, node_index=0), SimulatedSource("H100", 8, node_index=1)
+    serial = old_home.gpus[FAULTY_GPU].serial
+    a = Collector(local_config(db_url=postgresql.dsn, collector_id="a", lease_s=1.5))
+    b = Collector(local_config(db_url=postgresql.dsn, collector_id="b", lease_s=1.5))
+    await a.start()
+    await b.start()
+    try:
+        for boot in range(1, BOOTS):  # two occurrences on node 0, served by a
+            answers, _, details = await exchange(a, *messages(old_home, 0, boot))
+            assert answers[-1].report_ack.sequence == 2, details
+        # A technician moves the GPU to node 1, new to the tier, whose agent b serves.
+        old_home.swap_gpu(FAULTY_GPU, new_home, FAULTY_GPU)
+        answers, code, details = await exchange(b, *messages(new_home, 1, 1))
+        assert code == grpc.StatusCode.OK, details
+        record = b.state.reliability.find(serial)
+        assert record is not None
+        assert [o.node_id for o in record.occurrences][:2] == [inventory_for(old_home, 0).node_id] * 2
+        assert len(record.occurrences) == BOOTS and record.rma_due  # the third: due for RMA
+        assert [i.node_id for i in record.installs] == [
+            inventory_for(old_home, 0).node_id,
+            inventory_for(new_home, 1).node_id,
+        ]
+    finally:
+        await a.stop()
+        await b.stop()
+
+
 @pytest.fixture
 def doc() -> Iterator[str]:
     yield (ROOT / "docs" / "reliability.md").read_text()
