@@ -9,6 +9,7 @@ and is read back by the next collector from PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import signal
@@ -16,7 +17,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import closing
 from pathlib import Path
 
@@ -364,14 +365,24 @@ async def test_a_version_2_database_gains_the_table(postgresql: PostgresServer) 
         assert db.execute("SELECT count(*) FROM gpu_reliability").fetchone() == (0,)
 
 
-async def test_any_collector_of_a_tier_answers_with_the_current_record(postgresql: PostgresServer) -> None:
-    source = SimulatedSource("H100", 8, node_index=0)
-    serial = source.gpus[FAULTY_GPU].serial
+@contextlib.asynccontextmanager
+async def two_collectors(postgresql: PostgresServer) -> AsyncIterator[tuple[Collector, Collector]]:
+    """Collectors a and b, one tier on one PostgreSQL database."""
     a = Collector(local_config(db_url=postgresql.dsn, collector_id="a", lease_s=1.5))
     b = Collector(local_config(db_url=postgresql.dsn, collector_id="b", lease_s=1.5))
     await a.start()
     await b.start()
     try:
+        yield a, b
+    finally:
+        await a.stop()
+        await b.stop()
+
+
+async def test_any_collector_of_a_tier_answers_with_the_current_record(postgresql: PostgresServer) -> None:
+    source = SimulatedSource("H100", 8, node_index=0)
+    serial = source.gpus[FAULTY_GPU].serial
+    async with two_collectors(postgresql) as (a, b):
         for boot in range(1, BOOTS + 1):
             answers, _, details = await exchange(a, *messages(source, 0, boot))
             assert answers[-1].report_ack.sequence == 2, details
@@ -395,9 +406,6 @@ async def test_any_collector_of_a_tier_answers_with_the_current_record(postgresq
         with pytest.raises(grpc.aio.AioRpcError) as not_found:
             await stub(a).GetGpuRecord(query_pb2.GetGpuRecordRequest(key="nope"))
         assert not_found.value.code() == grpc.StatusCode.NOT_FOUND
-    finally:
-        await a.stop()
-        await b.stop()
 
 
 async def test_a_gpu_moved_to_a_node_another_collector_serves_keeps_its_record(
@@ -405,11 +413,7 @@ async def test_a_gpu_moved_to_a_node_another_collector_serves_keeps_its_record(
 ) -> None:
     old_home, new_home = SimulatedSource("H100", 8, node_index=0), SimulatedSource("H100", 8, node_index=1)
     serial = old_home.gpus[FAULTY_GPU].serial
-    a = Collector(local_config(db_url=postgresql.dsn, collector_id="a", lease_s=1.5))
-    b = Collector(local_config(db_url=postgresql.dsn, collector_id="b", lease_s=1.5))
-    await a.start()
-    await b.start()
-    try:
+    async with two_collectors(postgresql) as (a, b):
         for boot in range(1, BOOTS):  # two occurrences on node 0, served by a
             answers, _, details = await exchange(a, *messages(old_home, 0, boot))
             assert answers[-1].report_ack.sequence == 2, details
@@ -425,9 +429,6 @@ async def test_a_gpu_moved_to_a_node_another_collector_serves_keeps_its_record(
             inventory_for(old_home, 0).node_id,
             inventory_for(new_home, 1).node_id,
         ]
-    finally:
-        await a.stop()
-        await b.stop()
 
 
 @pytest.fixture
