@@ -138,34 +138,52 @@ RMA_AFTER_OCCURRENCES = 3
 
 
 class Rate:
-    """A cumulative counter's growth per quarter hour, over the last hour."""
+    """A cumulative counter's growth per quarter hour, over the last hour.
+
+    Most GPUs' error counters never move: their buckets are made only once one does, and
+    dropped again once an hour has passed without growth.
+    """
 
     __slots__ = ("_buckets", "_last", "_quarter")
 
     def __init__(self) -> None:
         self._last: int | None = None
         self._quarter = 0
-        self._buckets = [0] * QUARTERS
+        self._buckets: list[int] | None = None
 
     def add(self, value: int, time_unix_nano: int) -> None:
+        last, self._last = self._last, value
+        grew = last is not None and value > last
+        if grew or self._buckets is not None:
+            self._advance(time_unix_nano)
+        if grew:
+            assert last is not None
+            if self._buckets is None:
+                self._buckets = [0] * QUARTERS
+            self._buckets[-1] += value - last
+
+    def _advance(self, time_unix_nano: int) -> None:
         quarter = time_unix_nano // QUARTER_NS
-        if quarter > self._quarter:
+        if quarter <= self._quarter:
+            return
+        if self._buckets is not None:
             shift = min(quarter - self._quarter, QUARTERS)
             self._buckets = self._buckets[shift:] + [0] * shift
-            self._quarter = quarter
-        if self._last is not None and value > self._last:
-            self._buckets[-1] += value - self._last
-        self._last = value
+            if not any(self._buckets):
+                self._buckets = None
+        self._quarter = quarter
 
     def sustained(self, per_hour: int) -> bool:
+        buckets = self._buckets
         return (
-            sum(self._buckets) >= per_hour
-            and sum(1 for count in self._buckets if count) >= SUSTAINED_QUARTERS
+            buckets is not None
+            and sum(buckets) >= per_hour
+            and sum(1 for count in buckets if count) >= SUSTAINED_QUARTERS
         )
 
     @property
     def last_hour(self) -> int:
-        return sum(self._buckets)
+        return sum(self._buckets) if self._buckets is not None else 0
 
 
 class GpuWindow:

@@ -11,7 +11,6 @@ how many occurrences fell in the last RECURRENCE_WINDOW_NS. The store keeps ever
 from __future__ import annotations
 
 import json
-from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -63,9 +62,11 @@ class SerialRecord:
     serial: str
     uuid: str = ""
     model: str = ""
-    installs: deque[Install] = field(default_factory=lambda: deque(maxlen=INSTALLS_KEPT))
-    occurrences: deque[Occurrence] = field(default_factory=lambda: deque(maxlen=OCCURRENCES_KEPT))
-    verdicts: deque[VerdictChange] = field(default_factory=lambda: deque(maxlen=VERDICTS_KEPT))
+    # Oldest first, the newest kept (plain lists: a deque costs 600 bytes even empty, and there
+    # is a record for every GPU of the fleet).
+    installs: list[Install] = field(default_factory=list)
+    occurrences: list[Occurrence] = field(default_factory=list)
+    verdicts: list[VerdictChange] = field(default_factory=list)
     # Boots (reboots and resets) of the nodes it was installed in, since it was first seen.
     reboots: int = 0
     rma_due: bool = False
@@ -110,10 +111,17 @@ class SerialRecord:
             rma_reason=data.get("rma_reason", ""),
             rma_since_unix_nano=data.get("rma_since_unix_nano", 0),
         )
-        record.installs.extend(Install(**i) for i in data.get("installs", ()))
-        record.occurrences.extend(Occurrence(**o) for o in data.get("occurrences", ()))
-        record.verdicts.extend(VerdictChange(**v) for v in data.get("verdicts", ()))
+        record.installs = [Install(**i) for i in data.get("installs", ())][-INSTALLS_KEPT:]
+        record.occurrences = [Occurrence(**o) for o in data.get("occurrences", ())][-OCCURRENCES_KEPT:]
+        record.verdicts = [VerdictChange(**v) for v in data.get("verdicts", ())][-VERDICTS_KEPT:]
         return record
+
+
+def _keep(items: list[Any], item: Any, kept: int) -> None:
+    """Append, dropping the oldest beyond ``kept``."""
+    items.append(item)
+    if len(items) > kept:
+        del items[0]
 
 
 def _fields(obj: Any) -> dict[str, Any]:
@@ -178,7 +186,8 @@ class Reliability:
             here.last_seen_unix_nano = now_unix_nano
             here.hostname = hostname
         else:
-            record.installs.append(Install(node_id, hostname, gpu_index, now_unix_nano, now_unix_nano))
+            install = Install(node_id, hostname, gpu_index, now_unix_nano, now_unix_nano)
+            _keep(record.installs, install, INSTALLS_KEPT)
             record.version += 1
         return record
 
@@ -192,9 +201,8 @@ class Reliability:
         """The GPU went unhealthy or lost in this boot; its occurrences in the window (this one too)."""
         if not any(o.node_id == node_id and o.boot_id == boot_id for o in reversed(record.occurrences)):
             reason = verdict.reasons[0] if verdict.reasons else ""
-            record.occurrences.append(
-                Occurrence(now_unix_nano, node_id, boot_id, verdict.name, reason, verdict.action)
-            )
+            occurrence = Occurrence(now_unix_nano, node_id, boot_id, verdict.name, reason, verdict.action)
+            _keep(record.occurrences, occurrence, OCCURRENCES_KEPT)
             record.version += 1
         return record.recent_occurrences(now_unix_nano)
 
@@ -202,7 +210,7 @@ class Reliability:
         self, record: SerialRecord, now_unix_nano: int, before: Verdict, after: Verdict
     ) -> None:
         reason = "; ".join(after.reasons)
-        record.verdicts.append(VerdictChange(now_unix_nano, before.name, after.name, reason))
+        _keep(record.verdicts, VerdictChange(now_unix_nano, before.name, after.name, reason), VERDICTS_KEPT)
         record.version += 1
 
     def flag_rma(self, record: SerialRecord, now_unix_nano: int, reason: str) -> bool:
