@@ -59,20 +59,6 @@ EXPERT: dict[str, tuple[str, str, str, str]] = {
     "remap_pending": ("precursor", "at_risk", "drain at the next checkpoint", "drain"),
     "silent_data_corruption": ("undetectable", "unhealthy", "drain node; run diagnostics", "drain"),
 }
-NOISE_KINDS = (
-    "app_xid",
-    "throttle_blip",
-    "read_error",
-    "data_stall",
-    "collective_wait",
-    "agent_restart",
-    "node_reboot",
-    "ce_burst",
-    "ce_trickle",
-    "xid92_isolated",
-)
-# Kinds the simulator repairs by rebooting the node (the GPU comes back clean).
-REPAIRED_BY_REBOOT = frozenset(k for k, v in EXPERT.items() if v[0] == "hard")
 # The occurrence at which an expert sends a GPU back: a fault back after two reboots (gpud's
 # escalation); at once for a row-remap failure (NVIDIA's RMA rule, facts section 4).
 RMA_AT_OCCURRENCE = 3
@@ -130,6 +116,8 @@ LOOKALIKE_RATES = {
     "ce_trickle": 0.3,  # a weak cell: 1-5 corrected errors an hour for days, never failing
     "xid92_isolated": 0.02,  # the driver's high-SBE-rate XID, with no failure after it
 }
+# Every kind of noise: nothing wrong with the GPU, whatever it looks like.
+NOISE_KINDS = (*NOISE_RATES, *NODE_NOISE_RATES, *LOOKALIKE_RATES)
 # Assumption: 15 % of GPUs that fail once keep failing: after each repair the fault returns
 # within 2-24 h, up to REPEATS_MAX times; after the second, it is moved to another node.
 REPEAT_SHARE = 0.15
@@ -223,7 +211,6 @@ class FleetScenario:
         self._slot = {(n, g): n * gpus_per_node + g for n in range(nodes) for g in range(gpus_per_node)}
         self._occurrences: dict[int, int] = {}
         self._repeaters: set[int] = set()
-        self._retired: set[int] = set()
         self._next_physical = nodes * gpus_per_node
         self._next_id = 1
         self._touched: set[int] = set()
@@ -468,7 +455,6 @@ class FleetScenario:
         assert index is not None
         physical = self._slot[(node, index)]
         if episode.action_class == "rma":
-            self._retired.add(physical)
             self._slot[(node, index)] = self._next_physical
             self._next_physical += 1
             actions.append(Action("replace", node, index))
