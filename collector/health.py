@@ -215,11 +215,10 @@ class GpuWindow:
         sample: telemetry_pb2.GpuSample,
         time_unix_nano: int,
         *,
-        power_limit_milliwatts: int,
         peer_clock_mhz: float | None,
-        hung_peers: int,
+        hung: bool,
     ) -> None:
-        """Take in one report's sample: ``hung_peers`` GPUs of its node look hung in the same report."""
+        """Take in one report's sample; ``hung``: it and enough of its node's GPUs spin in a collective."""
         self.read_errors = (
             self.read_errors + 1 if sample.read_status == telemetry_pb2.GPU_READ_STATUS_ERROR else 0
         )
@@ -230,8 +229,7 @@ class GpuWindow:
         # The last STRAGGLER_REPORTS reports, one bit each (1: slow).
         recent = (self.straggler << 1 | is_straggler(sample, peer_clock_mhz)) & ((1 << STRAGGLER_REPORTS) - 1)
         self.straggler = recent
-        looks_hung = hung_peers >= MIN_HUNG_PEERS and looks_hung_alone(sample, power_limit_milliwatts)
-        self.hung = self.hung + 1 if looks_hung else 0
+        self.hung = self.hung + 1 if hung else 0
         if sample.HasField("ecc_corrected_aggregate"):
             self.ce.add(sample.ecc_corrected_aggregate, time_unix_nano)
         if sample.HasField("nvlink_crc_flit_errors"):

@@ -310,23 +310,16 @@ class FleetState:
         # The sample's own time (clamped to now at ingest): rates and history follow the GPU's clock,
         # also for reports resent after an outage.
         sampled_ns = min(report.time_unix_nano, now_ns) or now_ns
-        samples = [gpu.sample for gpu in updated if gpu.sample is not None]
-        peer_clock = health.peer_sm_clock_mhz(samples)
-        hung_peers = sum(
-            1
-            for gpu in updated
-            if gpu.sample is not None
-            and health.looks_hung_alone(gpu.sample, gpu.inventory.power_limit_enforced_milliwatts)
-        )
-        for gpu in updated:
-            assert gpu.sample is not None
-            gpu.window.observe(
-                gpu.sample,
-                sampled_ns,
-                power_limit_milliwatts=gpu.inventory.power_limit_enforced_milliwatts,
-                peer_clock_mhz=peer_clock,
-                hung_peers=hung_peers,
-            )
+        samples = list(zip(updated, report.gpus, strict=True))
+        peer_clock = health.peer_sm_clock_mhz(list(report.gpus))
+        # A collective hangs all its ranks: a GPU spinning alone is not one.
+        spinning = [
+            health.looks_hung_alone(sample, gpu.inventory.power_limit_enforced_milliwatts)
+            for gpu, sample in samples
+        ]
+        node_hung = sum(spinning) >= health.MIN_HUNG_PEERS
+        for (gpu, sample), spins in zip(samples, spinning, strict=True):
+            gpu.window.observe(sample, sampled_ns, peer_clock_mhz=peer_clock, hung=node_hung and spins)
             self._judge(node, gpu, peer_clock, sampled_ns)
         self.recorder.summarise_suppressed(node)
         node.agent_stats = report.agent_stats

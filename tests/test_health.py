@@ -59,7 +59,8 @@ def observed(samples: list[telemetry_pb2.GpuSample], minutes_apart: float = 1.0)
     window = health.GpuWindow()
     for i, sample in enumerate(samples):
         at = int(i * minutes_apart * 60e9) + 10**18
-        window.observe(sample, at, power_limit_milliwatts=700_000, peer_clock_mhz=None, hung_peers=8)
+        # As if every GPU of its node read the same (a collective spins on all of them).
+        window.observe(sample, at, peer_clock_mhz=None, hung=health.looks_hung_alone(sample, 700_000))
     return window
 
 
@@ -87,20 +88,34 @@ def hung(**fields: object) -> telemetry_pb2.GpuSample:
     return telemetry_pb2.GpuSample(read_status=OK, **{**spin, **fields})  # type: ignore[arg-type]
 
 
-def test_a_hung_collective_needs_several_gpus_and_several_reports() -> None:
+def test_a_hung_collective_needs_several_reports() -> None:
     sample = hung()
-    window = observed([sample] * 3)
-    verdict = health.judge(sample, {}, window)
+    assert health.judge(sample, {}, observed([sample] * 2)) == health.HEALTHY_VERDICT
+    verdict = health.judge(sample, {}, observed([sample] * 3))
     assert verdict.health == health.DEGRADED and "hung collective" in verdict.reasons[0]
     assert "restart it from its checkpoint" in verdict.action
-    # A busy GPU (SMs active) or one GPU alone is not hung.
+    # A busy GPU (SMs active) is not hung.
     assert health.judge(sample, {}, observed([hung(sm_active_ppm=800_000)] * 3)) == health.HEALTHY_VERDICT
-    alone = health.GpuWindow()
-    for i in range(5):
-        alone.observe(
-            sample, i * 60 * 10**9, power_limit_milliwatts=700_000, peer_clock_mhz=None, hung_peers=1
-        )
-    assert health.judge(sample, {}, alone) == health.HEALTHY_VERDICT
+
+
+def test_a_hung_collective_needs_several_gpus_of_the_node() -> None:
+    state = FleetState()
+    source = SimulatedSource("H100", 8, node_index=2, workload="training")
+    node = state.hello(
+        ingest_pb2.Hello(protocol_version=wire.PROTOCOL_VERSION, inventory=inventory_for(source, 2))
+    )
+
+    def reports(count: int) -> None:
+        for _ in range(count):
+            gpus = source.sample(with_processes=False)
+            state.apply_report(node, ingest_pb2.Report(sequence=node.last_sequence + 1, gpus=gpus))
+
+    source.override_behaviour(0, "stuck")  # one GPU spinning alone: not a collective
+    reports(health.PERSISTENT_REPORTS + 2)
+    assert node.gpus[0].verdict == health.HEALTHY_VERDICT
+    source.override_behaviour(1, "stuck")  # two ranks of one collective
+    reports(health.PERSISTENT_REPORTS)
+    assert {i for i, gpu in node.gpus.items() if "hung collective" in " ".join(gpu.verdict.reasons)} == {0, 1}
 
 
 def test_a_sustained_corrected_ecc_rate_is_at_risk_a_burst_is_not() -> None:

@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from gpufleet.agent.sources.scenario import EXPERT, FleetScenario, agent_players
+from gpufleet.agent.sources.scenario import EXPERT, FleetScenario
 from gpufleet.agent.sources.sim import SimulatedSource
 from tests.conftest import ROOT
 
@@ -104,12 +104,11 @@ def test_a_fault_due_while_its_node_is_down_happens_when_it_is_back() -> None:
 
 
 def test_the_agent_plays_the_realistic_preset() -> None:
-    players = agent_players(2, 8, seed=1, multiplier=100, interval_s=10, now_ns=START)
-    assert len(players) == 2
+    """The scenario starts an hour back: at a high enough rate the first sample already has faults."""
     result = subprocess.run(
         [
             *(sys.executable, "-m", "gpufleet.agent.main", "--source", "sim", "--faults", "realistic"),
-            *("--fault-rate-multiplier", "200", "--once"),
+            *("--fault-rate-multiplier", "1000000", "--once"),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -117,4 +116,14 @@ def test_the_agent_plays_the_realistic_preset() -> None:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    assert len(json.loads(result.stdout)["gpus"]) == 8
+    gpus = json.loads(result.stdout)["gpus"]
+    assert len(gpus) == 8
+    assert any(gpu.get("xid_events") for gpu in gpus), gpus
+    quiet = subprocess.run(
+        [sys.executable, "-m", "gpufleet.agent.main", "--source", "sim", "--faults", "none", "--once"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert not any(gpu.get("xid_events") for gpu in json.loads(quiet.stdout)["gpus"])

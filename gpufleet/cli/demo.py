@@ -45,8 +45,8 @@ def _progress(message: str) -> None:
     print(f"  {message}".ljust(70), end=end, flush=True)
 
 
-# Faults 200 times as often as in the Llama 3 run: about 15 GPUs unhealthy at the start, 30 more an
-# hour, and a few at risk (docs/health-score.md has the scenario).
+# Faults 200 times as often as in the Llama 3 run: about 30 GPUs unhealthy or lost at the start
+# (the scenario's last hour), 30 more an hour, and a few at risk (docs/health-score.md).
 DEMO_FAULT_RATE_MULTIPLIER = 200
 
 
